@@ -1,0 +1,85 @@
+"""Fills a service folder's Cloud Run manifests in for one project, ready for `gcloud run services replace`.
+
+    python -m deploy.render --project-id P --project-number N --region R --registry REG --tag T --out DIR ping ...
+
+writes DIR/<cloud run name>.yaml for each services/<service>/service*.yaml of the named services (ping:
+ping.yaml and ping-upstream.yaml). The manifests name ${PROJECT_ID} (service-account emails),
+${PROJECT_NUMBER} and ${REGION} (the deterministic https://<service>-<number>.<region>.run.app URLs of the
+service and its upstreams) and ${IMAGE} (REG/<service>:T); any other ${...} is an error, so a typo cannot
+reach Cloud Run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import string
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from deploy.layout import cloud_run_name, deployable_services, manifests
+
+# Each value lands inside a YAML scalar: a strict shape keeps it from changing the document's structure.
+VALUE_PATTERNS = {
+    "PROJECT_ID": re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]"),
+    "PROJECT_NUMBER": re.compile(r"[0-9]{1,20}"),
+    "REGION": re.compile(r"[a-z]+-[a-z]+[0-9]+"),
+    "IMAGE": re.compile(r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+(:[A-Za-z0-9._-]+|@sha256:[0-9a-f]{64})"),
+}
+
+
+def check_values(values: Mapping[str, str]) -> None:
+    for name, pattern in VALUE_PATTERNS.items():
+        if name not in values:
+            raise ValueError(f"no value for {name}")
+        if not pattern.fullmatch(values[name]):
+            raise ValueError(f"{name} {values[name]!r} does not look like a {name.lower().replace('_', ' ')}")
+
+
+def render(text: str, values: Mapping[str, str]) -> str:
+    """text with every ${NAME} replaced; a placeholder outside VALUE_PATTERNS raises ValueError."""
+    template = string.Template(text)
+    unknown = sorted(set(template.get_identifiers()) - set(VALUE_PATTERNS))
+    if unknown or not template.is_valid():
+        raise ValueError(f"unknown or malformed placeholder(s) {', '.join(unknown) or '(a stray $)'}")
+    check_values(values)
+    return template.substitute(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project-id", required=True)
+    parser.add_argument("--project-number", required=True)
+    parser.add_argument("--region", required=True)
+    parser.add_argument("--registry", required=True, help="image prefix, e.g. REGION-docker.pkg.dev/PROJECT/REPO")
+    parser.add_argument("--tag", required=True, help="image tag, e.g. the commit's short sha")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the rendered manifests")
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="repo root (default: the current directory)")
+    parser.add_argument("services", nargs="*", help="services/<service> folder names")
+    args = parser.parse_args(argv)
+
+    unknown = sorted(set(args.services) - set(deployable_services(args.root)))
+    if unknown:
+        parser.error(f"no Cloud Run manifest for {', '.join(unknown)} under {args.root / 'services'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for service in args.services:
+        values = {
+            "PROJECT_ID": args.project_id,
+            "PROJECT_NUMBER": args.project_number,
+            "REGION": args.region,
+            "IMAGE": f"{args.registry}/{service}:{args.tag}",
+        }
+        for manifest in manifests(args.root, service):
+            try:
+                rendered = render(manifest.read_text(), values)
+            except ValueError as error:
+                parser.error(f"{manifest}: {error}")
+            target = args.out / f"{cloud_run_name(manifest)}.yaml"
+            target.write_text(rendered)
+            print(target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Deadline propagation: a downstream call made while serving a call gets the time the incoming call has left.
+
+gRPC does not propagate deadlines by itself in Python. The server side records the incoming deadline in a
+ContextVar for the duration of the call; the client side caps every outgoing call's timeout by it, or by a
+default when the incoming call set none, so a chain of calls can never outlive its caller.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar, Token
+from typing import Any
+
+import grpc
+
+from mesh import handlers
+
+# Absolute time.monotonic() by which the call being served must finish; None when it has no deadline.
+_incoming_deadline: ContextVar[float | None] = ContextVar("incoming_deadline", default=None)
+
+
+def remaining(default: float) -> float:
+    """Seconds left for an outgoing call: the incoming call's remaining time, capped by `default`."""
+    deadline = _incoming_deadline.get()
+    if deadline is None:
+        return default
+    return min(default, max(deadline - time.monotonic(), 0.0))
+
+
+def _record(context: grpc.aio.ServicerContext) -> Token[float | None]:
+    left = context.time_remaining()
+    return _incoming_deadline.set(None if left is None else time.monotonic() + left)
+
+
+def _forget(token: Token[float | None]) -> None:
+    _incoming_deadline.reset(token)
+
+
+class DeadlineServerInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        return None if handler is None else handlers.wrap(handler, _record, _forget)
+
+
+class DeadlineClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    def __init__(self, default_timeout: float) -> None:
+        self._default = default_timeout
+
+    def _capped(self, details: grpc.aio.ClientCallDetails, default: float | None = None) -> grpc.aio.ClientCallDetails:
+        limit = remaining(self._default if default is None else default)
+        if limit == float("inf") or (details.timeout is not None and details.timeout <= limit):
+            return details
+        return details._replace(timeout=limit)  # type: ignore[attr-defined,no-any-return]
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._capped(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._capped(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._capped(client_call_details), request_iterator)
+
+    # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it, and
+    # cancellation of the incoming call cancels it.
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._capped(client_call_details, float("inf")), request_iterator)

@@ -1,0 +1,52 @@
+"""Wrapping a gRPC method handler of any of the four kinds with code that runs inside the call.
+
+Server interceptors see only the method name and metadata; what needs the ServicerContext (the deadline) or
+must run in the handler's own context (a ContextVar the handler reads) is done by wrapping its behavior.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+# Runs first inside every call with the call's context; returns a token for `after` (e.g. a ContextVar token).
+Before = Callable[[grpc.aio.ServicerContext], Any]
+After = Callable[[Any], None]
+
+
+def wrap(handler: grpc.RpcMethodHandler, before: Before, after: After) -> grpc.RpcMethodHandler:
+    if handler.response_streaming:
+        behavior = handler.unary_stream if not handler.request_streaming else handler.stream_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            token = before(context)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                after(token)
+
+        factory = grpc.unary_stream_rpc_method_handler
+        if handler.request_streaming:
+            factory = grpc.stream_stream_rpc_method_handler
+        return factory(
+            streaming,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    unary_behavior = handler.unary_unary if not handler.request_streaming else handler.stream_unary
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        token = before(context)
+        try:
+            return await unary_behavior(request, context)
+        finally:
+            after(token)
+
+    factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    return factory(
+        unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )

@@ -1,0 +1,401 @@
+"""Server-side identity: verify the caller's Google ID token and make the caller visible to handlers.
+
+`TokenVerifier` checks an RS256 ID token against the issuer's published certs (cached per their
+Cache-Control max-age, refetched once on an unknown key id), its audience, issuer and times, then the
+caller's email against an optional allow-list. Verified tokens are cached until they expire, so a caller
+that reuses its token (as mesh.tokens does) pays a dict lookup per call, not an RSA verification.
+`IdentityInterceptor` applies it to every RPC of a grpc.aio server except the exempt services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextvars
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+EXEMPT_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+MAX_TOKEN_BYTES = 8192
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made the current call, as the verified ID token says."""
+
+    email: str | None
+    subject: str
+    audience: str
+    issuer: str
+    expires_at: float  # seconds since the epoch
+    issued_at: float
+    authorized_party: str | None = None
+
+
+_current_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("mesh_caller", default=None)
+
+
+def current_caller() -> Caller | None:
+    """The verified caller of the RPC being handled; None when the method is exempt or auth is off."""
+    return _current_caller.get()
+
+
+class AuthError(Exception):
+    """A verification failure: the gRPC status to answer with and a message free of token material."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _unauthenticated(message: str) -> AuthError:
+    return AuthError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def _b64decode(segment: str) -> bytes:
+    # Strict base64url: the padding JWTs strip is restored; any other character is an error.
+    return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
+
+
+def _json_segment(segment: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(_b64decode(segment))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise _unauthenticated(f"malformed token: {what} is not base64url JSON") from None
+    if not isinstance(value, dict):
+        raise _unauthenticated(f"malformed token: {what} is not a JSON object")
+    return value
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _unauthenticated(f"malformed token: claim {name!r} missing or not a number")
+    return float(value)
+
+
+class _Certs:
+    """The issuer's public keys by key id, fetched over HTTP and cached per Cache-Control max-age."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        default_max_age_s: float,
+        refetch_interval_s: float,
+        failure_backoff_s: float,
+    ) -> None:
+        self.url = url
+        self._timeout_s = timeout_s
+        self._default_max_age_s = default_max_age_s
+        self._refetch_interval_s = refetch_interval_s
+        self._failure_backoff_s = failure_backoff_s
+        self._lock = threading.Lock()  # fetches run in worker threads; one at a time
+        self.keys: dict[str, rsa.RSAPublicKey] = {}
+        self._fresh_until = 0.0
+        self._last_fetch = float("-inf")  # monotonic time of the last attempt
+        self._last_failed = False
+        self._outage_logged = False
+
+    def fresh(self) -> bool:
+        return bool(self.keys) and time.monotonic() < self._fresh_until
+
+    def may_refetch_for_unknown_kid(self) -> bool:
+        return time.monotonic() - self._last_fetch >= self._refetch_interval_s
+
+    async def refresh(self, *, unknown_kid: bool = False) -> None:
+        await asyncio.to_thread(self._refresh_blocking, unknown_kid)
+
+    def _refresh_blocking(self, unknown_kid: bool) -> None:
+        with self._lock:
+            now = time.monotonic()
+            # Another thread may have fetched while this one waited for the lock.
+            if unknown_kid and not self.may_refetch_for_unknown_kid():
+                return
+            if not unknown_kid and self.fresh():
+                return
+            if self._last_failed and now - self._last_fetch < self._failure_backoff_s:
+                return  # fail fast during an outage instead of queueing one timeout per call
+            self._last_fetch = now
+            try:
+                keys, max_age = self._fetch()
+            except Exception as exc:  # noqa: BLE001 - any failure means "no new keys"
+                self._last_failed = True
+                if not self._outage_logged:
+                    self._outage_logged = True
+                    _log.warning(
+                        "identity certs unreachable at %s (%s); %s",
+                        self.url,
+                        type(exc).__name__,
+                        "using cached keys" if self.keys else "rejecting calls with UNAVAILABLE",
+                    )
+                return
+            if self._outage_logged:
+                _log.warning("identity certs reachable again at %s", self.url)
+            self._last_failed = self._outage_logged = False
+            self.keys = keys
+            self._fresh_until = time.monotonic() + max_age
+
+    def _fetch(self) -> tuple[dict[str, rsa.RSAPublicKey], float]:
+        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
+        with urllib.request.urlopen(request, timeout=self._timeout_s) as response:  # noqa: S310 - config URL
+            body = json.loads(response.read(1 << 20))
+            max_age = _max_age(response.headers.get("Cache-Control"), self._default_max_age_s)
+        return _parse_keys(body), max_age
+
+
+def _max_age(cache_control: str | None, default: float) -> float:
+    for directive in (cache_control or "").split(","):
+        name, _, value = directive.strip().partition("=")
+        if name.lower() == "max-age" and value.strip().isdigit():
+            return float(value)
+    return default
+
+
+def _parse_keys(body: Any) -> dict[str, rsa.RSAPublicKey]:
+    """Google's v1 format ({kid: PEM certificate}) or a JWKS ({"keys": [{kid, n, e}]})."""
+    keys: dict[str, rsa.RSAPublicKey] = {}
+    if isinstance(body, dict) and isinstance(body.get("keys"), list):
+        for jwk in body["keys"]:
+            if isinstance(jwk, dict) and jwk.get("kty") == "RSA" and isinstance(jwk.get("kid"), str):
+                n = int.from_bytes(_b64decode(jwk["n"]), "big")
+                e = int.from_bytes(_b64decode(jwk["e"]), "big")
+                keys[jwk["kid"]] = rsa.RSAPublicNumbers(e, n).public_key()
+    elif isinstance(body, dict):
+        for kid, pem in body.items():
+            public_key = x509.load_pem_x509_certificate(str(pem).encode()).public_key()
+            if isinstance(public_key, rsa.RSAPublicKey):
+                keys[str(kid)] = public_key
+    if not keys:
+        raise ValueError("no RSA keys in the certs document")
+    return keys
+
+
+class TokenVerifier:
+    """Verifies Google-style RS256 ID tokens for one audience; safe to share across calls and loops."""
+
+    def __init__(
+        self,
+        audience: str,
+        certs_url: str = GOOGLE_CERTS_URL,
+        issuers: Iterable[str] = GOOGLE_ISSUERS,
+        allowed_callers: frozenset[str] | None = None,
+        *,
+        clock_skew_s: float = 30.0,
+        certs_timeout_s: float = 5.0,
+        default_certs_max_age_s: float = 300.0,
+        refetch_interval_s: float = 5.0,
+        failure_backoff_s: float = 1.0,
+        cache_size: int = 4096,
+        max_token_bytes: int = MAX_TOKEN_BYTES,
+    ) -> None:
+        if not audience:
+            raise ValueError("an audience is required to verify ID tokens")
+        self.audience = audience
+        self.issuers = frozenset(issuers)
+        self.allowed_callers = allowed_callers
+        self._skew = clock_skew_s
+        self._certs = _Certs(
+            certs_url, certs_timeout_s, default_certs_max_age_s, refetch_interval_s, failure_backoff_s
+        )
+        self._cache: OrderedDict[str, Caller] = OrderedDict()
+        self._cache_size = cache_size
+        self._max_token_bytes = max_token_bytes
+
+    async def verify(self, token: str) -> Caller:
+        """The caller the token proves, or AuthError (UNAUTHENTICATED, PERMISSION_DENIED or UNAVAILABLE)."""
+        caller = self._cache.get(token)
+        if caller is None:
+            caller = await self._verify_uncached(token)
+            self._cache[token] = caller
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        elif time.time() > caller.expires_at + self._skew:
+            self._cache.pop(token, None)
+            raise _unauthenticated("token expired")
+        else:
+            self._cache.move_to_end(token)
+        if self.allowed_callers is not None and caller.email not in self.allowed_callers:
+            raise AuthError(
+                grpc.StatusCode.PERMISSION_DENIED, f"caller not allowed: {caller.email or caller.subject}"
+            )
+        return caller
+
+    async def _verify_uncached(self, token: str) -> Caller:
+        if len(token) > self._max_token_bytes:
+            raise _unauthenticated(f"token too large (over {self._max_token_bytes} bytes)")
+        parts = token.split(".")
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            raise _unauthenticated("malformed token: expected header.payload.signature")
+        header = _json_segment(parts[0], "header")
+        if header.get("alg") != "RS256":
+            raise _unauthenticated("unsupported token algorithm: only RS256 is accepted")
+        claims = _json_segment(parts[1], "payload")  # parsed for well-formedness; trusted only once signed
+        try:
+            signature = _b64decode(parts[2])
+        except binascii.Error:
+            raise _unauthenticated("malformed token: signature is not base64url") from None
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise _unauthenticated("malformed token: kid is not a string")
+        keys = await self._keys_for(kid)
+        signed = (parts[0] + "." + parts[1]).encode("ascii", "replace")
+        if not any(_signature_ok(key, signature, signed) for key in keys):
+            raise _unauthenticated("invalid token signature")
+        return self._check_claims(claims)
+
+    async def _keys_for(self, kid: str | None) -> list[rsa.RSAPublicKey]:
+        certs = self._certs
+        if not certs.fresh():
+            await certs.refresh()
+            if not certs.keys:
+                raise AuthError(
+                    grpc.StatusCode.UNAVAILABLE, "cannot verify tokens: identity certs unavailable"
+                )
+        if kid is None:
+            return list(certs.keys.values())
+        key = certs.keys.get(kid)
+        if key is None and certs.may_refetch_for_unknown_kid():  # the issuer may have rotated its keys
+            await certs.refresh(unknown_kid=True)
+            key = certs.keys.get(kid)
+        if key is None:
+            raise _unauthenticated("token signed with an unknown key")
+        return [key]
+
+    def _check_claims(self, claims: Mapping[str, Any]) -> Caller:
+        issuer = claims.get("iss")
+        if issuer not in self.issuers:
+            raise _unauthenticated(f"issuer mismatch: expected one of {', '.join(sorted(self.issuers))}")
+        audience = claims.get("aud")
+        if audience != self.audience and not (isinstance(audience, list) and self.audience in audience):
+            raise _unauthenticated(f"audience mismatch: expected {self.audience}")
+        now = time.time()
+        expires_at = _number(claims, "exp")
+        issued_at = _number(claims, "iat")
+        if now > expires_at + self._skew:
+            raise _unauthenticated("token expired")
+        if issued_at > now + self._skew:
+            raise _unauthenticated("token not yet valid: issued in the future")
+        if "nbf" in claims and _number(claims, "nbf") > now + self._skew:
+            raise _unauthenticated("token not yet valid (nbf)")
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise _unauthenticated("malformed token: claim 'sub' missing")
+        email = claims.get("email")
+        # An email counts only when the issuer vouches for it.
+        if not isinstance(email, str) or claims.get("email_verified") not in (True, "true"):
+            email = None
+        azp = claims.get("azp")
+        return Caller(
+            email=email,
+            subject=subject,
+            audience=self.audience,
+            issuer=str(issuer),
+            expires_at=expires_at,
+            issued_at=issued_at,
+            authorized_party=azp if isinstance(azp, str) else None,
+        )
+
+
+def _signature_ok(key: rsa.RSAPublicKey, signature: bytes, signed: bytes) -> bool:
+    try:
+        key.verify(signature, signed, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        return False
+    return True
+
+
+_MISSING = "missing credentials: send 'authorization: Bearer <ID token>' (or 'x-serverless-authorization')"
+
+
+def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The token from x-serverless-authorization (Cloud Run leaves `authorization` to the app) or authorization."""
+    found: str | bytes | None = None
+    for key, value in metadata or ():
+        if key == "x-serverless-authorization":
+            found = value
+            break
+        if key == "authorization":
+            found = value
+    if not isinstance(found, str) or found[:7].lower() != "bearer ":
+        raise _unauthenticated(_MISSING)
+    return found[7:].strip()
+
+
+class IdentityInterceptor(grpc.aio.ServerInterceptor):
+    """Verifies every call's ID token (except exempt services) and exposes the caller via current_caller()."""
+
+    def __init__(self, verifier: TokenVerifier, exempt_services: Iterable[str] = EXEMPT_SERVICES) -> None:
+        self._verifier = verifier
+        self._exempt = frozenset(exempt_services)
+        self._exempt_methods: dict[str, bool] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        exempt = self._exempt_methods.get(method)
+        if exempt is None:
+            exempt = method[1:].rpartition("/")[0] in self._exempt
+            if len(self._exempt_methods) < 10_000:  # bounded: method names come from clients
+                self._exempt_methods[method] = exempt
+        if exempt:
+            return await continuation(handler_call_details)
+        try:
+            token = _bearer_token(handler_call_details.invocation_metadata)  # type: ignore[arg-type]
+            caller = await self._verifier.verify(token)
+        except AuthError as error:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return handler  # unknown method: gRPC answers UNIMPLEMENTED
+            _log.info("rejected call to %s: %s (%s)", method, error.code.name, error.message)
+            return _aborting(handler, error)
+        # Each RPC runs in its own task and the handler runs in this task's context, so the value is
+        # visible to the handler and to nothing else.
+        _current_caller.set(caller)
+        return await continuation(handler_call_details)
+
+
+def _aborting(handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMethodHandler:
+    """A handler of the same RPC kind that fails with the error's status."""
+
+    async def abort_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(error.code, error.message)
+
+    async def abort_streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(error.code, error.message)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+    deserializer, serializer = handler.request_deserializer, handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_streaming, deserializer, serializer)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort_unary, deserializer, serializer)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_streaming, deserializer, serializer)
+    return grpc.unary_unary_rpc_method_handler(abort_unary, deserializer, serializer)

@@ -1,0 +1,209 @@
+"""The one way in: a service's process, from environment to drained shutdown.
+
+`main("ping", factory)` reads the settings, configures logging and tracing, builds the service's servicers
+through `factory(runtime)`, serves them on $PORT (h2c, or TLS when TLS_CERT_FILE/TLS_KEY_FILE are set) with
+health and reflection, and on SIGTERM/SIGINT drains: health NOT_SERVING first, new calls refused, in-flight
+calls given the grace period, spans flushed, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from mesh import logs, tracing
+from mesh.channels import MAX_MESSAGE_BYTES, Channels
+from mesh.deadlines import DeadlineClientInterceptor, DeadlineServerInterceptor
+from mesh.identity import IdentityInterceptor, TokenVerifier
+from mesh.settings import AuthSettings, CallSettings, ConfigError, Env, ServerSettings, Upstream, text
+from mesh.tokens import IdTokens
+
+log = logging.getLogger("mesh.serving")
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not silently share it
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # accept the clients' keepalive pings
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Close connections after a while so clients re-resolve and spread over instances added by scale-out;
+    # the grace lets a stream run out its Cloud Run request timeout.
+    ("grpc.max_connection_age_ms", 10 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 60 * 60_000),
+]
+
+
+@dataclass(frozen=True)
+class Service:
+    """A servicer and how to add it, under its full service name (e.g. "ping.PingService")."""
+
+    name: str
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+class Runtime:
+    """What lives as long as the process, handed to a service's factory: its environment and its channels."""
+
+    def __init__(
+        self, name: str, env: Env, provider: trace.TracerProvider, calls: CallSettings, id_tokens: IdTokens | None
+    ) -> None:
+        self.name = name
+        self.env = env
+        self.provider = provider
+        self._id_tokens = id_tokens
+        self._channels = Channels(
+            id_tokens, [DeadlineClientInterceptor(calls.default_timeout), *tracing.client_interceptors(provider)]
+        )
+
+    def channel(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
+        return self._channels.open(upstream, idempotent=idempotent)
+
+    async def close(self) -> None:
+        await self._channels.close()
+        if self._id_tokens is not None:
+            self._id_tokens.close()
+        if isinstance(self.provider, TracerProvider):
+            # Export what is buffered; bounded, because Cloud Run kills the instance 10 s after SIGTERM.
+            await asyncio.to_thread(self.provider.force_flush, 1500)
+            await asyncio.to_thread(self.provider.shutdown)
+
+
+ServiceFactory = Callable[[Runtime], Sequence[Service]]
+
+
+class RunningServer:
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer) -> None:
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING first (probes and load balancers stop sending), then drain in-flight calls."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def _bind(server: grpc.aio.Server, settings: ServerSettings, host: str) -> int:
+    credentials = None
+    if settings.tls_cert_file and settings.tls_key_file:
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
+        )
+    for candidate in (host, "0.0.0.0") if host == "[::]" else (host,):  # hosts without IPv6 fall back
+        address = f"{candidate}:{settings.port}"
+        try:
+            if credentials:
+                return server.add_secure_port(address, credentials)
+            return server.add_insecure_port(address)
+        except RuntimeError:
+            if candidate != "[::]":
+                raise
+    raise AssertionError("unreachable")
+
+
+async def start(
+    services: Sequence[Service],
+    settings: ServerSettings,
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    host: str = "[::]",
+) -> RunningServer:
+    server = grpc.aio.server(
+        interceptors=list(interceptors),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in services:
+        service.add_to_server(service.servicer, server)
+    names = [s.name for s in services]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = _bind(server, settings, host)
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, health_servicer)
+
+
+def server_interceptors(provider: trace.TracerProvider, auth: AuthSettings) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first: tracing (extract the caller's context, open the span), identity, deadline."""
+    chain = [tracing.server_interceptor(provider)]
+    if auth.audience:
+        verifier = TokenVerifier(
+            audience=auth.audience,
+            certs_url=auth.certs_url,
+            issuers=auth.issuers,
+            allowed_callers=auth.allowed_callers,
+        )
+        chain.append(IdentityInterceptor(verifier))
+    chain.append(DeadlineServerInterceptor())
+    return chain
+
+
+async def serve(
+    default_service: str,
+    factory: ServiceFactory,
+    env: Env,
+    *,
+    provider: trace.TracerProvider,
+    stop: asyncio.Event,
+    on_ready: Callable[[RunningServer], None] | None = None,
+) -> None:
+    """Serve until `stop` is set, then drain. Raises ConfigError before serving if a setting is wrong."""
+    settings = ServerSettings.from_env(env, default_service)
+    auth = AuthSettings.from_env(env)
+    runtime = Runtime(settings.service, env, provider, CallSettings.from_env(env), IdTokens())
+    try:
+        services = factory(runtime)
+        running = await start(services, settings, interceptors=server_interceptors(provider, auth))
+        tls = "TLS" if settings.tls_cert_file else "h2c"
+        verified = f"ID tokens verified for {auth.audience}" if auth.audience else "no token verification"
+        log.info("%s serving %s on port %d (%s, %s)", settings.service, ", ".join(s.name for s in services),
+                 running.port, tls, verified)
+        if on_ready:
+            on_ready(running)
+        await stop.wait()
+        log.info("%s shutting down: draining in-flight calls for up to %.1f s", settings.service, settings.grace_seconds)
+        await running.stop(settings.grace_seconds)
+    finally:
+        await runtime.close()
+    log.info("%s stopped", settings.service)
+
+
+def main(default_service: str, factory: ServiceFactory) -> None:
+    """Entry point of a service's process."""
+    env = dict(os.environ)
+    name = text(env, "K_SERVICE", default_service) or default_service
+    logs.configure(name, level=text(env, "LOG_LEVEL", "INFO") or "INFO", project=text(env, "GOOGLE_CLOUD_PROJECT"))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        propagate.set_global_textmap(tracing.propagator_from_env(env))
+        provider = tracing.provider_from_env(env, name)
+        trace.set_tracer_provider(provider)
+        await serve(default_service, factory, env, provider=provider, stop=stop)
+
+    try:
+        asyncio.run(run())
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

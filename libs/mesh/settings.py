@@ -1,0 +1,193 @@
+"""Settings read once from environment variables at start-up into typed objects.
+
+A wrong value raises ConfigError with one line that names the variable and the fix; mesh.serving.main prints
+that line on stderr and exits with status 2, so a misconfigured revision fails fast instead of half-serving.
+Names follow the ecosystem where one exists: PORT and K_SERVICE (Cloud Run), OTEL_* (OpenTelemetry, read by
+mesh.tracing), GOOGLE_APPLICATION_CREDENTIALS (google-auth, read by google-auth itself), GRPC_PING_* (the
+grpc-ping sample).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+Env = Mapping[str, str]
+
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
+GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message is one line: variable, value, fix."""
+
+
+def text(env: Env, name: str, default: str | None = None) -> str | None:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def integer(env: Env, name: str, default: int, *, low: int, high: int) -> int:
+    raw = text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={raw!r} is not valid; set {name} to an integer from {low} to {high}")
+    return value
+
+
+def seconds(env: Env, name: str, default: float, *, low: float = 0.0, high: float = 3600.0) -> float:
+    raw = text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={raw!r} is not valid; set {name} to a number of seconds from {low:g} to {high:g}")
+    return value
+
+
+def flag(env: Env, name: str) -> bool:
+    raw = text(env, name)
+    if raw is None:
+        return False
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not valid; set {name} to true or false (or leave it unset)")
+
+
+def existing_file(env: Env, name: str) -> Path | None:
+    raw = text(env, name)
+    if raw is None:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"{name}={raw!r}: no such file; set {name} to the path of a readable file")
+    return path
+
+
+def address(env: Env, name: str, default: str | None = None) -> str | None:
+    """A `host:port` (IPv6 as `[::1]:443`) for an outgoing connection."""
+    raw = text(env, name, default)
+    if raw is None:
+        return None
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}={raw!r} is not valid; set {name} to host:port, e.g. ping-abc-uc.a.run.app:443")
+    return raw
+
+
+def emails(env: Env, name: str) -> frozenset[str] | None:
+    raw = text(env, name)
+    if raw is None:
+        return None
+    items = frozenset(item.strip() for item in raw.split(",") if item.strip())
+    bad = sorted(item for item in items if "@" not in item)
+    if bad or not items:
+        raise ConfigError(f"{name} has {bad[0] if bad else 'no'} email; set {name} to comma-separated emails")
+    return items
+
+
+def url(env: Env, name: str, default: str) -> str:
+    value = text(env, name, default) or default
+    if not value.startswith(("https://", "http://")):
+        raise ConfigError(f"{name}={value!r} is not valid; set {name} to an http(s) URL")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the process serves: port, optional TLS, shutdown grace and load bounds."""
+
+    service: str
+    port: int = 8080
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Cloud Run sends SIGKILL 10 s after SIGTERM: drain well within that.
+    grace_seconds: float = 8.0
+    max_concurrent_rpcs: int = 1000
+
+    @classmethod
+    def from_env(cls, env: Env, default_service: str) -> ServerSettings:
+        cert, key = existing_file(env, "TLS_CERT_FILE"), existing_file(env, "TLS_KEY_FILE")
+        if (cert is None) != (key is None):
+            missing = "TLS_KEY_FILE" if key is None else "TLS_CERT_FILE"
+            raise ConfigError(f"{missing} is not set; set both TLS_CERT_FILE and TLS_KEY_FILE, or neither for h2c")
+        return cls(
+            service=text(env, "K_SERVICE", default_service) or default_service,
+            port=integer(env, "PORT", 8080, low=0, high=65535),
+            tls_cert_file=cert,
+            tls_key_file=key,
+            grace_seconds=seconds(env, "SHUTDOWN_GRACE_SECONDS", 8.0, high=9.5),
+            max_concurrent_rpcs=integer(env, "MAX_CONCURRENT_RPCS", 1000, low=1, high=100_000),
+        )
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Verification of incoming ID tokens; off unless AUTH_AUDIENCE is set."""
+
+    audience: str | None = None
+    certs_url: str = GOOGLE_CERTS_URL
+    issuers: tuple[str, ...] = GOOGLE_ISSUERS
+    allowed_callers: frozenset[str] | None = None
+
+    @classmethod
+    def from_env(cls, env: Env) -> AuthSettings:
+        issuers = text(env, "AUTH_ISSUERS")
+        return cls(
+            audience=text(env, "AUTH_AUDIENCE"),
+            certs_url=url(env, "AUTH_CERTS_URL", GOOGLE_CERTS_URL),
+            issuers=tuple(i.strip() for i in issuers.split(",") if i.strip()) if issuers else GOOGLE_ISSUERS,
+            allowed_callers=emails(env, "AUTH_ALLOWED_CALLERS"),
+        )
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where an outgoing channel goes and how: TLS (system roots or TLS_CA_FILE) and an ID token by default."""
+
+    address: str
+    insecure: bool = False
+    unauthenticated: bool = False
+    audience: str | None = None  # default: https://HOST
+    ca_file: Path | None = None
+    authority: str | None = None
+
+    @classmethod
+    def from_env(
+        cls, env: Env, address_var: str, *, insecure_var: str, unauthenticated_var: str
+    ) -> Upstream | None:
+        where = address(env, address_var)
+        if where is None:
+            return None
+        return cls(
+            address=where,
+            insecure=flag(env, insecure_var),
+            unauthenticated=flag(env, unauthenticated_var),
+            audience=text(env, f"{address_var}_AUDIENCE"),
+            ca_file=existing_file(env, "TLS_CA_FILE"),
+        )
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """Defaults for outgoing calls."""
+
+    # Deadline for a downstream call when the incoming call has none (or there is no incoming call).
+    default_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Env) -> CallSettings:
+        return cls(default_timeout=seconds(env, "DOWNSTREAM_TIMEOUT_SECONDS", 30.0, low=0.001))

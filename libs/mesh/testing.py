@@ -1,0 +1,39 @@
+"""Running a service in-process, the way its process would run it, for tests: `async with running(...)`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from mesh import serving, tracing
+
+NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    default_service: str,
+    factory: serving.ServiceFactory,
+    env: Mapping[str, str] = {},
+    *,
+    exporters: Sequence[SpanExporter] = (),
+) -> AsyncIterator[serving.RunningServer]:
+    """Serve `factory` on a free port with `env` (PORT defaults to 0) until the block ends, then drain."""
+    env = {"PORT": "0", **env}
+    stop = asyncio.Event()
+    ready: asyncio.Future[serving.RunningServer] = asyncio.get_running_loop().create_future()
+    provider = tracing.provider_from_env(env, default_service, exporters)
+    task = asyncio.create_task(
+        serving.serve(default_service, factory, env, provider=provider, stop=stop, on_ready=ready.set_result)
+    )
+    done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+    if task in done:  # it failed to start: raise its error
+        task.result()
+    try:
+        yield ready.result()
+    finally:
+        stop.set()
+        await task

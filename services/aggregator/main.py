@@ -1,0 +1,41 @@
+"""The aggregator's process: PING_ADDR and ROUTEGUIDE_ADDR name its downstreams (host:port, TLS + ID token by
+default; UPSTREAM_INSECURE / UPSTREAM_UNAUTHENTICATED for local development)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aggregator.v1 import aggregator_pb2_grpc
+from mesh import serving
+from mesh.settings import ConfigError, Upstream
+from ping import ping_pb2_grpc
+from routeguide import route_guide_pb2_grpc
+from services.aggregator.servicer import AggregatorServicer
+
+SERVICE_NAME = "aggregator.v1.Aggregator"
+
+
+def _upstream(runtime: serving.Runtime, variable: str) -> Upstream:
+    upstream = Upstream.from_env(
+        runtime.env, variable, insecure_var="UPSTREAM_INSECURE", unauthenticated_var="UPSTREAM_UNAUTHENTICATED"
+    )
+    if upstream is None:
+        raise ConfigError(f"{variable} is not set; set {variable} to the downstream's host:port, e.g. x.a.run.app:443")
+    return upstream
+
+
+def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
+    ping = runtime.channel(_upstream(runtime, "PING_ADDR"), idempotent=["ping.PingService/Send"])
+    routes = runtime.channel(
+        _upstream(runtime, "ROUTEGUIDE_ADDR"),
+        idempotent=["routeguide.RouteGuide/GetFeature", "routeguide.RouteGuide/ListFeatures"],
+    )
+    servicer = AggregatorServicer(
+        ping_pb2_grpc.PingServiceStub(ping),  # type: ignore[arg-type]
+        route_guide_pb2_grpc.RouteGuideStub(routes),  # type: ignore[arg-type]
+    )
+    return [serving.Service(SERVICE_NAME, servicer, aggregator_pb2_grpc.add_AggregatorServicer_to_server)]
+
+
+if __name__ == "__main__":
+    serving.main("aggregator", build)

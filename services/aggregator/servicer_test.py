@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
+from mesh.testing import NO_REUSEPORT, running
+from routeguide import route_guide_pb2
+from services.aggregator.main import build as build_aggregator
+from services.ping.main import build as build_ping
+from services.routeguide.main import build as build_routeguide
+
+CANONICAL_DB = os.environ.get("ROUTEGUIDE_CANONICAL_DB", "/work/shared/data/route_guide_db.json")
+BERKSHIRE = route_guide_pb2.Point(latitude=409146138, longitude=-746188906)
+AREA = route_guide_pb2.Rectangle(
+    lo=route_guide_pb2.Point(latitude=400000000, longitude=-750000000),
+    hi=route_guide_pb2.Point(latitude=420000000, longitude=-730000000),
+)
+ROUTE = [BERKSHIRE, route_guide_pb2.Point(latitude=410248224, longitude=-747127767)]
+
+
+def plain(port: int) -> str:
+    return f"127.0.0.1:{port}"
+
+
+def aggregator_env(ping_port: int, routes_port: int) -> dict[str, str]:
+    return {"PING_ADDR": plain(ping_port), "ROUTEGUIDE_ADDR": plain(routes_port), "UPSTREAM_INSECURE": "1"}
+
+
+def stub(port: int) -> tuple[grpc.aio.Channel, aggregator_pb2_grpc.AggregatorAsyncStub]:
+    channel = grpc.aio.insecure_channel(plain(port), options=NO_REUSEPORT)
+    return channel, aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[return-value]
+
+
+def survey_request() -> aggregator_pb2.SurveyRequest:
+    return aggregator_pb2.SurveyRequest(message="hello", area=AREA, route=ROUTE)
+
+
+async def test_survey_combines_all_three_downstream_calls() -> None:
+    async with (
+        running("ping", build_ping) as ping,
+        running("routeguide", build_routeguide, {"ROUTEGUIDE_DB": CANONICAL_DB}) as routes,
+        running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
+    ):
+        channel, client = stub(aggregator.port)
+        reply = await client.Survey(survey_request(), timeout=10)
+        await channel.close()
+    assert reply.pong.message == "hello" and reply.pong.index == 1
+    assert len(reply.features) == 100  # the canonical area holds every feature of the canonical db (64 named)
+    assert len([f for f in reply.features if f.name]) == 64
+    assert reply.route_summary.point_count == 2 and reply.route_summary.feature_count == 2
+    assert [c.method for c in reply.calls] == [
+        "/ping.PingService/Send",
+        "/routeguide.RouteGuide/ListFeatures",
+        "/routeguide.RouteGuide/RecordRoute",
+    ]
+    assert all(c.code == 0 and c.latency.ToNanoseconds() > 0 for c in reply.calls)
+
+
+async def test_survey_with_routeguide_stopped_is_a_partial_result() -> None:
+    async with running("routeguide", build_routeguide) as gone:
+        stopped = gone.port
+    async with (
+        running("ping", build_ping) as ping,
+        running("aggregator", build_aggregator, aggregator_env(ping.port, stopped)) as aggregator,
+    ):
+        channel, client = stub(aggregator.port)
+        reply = await client.Survey(survey_request(), timeout=10)
+        await channel.close()
+    assert reply.pong.message == "hello"
+    assert not reply.features and not reply.HasField("route_summary")
+    assert [c.code for c in reply.calls] == [0, grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.UNAVAILABLE.value[0]]
+    assert reply.calls[1].message
+
+
+async def test_survey_with_every_downstream_stopped_fails() -> None:
+    async with running("ping", build_ping) as ping, running("routeguide", build_routeguide) as routes:
+        ports = (ping.port, routes.port)
+    async with running("aggregator", build_aggregator, aggregator_env(*ports)) as aggregator:
+        channel, client = stub(aggregator.port)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.Survey(survey_request(), timeout=10)
+        await channel.close()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "every downstream call failed" in (err.value.details() or "")
+
+
+async def test_tour_streams_an_arrival_per_stop_and_earlier_notes() -> None:
+    async with (
+        running("ping", build_ping) as ping,
+        running("routeguide", build_routeguide, {"ROUTEGUIDE_DB": CANONICAL_DB}) as routes,
+        running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
+    ):
+        channel, client = stub(aggregator.port)
+
+        async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
+            for note in ("first visit", "second visit"):
+                yield aggregator_pb2.TourStop(location=BERKSHIRE, note=note)
+
+        updates = [u async for u in client.Tour(stops(), timeout=10)]
+        await channel.close()
+    arrivals = [u.arrival for u in updates if u.HasField("arrival")]
+    notes = [u.note.message for u in updates if u.HasField("note")]
+    assert [a.stop for a in arrivals] == [0, 1]
+    assert arrivals[0].feature.name == "Berkshire Valley Management Area Trail, Jefferson, NJ, USA"
+    assert notes == ["first visit"]  # the second stop's note gets the first one back
+
+
+async def test_cancelling_a_tour_cancels_the_downstream_chat() -> None:
+    # Server spans end only when their handler ends: routeguide's RouteChat span finishing proves the
+    # aggregator's cancellation reached it.
+    spans = InMemorySpanExporter()
+    async with (
+        running("ping", build_ping) as ping,
+        running("routeguide", build_routeguide, {"ROUTEGUIDE_DB": CANONICAL_DB}, exporters=[spans]) as routes,
+        running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
+    ):
+        channel, client = stub(aggregator.port)
+        never_ending = asyncio.Event()
+
+        async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
+            yield aggregator_pb2.TourStop(location=BERKSHIRE, note="hi")
+            await never_ending.wait()
+
+        call = client.Tour(stops())
+        first = await call.read()
+        assert first.arrival.feature.name.startswith("Berkshire")
+        assert not chat_ended(spans)
+        call.cancel()
+        for _ in range(100):  # up to 5 s
+            if chat_ended(spans):
+                break
+            await asyncio.sleep(0.05)
+        await channel.close()
+        assert chat_ended(spans)
+
+
+def chat_ended(spans: InMemorySpanExporter) -> bool:
+    return any(s.name == "/routeguide.RouteGuide/RouteChat" for s in spans.get_finished_spans())

@@ -1,0 +1,85 @@
+"""Survey: one message, an area and a route, answered by ping and routeguide concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from aggregator.v1 import aggregator_pb2
+from ping import ping_pb2, ping_pb2_grpc
+from routeguide import route_guide_pb2, route_guide_pb2_grpc
+
+T = TypeVar("T")
+
+SEND = "/ping.PingService/Send"
+LIST_FEATURES = "/routeguide.RouteGuide/ListFeatures"
+RECORD_ROUTE = "/routeguide.RouteGuide/RecordRoute"
+
+
+@dataclass
+class Outcome(Generic[T]):
+    """A downstream call's result (None when it failed) and its report."""
+
+    result: T | None
+    call: aggregator_pb2.DownstreamCall
+
+
+async def timed(method: str, call: Callable[[], Awaitable[T]]) -> Outcome[T]:
+    started = time.perf_counter()
+    result: T | None = None
+    try:
+        result = await call()
+        code, message = grpc.StatusCode.OK, ""
+    except grpc.aio.AioRpcError as err:
+        code, message = err.code(), err.details() or ""
+    latency = Duration()
+    latency.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
+    report = aggregator_pb2.DownstreamCall(method=method, code=code.value[0], message=message, latency=latency)
+    return Outcome(result, report)
+
+
+class Survey:
+    def __init__(
+        self, ping: ping_pb2_grpc.PingServiceAsyncStub, routes: route_guide_pb2_grpc.RouteGuideAsyncStub
+    ) -> None:
+        self._ping = ping
+        self._routes = routes
+
+    async def __call__(self, request: aggregator_pb2.SurveyRequest) -> aggregator_pb2.SurveyResponse:
+        async def send() -> ping_pb2.Pong:
+            return (await self._ping.Send(ping_pb2.Request(message=request.message))).pong
+
+        async def features() -> list[route_guide_pb2.Feature]:
+            return [feature async for feature in self._routes.ListFeatures(request.area)]
+
+        async def record() -> route_guide_pb2.RouteSummary:
+            points: Iterator[route_guide_pb2.Point] = iter(request.route)
+            return await self._routes.RecordRoute(points)
+
+        pong, found, summary = await asyncio.gather(
+            timed(SEND, send), timed(LIST_FEATURES, features), timed(RECORD_ROUTE, record)
+        )
+        return aggregator_pb2.SurveyResponse(
+            pong=pong.result,
+            features=found.result or [],
+            route_summary=summary.result,
+            calls=[pong.call, found.call, summary.call],
+        )
+
+
+def all_failed(response: aggregator_pb2.SurveyResponse) -> tuple[grpc.StatusCode, str] | None:
+    """The status for the whole Survey when no downstream call succeeded, else None."""
+    if any(call.code == 0 for call in response.calls):
+        return None
+    codes = {call.code for call in response.calls}
+    by_value = {code.value[0]: code for code in grpc.StatusCode}
+    # One shared cause keeps its code (e.g. DEADLINE_EXCEEDED); mixed causes mean the backends are unavailable.
+    code = by_value[codes.pop()] if len(codes) == 1 else grpc.StatusCode.UNAVAILABLE
+    details = "; ".join(f"{c.method}: {by_value[c.code].name} {c.message}".strip() for c in response.calls)
+    return code, f"every downstream call failed: {details}"

@@ -1,0 +1,33 @@
+"""The ping service's process. One image serves both roles of the sample: `ping` (relays to GRPC_PING_HOST)
+and `ping-upstream` (no upstream)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mesh import serving
+from mesh.settings import Upstream
+from ping import ping_pb2_grpc
+from services.ping.servicer import PingServicer
+
+SERVICE_NAME = "ping.PingService"
+
+
+def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
+    # The grpc-ping sample's variables: upstream host:port, plaintext upstream, no ID token.
+    upstream = Upstream.from_env(
+        runtime.env,
+        "GRPC_PING_HOST",
+        insecure_var="GRPC_PING_INSECURE",
+        unauthenticated_var="GRPC_PING_UNAUTHENTICATED",
+    )
+    stub = None
+    if upstream:
+        channel = runtime.channel(upstream, idempotent=[f"{SERVICE_NAME}/Send"])
+        stub = ping_pb2_grpc.PingServiceStub(channel)
+    servicer = PingServicer(stub, upstream.address if upstream else "")  # type: ignore[arg-type]
+    return [serving.Service(SERVICE_NAME, servicer, ping_pb2_grpc.add_PingServiceServicer_to_server)]
+
+
+if __name__ == "__main__":
+    serving.main("ping", build)

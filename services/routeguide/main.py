@@ -1,0 +1,27 @@
+"""The routeguide service's process: ROUTEGUIDE_DB names a feature database (canonical JSON format); unset, the
+built-in generated dataset is served."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mesh import serving
+from mesh.settings import ConfigError, text
+from routeguide import route_guide_pb2_grpc
+from services.routeguide.features import FeatureDatabaseError, load_database
+from services.routeguide.servicer import RouteGuideServicer
+
+SERVICE_NAME = "routeguide.RouteGuide"
+
+
+def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
+    try:
+        database = load_database(text(runtime.env, "ROUTEGUIDE_DB"))
+    except FeatureDatabaseError as err:
+        raise ConfigError(f"ROUTEGUIDE_DB: {err}; set ROUTEGUIDE_DB to a JSON feature file, or unset it") from err
+    servicer = RouteGuideServicer(database)
+    return [serving.Service(SERVICE_NAME, servicer, route_guide_pb2_grpc.add_RouteGuideServicer_to_server)]
+
+
+if __name__ == "__main__":
+    serving.main("routeguide", build)
