@@ -35,7 +35,9 @@ def load_invokers(text: str) -> dict[str, list[str]]:
             raise ValueError(f"invokers of {service!r} must be a list of service-account ids")
         public = PUBLIC_MEMBERS.intersection(accounts)
         if public:
-            raise ValueError(f"{service!r} would be public ({', '.join(sorted(public))}); services are private")
+            raise ValueError(
+                f"{service!r} would be public ({', '.join(sorted(public))}); services are private"
+            )
         result[str(service)] = list(accounts)
     return result
 
@@ -69,17 +71,24 @@ def binding_commands(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--project", required=True, help="project id")
     parser.add_argument("--region", required=True)
     parser.add_argument("--file", type=Path, default=INVOKERS_FILE, help=f"default {INVOKERS_FILE}")
     parser.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
-    parser.add_argument("services", nargs="*", help="Cloud Run service names (default: every one in the file)")
+    parser.add_argument(
+        "services", nargs="*", help="Cloud Run service names (default: every one in the file)"
+    )
     args = parser.parse_args(argv)
 
     try:
         commands = binding_commands(
-            load_invokers(args.file.read_text()), project=args.project, region=args.region, services=args.services
+            load_invokers(args.file.read_text()),
+            project=args.project,
+            region=args.region,
+            services=args.services,
         )
     except ValueError as error:
         parser.error(f"{args.file}: {error}")

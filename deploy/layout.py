@@ -10,7 +10,11 @@ MANIFEST_GLOB = "service*.yaml"
 
 def deployable_services(root: Path) -> list[str]:
     """The services/<name>/ folders that hold a Cloud Run manifest, sorted."""
-    return sorted(p.parent.name for p in (root / SERVICES_DIR).glob(f"*/{MANIFEST_GLOB}") if p.is_file() and p.name == "service.yaml")
+    return sorted(
+        p.parent.name
+        for p in (root / SERVICES_DIR).glob(f"*/{MANIFEST_GLOB}")
+        if p.is_file() and p.name == "service.yaml"
+    )
 
 
 def manifests(root: Path, service: str) -> list[Path]:

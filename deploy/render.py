@@ -48,14 +48,20 @@ def render(text: str, values: Mapping[str, str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--project-id", required=True)
     parser.add_argument("--project-number", required=True)
     parser.add_argument("--region", required=True)
-    parser.add_argument("--registry", required=True, help="image prefix, e.g. REGION-docker.pkg.dev/PROJECT/REPO")
+    parser.add_argument(
+        "--registry", required=True, help="image prefix, e.g. REGION-docker.pkg.dev/PROJECT/REPO"
+    )
     parser.add_argument("--tag", required=True, help="image tag, e.g. the commit's short sha")
     parser.add_argument("--out", type=Path, required=True, help="folder for the rendered manifests")
-    parser.add_argument("--root", type=Path, default=Path.cwd(), help="repo root (default: the current directory)")
+    parser.add_argument(
+        "--root", type=Path, default=Path.cwd(), help="repo root (default: the current directory)"
+    )
     parser.add_argument("services", nargs="*", help="services/<service> folder names")
     args = parser.parse_args(argv)
 

@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -64,6 +64,10 @@ class Ping(ping_pb2_grpc.PingServiceServicer):
         raise AssertionError("unreachable")
 
 
+def stub(channel: grpc.aio.Channel) -> ping_pb2_grpc.PingServiceAsyncStub:
+    return cast("ping_pb2_grpc.PingServiceAsyncStub", ping_pb2_grpc.PingServiceStub(channel))
+
+
 @pytest.mark.parametrize("override", [None, "localhost"])
 async def test_real_tls_server_and_channel(tmp_path: Path, override: str | None) -> None:
     certs = ensure_dev_certs(tmp_path)
@@ -76,16 +80,14 @@ async def test_real_tls_server_and_channel(tmp_path: Path, override: str | None)
     try:
         trusted = grpc.ssl_channel_credentials(certs.ca_cert.read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", trusted, options=options) as channel:
-            reply = await ping_pb2_grpc.PingServiceStub(channel).Send(
-                ping_pb2.Request(message="tls"), timeout=10
-            )
+            reply = await stub(channel).Send(ping_pb2.Request(message="tls"), timeout=10)
             assert reply.pong.message == "tls"
         # A client trusting another CA refuses the server.
         other = ensure_dev_certs(tmp_path / "other")
         stranger = grpc.ssl_channel_credentials(other.ca_cert.read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", stranger, options=options) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await ping_pb2_grpc.PingServiceStub(channel).Send(ping_pb2.Request(message="x"), timeout=5)
+                await stub(channel).Send(ping_pb2.Request(message="x"), timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(None)

@@ -6,6 +6,7 @@ must run in the handler's own context (a ContextVar the handler reads) is done b
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,6 +20,24 @@ After = Callable[[Any], None]
 def wrap(handler: grpc.RpcMethodHandler, before: Before, after: After) -> grpc.RpcMethodHandler:
     if handler.response_streaming:
         behavior = handler.unary_stream if not handler.request_streaming else handler.stream_stream
+        factory = grpc.unary_stream_rpc_method_handler
+        if handler.request_streaming:
+            factory = grpc.stream_stream_rpc_method_handler
+
+        if inspect.iscoroutinefunction(behavior):
+            # A handler that sends with `await context.write()` (grpc's own health Watch): keep it a coroutine.
+            async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
+                token = before(context)
+                try:
+                    await behavior(request, context)
+                finally:
+                    after(token)
+
+            return factory(
+                writing,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             token = before(context)
@@ -28,9 +47,6 @@ def wrap(handler: grpc.RpcMethodHandler, before: Before, after: After) -> grpc.R
             finally:
                 after(token)
 
-        factory = grpc.unary_stream_rpc_method_handler
-        if handler.request_streaming:
-            factory = grpc.stream_stream_rpc_method_handler
         return factory(
             streaming,
             request_deserializer=handler.request_deserializer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, cast
 
 import grpc
 import pytest
@@ -72,8 +72,8 @@ class Mesh:
     def __init__(self, server: grpc.aio.Server, channel: grpc.aio.Channel) -> None:
         self.server = server
         self.channel = channel
-        self.ping = ping_pb2_grpc.PingServiceStub(channel)
-        self.routes = rg_grpc.RouteGuideStub(channel)
+        self.ping = cast("ping_pb2_grpc.PingServiceAsyncStub", ping_pb2_grpc.PingServiceStub(channel))
+        self.routes = cast("rg_grpc.RouteGuideAsyncStub", rg_grpc.RouteGuideStub(channel))
         self.health = health_pb2_grpc.HealthStub(channel)
 
 
@@ -84,7 +84,7 @@ async def start(verifier: TokenVerifier) -> Mesh:
     server = grpc.aio.server(interceptors=[IdentityInterceptor(verifier)], options=options)
     ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     rg_grpc.add_RouteGuideServicer_to_server(RouteGuide(), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return Mesh(server, grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS))
@@ -299,7 +299,7 @@ async def test_health_is_reachable_without_a_token(mesh: Mesh) -> None:
 
 
 async def test_unknown_method_is_unimplemented_not_a_crash(mesh: Mesh) -> None:
-    call = mesh.channel.unary_unary("/ping.PingService/Nope")
+    call = mesh.channel.unary_unary("/ping.PingService/Nope", None, None)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(b"", timeout=10)
     assert info.value.code() == Code.UNIMPLEMENTED

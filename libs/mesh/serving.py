@@ -174,8 +174,15 @@ async def serve(
         running = await start(services, settings, interceptors=server_interceptors(provider, auth))
         tls = "TLS" if settings.tls_cert_file else "h2c"
         verified = f"ID tokens verified for {auth.audience}" if auth.audience else "no token verification"
-        log.info("%s serving %s on port %d (%s, %s)", settings.service, ", ".join(s.name for s in services),
-                 running.port, tls, verified)
+        log.info(
+            "%s serving %s on port %d (%s, %s)",
+            settings.service,
+            ", ".join(s.name for s in services),
+            running.port,
+            tls,
+            verified,
+            extra={"json_fields": {"event": "serving", "port": running.port}},  # the local mesh reads this
+        )
         if on_ready:
             on_ready(running)
         await stop.wait()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 
+from opentelemetry import propagate
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from mesh import serving, tracing
@@ -21,19 +22,29 @@ async def running(
     *,
     exporters: Sequence[SpanExporter] = (),
 ) -> AsyncIterator[serving.RunningServer]:
-    """Serve `factory` on a free port with `env` (PORT defaults to 0) until the block ends, then drain."""
+    """Serve `factory` on a free port with `env` (PORT defaults to 0) until the block ends, then drain.
+
+    Like serving.main, installs the propagators of OTEL_PROPAGATORS; they are process-wide (the gRPC
+    instrumentation reads the global propagator), so the innermost `running` block's win until it ends.
+    """
     env = {"PORT": "0", **env}
+    propagator = tracing.propagator_from_env(env)
     stop = asyncio.Event()
     ready: asyncio.Future[serving.RunningServer] = asyncio.get_running_loop().create_future()
     provider = tracing.provider_from_env(env, default_service, exporters)
-    task = asyncio.create_task(
-        serving.serve(default_service, factory, env, provider=provider, stop=stop, on_ready=ready.set_result)
-    )
-    done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-    if task in done:  # it failed to start: raise its error
-        task.result()
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(propagator)
     try:
-        yield ready.result()
+        task = asyncio.create_task(
+            serving.serve(default_service, factory, env, provider=provider, stop=stop, on_ready=ready.set_result)
+        )
+        done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+        if task in done:  # it failed to start: raise its error
+            task.result()
+        try:
+            yield ready.result()
+        finally:
+            stop.set()
+            await task
     finally:
-        stop.set()
-        await task
+        propagate.set_global_textmap(previous)

@@ -8,6 +8,7 @@ one per call (the Cloud Run grpc-ping sample's open bug).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import threading
 from typing import Any
@@ -52,8 +53,8 @@ def _is_ip(host: str) -> bool:
 class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
     """google-auth's plugin with a cheap path for every call and a single minter at a time.
 
-    gRPC runs the plugin for every RPC, on its own thread. While google-auth says the token is fresh the
-    prepared header is handed back at once; otherwise one thread refreshes (through google-auth) while
+    gRPC runs the plugin for every RPC, on a thread of its own. While google-auth says the token is fresh
+    the prepared header is handed back at once; otherwise one thread refreshes (through google-auth) while
     concurrent calls either reuse the still-valid stale token or wait for the new one.
     """
 
@@ -63,32 +64,54 @@ class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
         self._token: str | None = None
         self._metadata: tuple[tuple[str, str], ...] = ()
 
-    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+    def cached(self) -> tuple[tuple[str, str], ...] | None:
+        """The prepared metadata while google-auth deems the token fresh; None when it needs a refresh."""
         credentials = self._credentials
-        state = credentials.token_state
-        current = self._token is not None and credentials.token is self._token
-        if current and state is TokenState.FRESH:
-            callback(self._metadata, None)
-            return
+        if self._token is not None and credentials.token is self._token:
+            if credentials.token_state is TokenState.FRESH:
+                return self._metadata
+        return None
+
+    def refreshed(self, context: Any = None) -> tuple[tuple[str, str], ...]:
+        """Blocking: the metadata after google-auth refreshed the token if needed; one minter at a time.
+
+        While a stale (still valid) token is being replaced by another thread, it is returned at once.
+        """
+        credentials = self._credentials
         acquired = False
-        if current and state is TokenState.STALE:
-            acquired = self._refresh_lock.acquire(blocking=False)
-            if not acquired:  # another thread is refreshing; the stale token is still valid
-                callback(self._metadata, None)
-                return
+        if self._token is not None and credentials.token is self._token:
+            if credentials.token_state is TokenState.STALE:
+                acquired = self._refresh_lock.acquire(blocking=False)
+                if not acquired:
+                    return self._metadata
         if not acquired:  # first use or expired: every caller waits for the one mint
             self._refresh_lock.acquire()
         try:
-            headers = self._get_authorization_headers(context)  # google-auth refreshes here if needed
+            headers = self._get_authorization_headers(context or _NO_CONTEXT)  # google-auth refreshes here
             self._metadata = tuple((k.lower(), v) for k, v in headers)
-            self._token = credentials.token  # after _metadata: the fast path reads them in this order
-        except Exception as exc:  # noqa: BLE001 - gRPC fails the call with this; keep the reason
-            # google-auth's messages name the endpoint and status, never a token.
-            callback((), RuntimeError(f"cannot mint an ID token: {type(exc).__name__}: {exc}"))
-            return
+            self._token = credentials.token  # after _metadata: cached() reads them in the other order
+            return self._metadata
         finally:
             self._refresh_lock.release()
-        callback(self._metadata, None)
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        metadata = self.cached()
+        if metadata is None:
+            try:
+                metadata = self.refreshed(context)
+            except Exception as exc:  # noqa: BLE001 - gRPC fails the call with this; keep the reason
+                # google-auth's messages name the endpoint and status, never a token.
+                callback((), RuntimeError(f"cannot mint an ID token: {type(exc).__name__}: {exc}"))
+                return
+        callback(metadata, None)
+
+
+class _NoContext:
+    method_name = ""
+    service_url = ""
+
+
+_NO_CONTEXT = _NoContext()
 
 
 class IdTokens:
@@ -97,7 +120,7 @@ class IdTokens:
     def __init__(self, request: Any | None = None) -> None:
         self._request = request or google.auth.transport.requests.Request()
         self._lock = threading.Lock()
-        self._credentials: dict[str, tuple[Credentials, grpc.CallCredentials]] = {}
+        self._credentials: dict[str, tuple[_IdTokenPlugin, grpc.CallCredentials]] = {}
 
     def credentials(self, audience: str) -> grpc.CallCredentials:
         """Call credentials that attach `authorization: Bearer <ID token for audience>` to every call."""
@@ -105,9 +128,25 @@ class IdTokens:
 
     def id_token_credentials(self, audience: str) -> Credentials:
         """The google-auth credential behind `credentials(audience)` (for inspection and tests)."""
-        return self._entry(audience)[0]
+        credentials: Credentials = self._entry(audience)[0]._credentials
+        return credentials
 
-    def _entry(self, audience: str) -> tuple[Credentials, grpc.CallCredentials]:
+    async def metadata(self, audience: str) -> tuple[tuple[str, str], ...]:
+        """`(("authorization", "Bearer <token>"),)` for per-call metadata (e.g. from a client interceptor).
+
+        A cheaper alternative to call credentials: gRPC runs a metadata plugin on a new thread for every
+        RPC, which costs about as much as the RPC itself. A dict lookup while the token is fresh; a refresh
+        (and the first credential discovery) runs in a worker thread, off the event loop.
+        """
+        entry = self._credentials.get(audience)
+        if entry is not None:
+            cached = entry[0].cached()
+            if cached is not None:
+                return cached
+        plugin = (await asyncio.to_thread(self._entry, audience))[0]
+        return await asyncio.to_thread(plugin.refreshed)
+
+    def _entry(self, audience: str) -> tuple[_IdTokenPlugin, grpc.CallCredentials]:
         entry = self._credentials.get(audience)
         if entry is not None:
             return entry
@@ -116,21 +155,23 @@ class IdTokens:
         with self._lock:
             entry = self._credentials.get(audience)
             if entry is None:
-                google_credentials = self._discover(audience)
-                plugin = _IdTokenPlugin(google_credentials, self._request)
-                entry = (google_credentials, grpc.metadata_call_credentials(plugin, name="id-token"))
+                plugin = _IdTokenPlugin(self._discover(audience), self._request)
+                entry = (plugin, grpc.metadata_call_credentials(plugin, name="id-token"))
                 self._credentials[audience] = entry
         return entry
 
     def _discover(self, audience: str) -> Credentials:
         try:
-            return google.oauth2.id_token.fetch_id_token_credentials(audience, request=self._request)
+            found: Credentials = google.oauth2.id_token.fetch_id_token_credentials(
+                audience, request=self._request
+            )
         except google.auth.exceptions.DefaultCredentialsError as exc:
             raise NoCredentialsError(
                 "no identity to mint ID tokens with: set GOOGLE_APPLICATION_CREDENTIALS to a service-account "
                 "key file, run where a metadata server answers (Cloud Run, or the local identity emulator via "
                 f"GCE_METADATA_HOST), or run unauthenticated for local development ({exc})"
             ) from exc
+        return found
 
     def close(self) -> None:
         with self._lock:

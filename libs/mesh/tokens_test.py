@@ -28,6 +28,9 @@ BOB = "bob@proj.iam.gserviceaccount.com"
 OPTIONS = [("grpc.so_reuseport", 0)]
 
 # The calling service: one IdTokens, TLS channels with its call credentials, N concurrent calls per target.
+# The calling service: one IdTokens, TLS channels, N concurrent calls per target. Mode "credentials" uses
+# the call credentials; "metadata" passes IdTokens.metadata() per call, as a client interceptor would;
+# "pause" sleeps `calls` seconds.
 CLIENT = r"""
 import asyncio, json, sys
 import grpc
@@ -36,16 +39,22 @@ from ping import ping_pb2, ping_pb2_grpc
 
 async def main(ca_file, plan):
     tokens = IdTokens()
-    ca = open(ca_file, "rb").read()
+    ca = grpc.ssl_channel_credentials(open(ca_file, "rb").read())
     seen = {}
-    for target, audience, calls in plan:
-        creds = grpc.composite_channel_credentials(grpc.ssl_channel_credentials(ca), tokens.credentials(audience))
+    for target, audience, calls, mode in plan:
+        if mode == "pause":
+            await asyncio.sleep(calls)
+            continue
+        creds = grpc.composite_channel_credentials(ca, tokens.credentials(audience)) if mode == "credentials" else ca
         async with grpc.aio.secure_channel(target, creds, options=[("grpc.so_reuseport", 0)]) as channel:
             stub = ping_pb2_grpc.PingServiceStub(channel)
+
+            async def send():
+                md = await tokens.metadata(audience) if mode == "metadata" else None
+                return await stub.Send(ping_pb2.Request(message="hi"), metadata=md, timeout=20)
+
             for batch in range(calls // 20):
-                replies = await asyncio.gather(
-                    *(stub.Send(ping_pb2.Request(message="hi"), timeout=20) for _ in range(20)))
-                for r in replies:
+                for r in await asyncio.gather(*(send() for _ in range(20))):
                     seen[r.pong.message] = seen.get(r.pong.message, 0) + 1
     print(json.dumps(seen))
 
@@ -111,21 +120,48 @@ async def two_services(certs: DevCerts, emulator: IdentityEmulator) -> AsyncIter
 async def test_one_mint_per_audience_across_many_calls(
     certs: DevCerts, emulator: IdentityEmulator, two_services: list[str]
 ) -> None:
-    plan = [[two_services[0], "https://a.example", 200], [two_services[1], "https://b.example", 60]]
+    plan = [
+        [two_services[0], "https://a.example", 200, "credentials"],
+        [two_services[1], "https://b.example", 60, "metadata"],
+        [two_services[0], "https://a.example", 40, "metadata"],
+        [two_services[1], "https://b.example", 20, "credentials"],
+    ]
     done = await asyncio.to_thread(
         run_client, emulator.env_for(ALICE), "-c", CLIENT, str(certs.ca_cert), json.dumps(plan)
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout) == {f"{ALICE}|https://a.example": 200, f"{ALICE}|https://b.example": 60}
+    assert json.loads(done.stdout) == {f"{ALICE}|https://a.example": 240, f"{ALICE}|https://b.example": 80}
     assert emulator.identity_requests(ALICE, "https://a.example") == 1
     assert emulator.identity_requests(ALICE, "https://b.example") == 1
     assert emulator.identity_requests() == 2
 
 
+async def test_token_is_refreshed_once_when_google_auth_deems_it_stale(
+    certs: DevCerts, emulator: IdentityEmulator, two_services: list[str]
+) -> None:
+    # google-auth refreshes 225 s before expiry: a 227 s token turns stale after about 2 s.
+    emulator.token_lifetime_s = 227
+    a, b = two_services
+    plan = [
+        [a, "https://a.example", 40, "credentials"],
+        [b, "https://b.example", 40, "metadata"],
+        [None, None, 3, "pause"],
+        [a, "https://a.example", 40, "credentials"],
+        [b, "https://b.example", 40, "metadata"],
+    ]
+    done = await asyncio.to_thread(
+        run_client, emulator.env_for(ALICE), "-c", CLIENT, str(certs.ca_cert), json.dumps(plan)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {f"{ALICE}|https://a.example": 80, f"{ALICE}|https://b.example": 80}
+    assert emulator.identity_requests(ALICE, "https://a.example") == 2
+    assert emulator.identity_requests(ALICE, "https://b.example") == 2
+
+
 async def test_each_account_has_its_own_metadata_server(
     certs: DevCerts, emulator: IdentityEmulator, two_services: list[str]
 ) -> None:
-    plan = [[two_services[0], "https://a.example", 20]]
+    plan = [[two_services[0], "https://a.example", 20, "credentials"]]
     for account in (ALICE, BOB):
         done = await asyncio.to_thread(
             run_client, emulator.env_for(account), "-c", CLIENT, str(certs.ca_cert), json.dumps(plan)

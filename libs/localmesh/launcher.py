@@ -1,0 +1,117 @@
+"""Starts the local mesh: development CA, identity emulator, span receiver, then each service as a process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from emulators.dev_ca import DevCerts, ensure_dev_certs
+from emulators.identity import IdentityEmulator
+from localmesh import topology
+from localmesh.processes import COLOURS, ServiceProcess, child_env, python_module
+from localmesh.spans import SpanStore, start_receiver
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.port}"
+
+
+class Mesh:
+    """Owner of everything the local mesh runs; `async with Mesh(...) as mesh:` stops it all on exit."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        only: Sequence[str] = (),
+        echo: Callable[[str], None] | None = None,
+        colour: bool = False,
+    ) -> None:
+        self.state_dir = state_dir
+        self.specs = topology.with_dependencies(list(only)) if only else list(topology.SERVICES)
+        self.echo = echo
+        self.colour = colour
+        self.spans = SpanStore()
+        self.identity = IdentityEmulator(project_id=topology.PROJECT)
+        self.certs: DevCerts | None = None
+        self.processes: dict[str, ServiceProcess] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self._receiver: grpc.aio.Server | None = None
+        self._receiver_port = 0
+
+    async def __aenter__(self) -> Mesh:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self.certs = await asyncio.to_thread(ensure_dev_certs, self.state_dir / "certs")
+        self.identity.start()
+        for name in [topology.DEVELOPER, *(topology.account(s.name) for s in self.specs)]:
+            self.identity.add_account(name)
+        self._receiver, self._receiver_port = await start_receiver(self.spans)
+        for index, spec in enumerate(self.specs):
+            colour = COLOURS[index % len(COLOURS)] if self.colour else ""
+            process = ServiceProcess(spec.name, python_module(spec.module), self.env_for(spec), colour=colour, echo=self.echo)
+            self.processes[spec.name] = process
+            port = await process.start()
+            self.endpoints[spec.name] = Endpoint(spec.name, port)
+
+    def env_for(self, spec: topology.Spec) -> dict[str, str]:
+        assert self.certs is not None
+        callers = [topology.DEVELOPER, *(topology.account(c) for c in spec.callers)]
+        env = {
+            "K_SERVICE": spec.name,
+            "TLS_CERT_FILE": str(self.certs.server_cert),
+            "TLS_KEY_FILE": str(self.certs.server_key),
+            "TLS_CA_FILE": str(self.certs.ca_cert),
+            "AUTH_AUDIENCE": topology.audience(spec.name),
+            "AUTH_CERTS_URL": self.identity.certs_url,
+            "AUTH_ALLOWED_CALLERS": ",".join(callers),
+            "OTEL_SERVICE_NAME": spec.name,
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self._receiver_port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",  # spans reach the launcher within a blink
+            "OTEL_TRACES_SAMPLER": "always_on",
+            "GOOGLE_CLOUD_PROJECT": topology.PROJECT,
+            **self.identity.env_for(topology.account(spec.name)),
+            **dict(spec.env),
+        }
+        for variable, upstream in spec.upstreams:
+            env[variable] = self.endpoints[upstream].address
+            env[f"{variable}_AUDIENCE"] = topology.audience(upstream)
+        return child_env(env)
+
+    async def restart(self, name: str) -> None:
+        """Stop and start one service on the same port (its callers keep their channels)."""
+        process = self.processes[name]
+        await process.stop()
+        await process.start(port=self.endpoints[name].port)
+
+    async def stop(self) -> dict[str, int | None]:
+        """Stop every service (callers first), then the emulator and receiver; returns exit codes."""
+        codes: dict[str, int | None] = {}
+        for name in reversed(list(self.processes)):
+            codes[name] = await self.processes[name].stop()
+        if self._receiver is not None:
+            await self._receiver.stop(None)
+            self._receiver = None
+        self.identity.stop()
+        return codes

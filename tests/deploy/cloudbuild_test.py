@@ -1,0 +1,105 @@
+"""cloudbuild.yaml: valid for Cloud Build (the schema check-jsonschema ships, offline), every substitution
+declared or built in, bash's own `$` escaped, and the steps in the order the pipeline needs."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.deploy.repo import ROOT
+
+CLOUDBUILD = ROOT / "cloudbuild.yaml"
+# Cloud Build's own substitutions (all builds, and builds started by a trigger).
+BUILT_IN = {
+    "PROJECT_ID", "BUILD_ID", "PROJECT_NUMBER", "LOCATION", "TRIGGER_NAME", "COMMIT_SHA", "REVISION_ID",
+    "SHORT_SHA", "REPO_NAME", "REPO_FULL_NAME", "BRANCH_NAME", "TAG_NAME", "REF_NAME",
+}  # fmt: skip
+REFERENCE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+
+
+def check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.cloudbuild", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def config() -> dict[str, Any]:
+    document = yaml.safe_load(CLOUDBUILD.read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def step_text() -> str:
+    return "\n".join(
+        " ".join([step["name"], step.get("entrypoint", ""), *step.get("args", [])])
+        for step in config()["steps"]
+    )
+
+
+def references() -> set[str]:
+    """Every substitution the steps name, with bash's `$$` (a literal `$`) taken out."""
+    names = set()
+    for match in REFERENCE.finditer(step_text().replace("$$", "")):
+        names.add(match["braced"] if match["braced"] is not None else match["bare"])
+    return names
+
+
+def test_validates_against_the_cloud_build_schema() -> None:
+    result = check_jsonschema(CLOUDBUILD)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_schema_check_reports_an_invalid_config(tmp_path: Path) -> None:
+    broken = tmp_path / "cloudbuild.yaml"
+    broken.write_text("steps:\n  - name: gcr.io/cloud-builders/git\n    waitFor: history\n")
+    result = check_jsonschema(broken)
+    assert result.returncode == 1
+    assert "waitFor" in result.stdout
+
+
+def test_substitutions_have_defaults_and_are_all_used() -> None:
+    declared = config()["substitutions"]
+    assert {"_REGION", "_REPOSITORY", "_SERVICES", "_BASE_REF"} <= set(declared)
+    assert all(isinstance(value, str) for value in declared.values())
+    assert declared["_SERVICES"] == ""  # a push deploys what changed; a manual run sets all or a list
+    used = references()
+    # Cloud Build fails a build whose config names an undeclared substitution (or declares an unused one).
+    assert used - BUILT_IN == set(declared)
+
+
+def test_every_dollar_is_a_substitution_or_escaped_for_bash() -> None:
+    # A bare `$svc` or `$(...)` would be taken by Cloud Build; bash variables are written `$$svc`.
+    for name in references():
+        assert re.fullmatch(r"_?[A-Z][A-Z0-9_]*", name), f"${name}: write $${name} for a bash variable"
+    assert not re.search(r"\$(?![{A-Z_$])", step_text().replace("$$", ""))
+
+
+def test_pipeline_steps_in_order() -> None:
+    steps = {step["id"]: step for step in config()["steps"]}
+    assert list(steps) == ["history", "builder", "verify", "select", "package", "images", "deploy"]
+    script = {name: " ".join(step.get("args", [])) for name, step in steps.items()}
+    assert "git fetch --unshallow" in script["history"]
+    assert "--changed-dependents=transitive lint check test" in script["verify"]
+    assert (
+        "python3.11 -m deploy.affected" in script["select"] and "/workspace/affected.txt" in script["select"]
+    )
+    assert "./pants --no-pantsd package" in script["package"] and "-m deploy.render" in script["package"]
+    assert "docker push" in script["images"] and ":${SHORT_SHA}" in script["images"]
+    assert "gcloud run services replace" in script["deploy"]
+    assert "docker.pkg.dev/${PROJECT_ID}/${_REPOSITORY}" in script["images"]
+
+
+def test_named_files_and_programs_exist() -> None:
+    text = step_text()
+    assert (ROOT / "deploy" / "builder.Dockerfile").is_file() and "deploy/builder.Dockerfile" in text
+    for module in set(re.findall(r"-m (deploy\.\w+)", text)):
+        assert importlib.util.find_spec(module) is not None, module
