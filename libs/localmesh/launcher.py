@@ -68,7 +68,9 @@ class Mesh:
         self._receiver, self._receiver_port = await start_receiver(self.spans)
         for index, spec in enumerate(self.specs):
             colour = COLOURS[index % len(COLOURS)] if self.colour else ""
-            process = ServiceProcess(spec.name, python_module(spec.module), self.env_for(spec), colour=colour, echo=self.echo)
+            process = ServiceProcess(
+                spec.name, python_module(spec.module), self.env_for(spec), colour=colour, echo=self.echo
+            )
             self.processes[spec.name] = process
             port = await process.start()
             self.endpoints[spec.name] = Endpoint(spec.name, port)

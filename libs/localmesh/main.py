@@ -23,16 +23,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
     parser.add_argument("--demo", action="store_true", help="run the demo, then shut down")
     parser.add_argument("--no-demo", action="store_true", help="skip the demo; just serve until Ctrl-C")
-    parser.add_argument("--only", nargs="+", choices=[s.name for s in topology.SERVICES], default=[],
-                        help="start only these services (and what they call)")
-    parser.add_argument("--state-dir", type=Path, default=Path(os.environ.get("MESH_STATE_DIR", ".mesh")),
-                        help="where the development CA and certificates live (default .mesh/, gitignored)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[s.name for s in topology.SERVICES],
+        default=[],
+        help="start only these services (and what they call)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("MESH_STATE_DIR", ".mesh")),
+        help="where the development CA and certificates live (default .mesh/, gitignored)",
+    )
     return parser.parse_args(argv)
 
 
 def print_endpoints(mesh: Mesh) -> None:
     assert mesh.certs is not None
-    say("\nThe mesh is up (TLS with the dev CA, ID tokens from the local identity emulator, traces to the launcher):")
+    say(
+        "\nThe mesh is up (TLS with the dev CA, ID tokens from the local identity emulator, traces to the launcher):"
+    )
     for name, endpoint in mesh.endpoints.items():
         say(f"  {name:<14} {endpoint.address:<16} audience {topology.audience(name)}")
     identity = mesh.identity.env_for(topology.DEVELOPER)

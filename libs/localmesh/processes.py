@@ -65,7 +65,9 @@ class ServiceProcess:
         )
         self._pump = asyncio.create_task(self._read_output())
         exited = asyncio.create_task(self._process.wait())
-        done, _ = await asyncio.wait([self._serving, exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            [self._serving, exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if self._serving in done:
             exited.cancel()
             self.port = self._serving.result()
@@ -124,6 +126,10 @@ def python_module(module: str) -> list[str]:
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GCE_METADATA", "GRPC_PING", "AUTH_"))}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OTEL_", "GCE_METADATA", "GRPC_PING", "AUTH_"))
+    }
     base["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return {**base, **extra}

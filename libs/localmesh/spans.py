@@ -34,7 +34,7 @@ class Span:
     start_ns: int
     end_ns: int
     status: str  # gRPC status code name when known, else OK/ERROR/UNSET
-    
+
     @property
     def duration_ms(self) -> float:
         return (self.end_ns - self.start_ns) / 1e6
@@ -70,7 +70,9 @@ class SpanStore:
         while True:
             spans = self.trace(trace_id)
             ids = {s.span_id for s in spans}
-            whole = services <= {s.service for s in spans} and all(not s.parent_id or s.parent_id in ids for s in spans)
+            whole = services <= {s.service for s in spans} and all(
+                not s.parent_id or s.parent_id in ids for s in spans
+            )
             if whole or loop.time() > deadline:
                 return spans
             await asyncio.sleep(0.05)
@@ -91,7 +93,7 @@ def from_otlp(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Span
         )
         for scope in resource_spans.scope_spans:
             for s in scope.spans:
-                attributes = {a.key: a.value.int_value or a.value.string_value for a in s.attributes}
+                attributes: dict[str, object] = {a.key: a.value.int_value or a.value.string_value for a in s.attributes}
                 spans.append(
                     Span(
                         service=service,

@@ -35,7 +35,12 @@ class Spec:
 SERVICES: tuple[Spec, ...] = (
     Spec("ping-upstream", "services.ping.main", callers=("ping",)),
     Spec("routeguide", "services.routeguide.main", callers=("aggregator",)),
-    Spec("ping", "services.ping.main", callers=("aggregator",), upstreams=(("GRPC_PING_HOST", "ping-upstream"),)),
+    Spec(
+        "ping",
+        "services.ping.main",
+        callers=("aggregator",),
+        upstreams=(("GRPC_PING_HOST", "ping-upstream"),),
+    ),
     Spec(
         "aggregator",
         "services.aggregator.main",

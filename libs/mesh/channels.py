@@ -46,7 +46,9 @@ def retry_service_config(idempotent: Sequence[str]) -> str:
 class Channels:
     """Owner of the process's outgoing channels: one per upstream, closed together at shutdown."""
 
-    def __init__(self, id_tokens: IdTokens | None, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> None:
+    def __init__(
+        self, id_tokens: IdTokens | None, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()
+    ) -> None:
         self._id_tokens = id_tokens
         self._interceptors = list(interceptors)
         self._open: dict[tuple[Upstream, tuple[str, ...]], grpc.aio.Channel] = {}
@@ -65,15 +67,23 @@ class Channels:
                 options += [("grpc.ssl_target_name_override", upstream.authority)]
         if upstream.insecure:
             # Plaintext is for local development only; gRPC refuses call credentials on it, so no token either.
-            return grpc.aio.insecure_channel(upstream.address, options=options, interceptors=self._interceptors)
+            return grpc.aio.insecure_channel(
+                upstream.address, options=options, interceptors=self._interceptors
+            )
         roots = upstream.ca_file.read_bytes() if upstream.ca_file else None
         credentials = grpc.ssl_channel_credentials(root_certificates=roots)
         if not upstream.unauthenticated:
             if self._id_tokens is None:
-                raise ValueError(f"an ID token is needed for {upstream.address}, but this process has no token source")
+                raise ValueError(
+                    f"an ID token is needed for {upstream.address}, but this process has no token source"
+                )
             audience = upstream.audience or audience_for(upstream.address)
-            credentials = grpc.composite_channel_credentials(credentials, self._id_tokens.credentials(audience))
-        return grpc.aio.secure_channel(upstream.address, credentials, options=options, interceptors=self._interceptors)
+            credentials = grpc.composite_channel_credentials(
+                credentials, self._id_tokens.credentials(audience)
+            )
+        return grpc.aio.secure_channel(
+            upstream.address, credentials, options=options, interceptors=self._interceptors
+        )
 
     async def close(self) -> None:
         for channel in self._open.values():

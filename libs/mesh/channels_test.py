@@ -60,7 +60,10 @@ async def test_tls_authority_override_names_the_certificate_host(channels: Chann
         )
         assert await send(channels.open(upstream), "authority") == "authority"
         wrong = Upstream(
-            f"127.0.0.1:{server.port}", unauthenticated=True, ca_file=certs.ca_cert, authority="elsewhere.example"
+            f"127.0.0.1:{server.port}",
+            unauthenticated=True,
+            ca_file=certs.ca_cert,
+            authority="elsewhere.example",
         )
         with pytest.raises(grpc.aio.AioRpcError) as rejected:
             await send(channels.open(wrong))

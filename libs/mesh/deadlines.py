@@ -37,7 +37,9 @@ def _forget(token: Token[float | None]) -> None:
 
 
 class DeadlineServerInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+    async def intercept_service(
+        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
         handler = await continuation(handler_call_details)
         return None if handler is None else handlers.wrap(handler, _record, _forget)
 
@@ -51,7 +53,9 @@ class DeadlineClientInterceptor(
     def __init__(self, default_timeout: float) -> None:
         self._default = default_timeout
 
-    def _capped(self, details: grpc.aio.ClientCallDetails, default: float | None = None) -> grpc.aio.ClientCallDetails:
+    def _capped(
+        self, details: grpc.aio.ClientCallDetails, default: float | None = None
+    ) -> grpc.aio.ClientCallDetails:
         limit = remaining(self._default if default is None else default)
         if limit == float("inf") or (details.timeout is not None and details.timeout <= limit):
             return details
@@ -63,10 +67,14 @@ class DeadlineClientInterceptor(
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._capped(client_call_details), request)
 
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(self._capped(client_call_details), request_iterator)
 
     # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it, and
     # cancellation of the incoming call cancels it.
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(self._capped(client_call_details, float("inf")), request_iterator)

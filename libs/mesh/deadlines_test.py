@@ -38,7 +38,9 @@ async def recorder() -> AsyncIterator[tuple[Recorder, int]]:
     servicer = Recorder()
 
     def factory(runtime: serving.Runtime) -> Sequence[serving.Service]:
-        return [serving.Service("ping.PingService", servicer, ping_pb2_grpc.add_PingServiceServicer_to_server)]
+        return [
+            serving.Service("ping.PingService", servicer, ping_pb2_grpc.add_PingServiceServicer_to_server)
+        ]
 
     async with running("recorder", factory) as server:
         yield servicer, server.port

@@ -62,7 +62,13 @@ def wrap(handler: grpc.RpcMethodHandler, before: Before, after: After) -> grpc.R
         finally:
             after(token)
 
-    factory = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    factory = (
+        grpc.stream_unary_rpc_method_handler
+        if handler.request_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
     return factory(
-        unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        unary,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
     )

@@ -76,7 +76,9 @@ class TerminalFormatter(logging.Formatter):
         return f"{stamp} {record.levelname:<7} {self._service}  {_message(record, self)}{suffix}"
 
 
-def configure(service: str, *, level: str = "INFO", project: str | None = None, stream: TextIO | None = None) -> None:
+def configure(
+    service: str, *, level: str = "INFO", project: str | None = None, stream: TextIO | None = None
+) -> None:
     """Route the root logger to `stream` (stdout): JSON unless it is a terminal."""
     out = stream or sys.stdout
     handler = logging.StreamHandler(out)

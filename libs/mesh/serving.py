@@ -27,7 +27,16 @@ from mesh import logs, tracing
 from mesh.channels import MAX_MESSAGE_BYTES, Channels
 from mesh.deadlines import DeadlineClientInterceptor, DeadlineServerInterceptor
 from mesh.identity import IdentityInterceptor, TokenVerifier
-from mesh.settings import AuthSettings, CallSettings, ConfigError, Env, ServerSettings, Upstream, text
+from mesh.settings import (
+    AuthSettings,
+    CallSettings,
+    ConfigError,
+    Env,
+    ServerSettings,
+    Upstream,
+    log_level,
+    text,
+)
 from mesh.tokens import IdTokens
 
 log = logging.getLogger("mesh.serving")
@@ -60,14 +69,20 @@ class Runtime:
     """What lives as long as the process, handed to a service's factory: its environment and its channels."""
 
     def __init__(
-        self, name: str, env: Env, provider: trace.TracerProvider, calls: CallSettings, id_tokens: IdTokens | None
+        self,
+        name: str,
+        env: Env,
+        provider: trace.TracerProvider,
+        calls: CallSettings,
+        id_tokens: IdTokens | None,
     ) -> None:
         self.name = name
         self.env = env
         self.provider = provider
         self._id_tokens = id_tokens
         self._channels = Channels(
-            id_tokens, [DeadlineClientInterceptor(calls.default_timeout), *tracing.client_interceptors(provider)]
+            id_tokens,
+            [DeadlineClientInterceptor(calls.default_timeout), *tracing.client_interceptors(provider)],
         )
 
     def channel(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
@@ -87,7 +102,9 @@ ServiceFactory = Callable[[Runtime], Sequence[Service]]
 
 
 class RunningServer:
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer
+    ) -> None:
         self.server = server
         self.port = port
         self.health = health_servicer
@@ -141,7 +158,9 @@ async def start(
     return RunningServer(server, port, health_servicer)
 
 
-def server_interceptors(provider: trace.TracerProvider, auth: AuthSettings) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(
+    provider: trace.TracerProvider, auth: AuthSettings
+) -> list[grpc.aio.ServerInterceptor]:
     """Outermost first: tracing (extract the caller's context, open the span), identity, deadline."""
     chain = [tracing.server_interceptor(provider)]
     if auth.audience:
@@ -186,7 +205,11 @@ async def serve(
         if on_ready:
             on_ready(running)
         await stop.wait()
-        log.info("%s shutting down: draining in-flight calls for up to %.1f s", settings.service, settings.grace_seconds)
+        log.info(
+            "%s shutting down: draining in-flight calls for up to %.1f s",
+            settings.service,
+            settings.grace_seconds,
+        )
         await running.stop(settings.grace_seconds)
     finally:
         await runtime.close()
@@ -197,7 +220,6 @@ def main(default_service: str, factory: ServiceFactory) -> None:
     """Entry point of a service's process."""
     env = dict(os.environ)
     name = text(env, "K_SERVICE", default_service) or default_service
-    logs.configure(name, level=text(env, "LOG_LEVEL", "INFO") or "INFO", project=text(env, "GOOGLE_CLOUD_PROJECT"))
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -210,6 +232,7 @@ def main(default_service: str, factory: ServiceFactory) -> None:
         await serve(default_service, factory, env, provider=provider, stop=stop)
 
     try:
+        logs.configure(name, level=log_level(env), project=text(env, "GOOGLE_CLOUD_PROJECT"))
         asyncio.run(run())
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr, flush=True)

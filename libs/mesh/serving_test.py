@@ -28,7 +28,9 @@ def plaintext(port: int) -> grpc.aio.Channel:
 async def test_serves_h2c_by_default() -> None:
     async with running("ping", build_ping) as server:
         async with plaintext(server.port) as channel:
-            reply = await ping_pb2_grpc.PingServiceStub(channel).Send(ping_pb2.Request(message="h2c"), timeout=5)
+            reply = await ping_pb2_grpc.PingServiceStub(channel).Send(
+                ping_pb2.Request(message="h2c"), timeout=5
+            )
     assert reply.pong.message == "h2c"
 
 
@@ -38,7 +40,9 @@ async def test_terminates_tls_when_cert_and_key_are_set(tmp_path: Path) -> None:
     async with running("ping", build_ping, env) as server:
         tls = grpc.ssl_channel_credentials(certs.ca_cert.read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", tls, options=NO_REUSEPORT) as channel:
-            reply = await ping_pb2_grpc.PingServiceStub(channel).Send(ping_pb2.Request(message="tls"), timeout=5)
+            reply = await ping_pb2_grpc.PingServiceStub(channel).Send(
+                ping_pb2.Request(message="tls"), timeout=5
+            )
         # A plaintext client cannot talk to the TLS port.
         async with plaintext(server.port) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -51,12 +55,16 @@ async def test_terminates_tls_when_cert_and_key_are_set(tmp_path: Path) -> None:
     "name, build, services",
     [("ping", build_ping, ["ping.PingService"]), ("routeguide", build_routeguide, ["routeguide.RouteGuide"])],
 )
-async def test_health_answers_for_the_server_and_each_service(name: str, build: object, services: list[str]) -> None:
+async def test_health_answers_for_the_server_and_each_service(
+    name: str, build: object, services: list[str]
+) -> None:
     async with running(name, build) as server:  # type: ignore[arg-type]
         async with plaintext(server.port) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             statuses = {
-                service: (await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
+                service: (
+                    await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                ).status
                 for service in ["", *services]
             }
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
@@ -68,7 +76,9 @@ async def test_health_answers_for_the_server_and_each_service(name: str, build: 
 async def test_health_watch_streams_the_status_and_turns_not_serving_on_stop() -> None:
     async with running("ping", build_ping) as server:
         async with plaintext(server.port) as channel:
-            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
             first = await asyncio.wait_for(watch.read(), 5)
             await server.health.enter_graceful_shutdown()  # what RunningServer.stop does first
             second = await asyncio.wait_for(watch.read(), 5)
@@ -85,7 +95,11 @@ async def test_reflection_lists_the_services() -> None:
             replies = [reply async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5)]
     assert len(replies) == 1
     names = {service.name for service in replies[0].list_services_response.service}
-    assert names == {"routeguide.RouteGuide", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert names == {
+        "routeguide.RouteGuide",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
 
 
 async def test_reflection_describes_a_service_by_symbol() -> None:

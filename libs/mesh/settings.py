@@ -52,7 +52,9 @@ def seconds(env: Env, name: str, default: float, *, low: float = 0.0, high: floa
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise ConfigError(f"{name}={raw!r} is not valid; set {name} to a number of seconds from {low:g} to {high:g}")
+        raise ConfigError(
+            f"{name}={raw!r} is not valid; set {name} to a number of seconds from {low:g} to {high:g}"
+        )
     return value
 
 
@@ -84,7 +86,9 @@ def address(env: Env, name: str, default: str | None = None) -> str | None:
         return None
     host, sep, port = raw.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{name}={raw!r} is not valid; set {name} to host:port, e.g. ping-abc-uc.a.run.app:443")
+        raise ConfigError(
+            f"{name}={raw!r} is not valid; set {name} to host:port, e.g. ping-abc-uc.a.run.app:443"
+        )
     return raw
 
 
@@ -95,8 +99,30 @@ def emails(env: Env, name: str) -> frozenset[str] | None:
     items = frozenset(item.strip() for item in raw.split(",") if item.strip())
     bad = sorted(item for item in items if "@" not in item)
     if bad or not items:
-        raise ConfigError(f"{name} has {bad[0] if bad else 'no'} email; set {name} to comma-separated emails")
+        problem = f"{bad[0]!r} is not an email" if bad else "no email is listed"
+        raise ConfigError(f"{name}: {problem}; set {name} to comma-separated emails")
     return items
+
+
+def pem_file(env: Env, name: str, marker: str) -> Path | None:
+    """An existing file holding a PEM block `marker` (e.g. "CERTIFICATE"); gRPC's own error would only say
+    that the port could not be bound."""
+    path = existing_file(env, name)
+    if path is not None and f"{marker}-----" not in path.read_text(errors="replace"):
+        raise ConfigError(
+            f"{name}={str(path)!r} holds no PEM {marker}; set {name} to a PEM {marker.lower()} file"
+        )
+    return path
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(env: Env, name: str = "LOG_LEVEL") -> str:
+    raw = text(env, name, "INFO") or "INFO"
+    if raw.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{name}={raw!r} is not valid; set {name} to one of {', '.join(LOG_LEVELS)}")
+    return raw.upper()
 
 
 def url(env: Env, name: str, default: str) -> str:
@@ -120,10 +146,14 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, env: Env, default_service: str) -> ServerSettings:
-        cert, key = existing_file(env, "TLS_CERT_FILE"), existing_file(env, "TLS_KEY_FILE")
+        cert, key = pem_file(env, "TLS_CERT_FILE", "CERTIFICATE"), pem_file(
+            env, "TLS_KEY_FILE", "PRIVATE KEY"
+        )
         if (cert is None) != (key is None):
             missing = "TLS_KEY_FILE" if key is None else "TLS_CERT_FILE"
-            raise ConfigError(f"{missing} is not set; set both TLS_CERT_FILE and TLS_KEY_FILE, or neither for h2c")
+            raise ConfigError(
+                f"{missing} is not set; set both TLS_CERT_FILE and TLS_KEY_FILE, or neither for h2c"
+            )
         return cls(
             service=text(env, "K_SERVICE", default_service) or default_service,
             port=integer(env, "PORT", 8080, low=0, high=65535),
@@ -146,8 +176,15 @@ class AuthSettings:
     @classmethod
     def from_env(cls, env: Env) -> AuthSettings:
         issuers = text(env, "AUTH_ISSUERS")
+        audience = text(env, "AUTH_AUDIENCE")
+        if audience is None and text(env, "AUTH_ALLOWED_CALLERS"):
+            # Without an audience nothing is verified: an allow-list alone would give a false sense of safety.
+            raise ConfigError(
+                "AUTH_ALLOWED_CALLERS is set but AUTH_AUDIENCE is not; set AUTH_AUDIENCE to turn on token "
+                "verification, or unset AUTH_ALLOWED_CALLERS"
+            )
         return cls(
-            audience=text(env, "AUTH_AUDIENCE"),
+            audience=audience,
             certs_url=url(env, "AUTH_CERTS_URL", GOOGLE_CERTS_URL),
             issuers=tuple(i.strip() for i in issuers.split(",") if i.strip()) if issuers else GOOGLE_ISSUERS,
             allowed_callers=emails(env, "AUTH_ALLOWED_CALLERS"),

@@ -36,9 +36,11 @@ async def running(
     propagate.set_global_textmap(propagator)
     try:
         task = asyncio.create_task(
-            serving.serve(default_service, factory, env, provider=provider, stop=stop, on_ready=ready.set_result)
+            serving.serve(
+                default_service, factory, env, provider=provider, stop=stop, on_ready=ready.set_result
+            )
         )
-        done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         if task in done:  # it failed to start: raise its error
             task.result()
         try:

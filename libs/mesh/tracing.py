@@ -26,7 +26,9 @@ from mesh.settings import ConfigError, Env, text
 
 # Probes and tooling, not requests.
 _TRACED = filters.negate(
-    filters.any_of(filters.service_prefix("grpc.health.v1.Health"), filters.service_prefix("grpc.reflection."))
+    filters.any_of(
+        filters.service_prefix("grpc.health.v1.Health"), filters.service_prefix("grpc.reflection.")
+    )
 )
 
 

@@ -38,7 +38,9 @@ async def test_one_trace_spans_the_relay_and_its_upstream() -> None:
         env = {"GRPC_PING_HOST": f"127.0.0.1:{upstream.port}", "GRPC_PING_INSECURE": "1"}
         async with running("ping", build_ping, env, exporters=[relay_spans]) as relay:
             async with plaintext(relay.port) as channel:
-                await ping_pb2_grpc.PingServiceStub(channel).SendUpstream(ping_pb2.Request(message="t"), timeout=5)
+                await ping_pb2_grpc.PingServiceStub(channel).SendUpstream(
+                    ping_pb2.Request(message="t"), timeout=5
+                )
     # Leaving `running` flushed each provider.
     relay_server = only(relay_spans.get_finished_spans(), SEND_UPSTREAM, SpanKind.SERVER)
     relay_client = only(relay_spans.get_finished_spans(), SEND, SpanKind.CLIENT)
@@ -90,7 +92,9 @@ async def test_without_gcp_trace_the_cloud_trace_header_is_ignored() -> None:
     async with running("ping", build_ping, {"OTEL_PROPAGATORS": "tracecontext"}, exporters=[spans]) as server:
         async with plaintext(server.port) as channel:
             await ping_pb2_grpc.PingServiceStub(channel).Send(
-                ping_pb2.Request(message="x"), metadata=[("x-cloud-trace-context", f"{trace_id}/1;o=1")], timeout=5
+                ping_pb2.Request(message="x"),
+                metadata=[("x-cloud-trace-context", f"{trace_id}/1;o=1")],
+                timeout=5,
             )
     span = only(spans.get_finished_spans(), SEND, SpanKind.SERVER)
     assert span.context.trace_id != int(trace_id, 16)

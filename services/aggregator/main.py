@@ -17,10 +17,15 @@ SERVICE_NAME = "aggregator.v1.Aggregator"
 
 def _upstream(runtime: serving.Runtime, variable: str) -> Upstream:
     upstream = Upstream.from_env(
-        runtime.env, variable, insecure_var="UPSTREAM_INSECURE", unauthenticated_var="UPSTREAM_UNAUTHENTICATED"
+        runtime.env,
+        variable,
+        insecure_var="UPSTREAM_INSECURE",
+        unauthenticated_var="UPSTREAM_UNAUTHENTICATED",
     )
     if upstream is None:
-        raise ConfigError(f"{variable} is not set; set {variable} to the downstream's host:port, e.g. x.a.run.app:443")
+        raise ConfigError(
+            f"{variable} is not set; set {variable} to the downstream's host:port, e.g. x.a.run.app:443"
+        )
     return upstream
 
 

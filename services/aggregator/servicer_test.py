@@ -74,7 +74,11 @@ async def test_survey_with_routeguide_stopped_is_a_partial_result() -> None:
         await channel.close()
     assert reply.pong.message == "hello"
     assert not reply.features and not reply.HasField("route_summary")
-    assert [c.code for c in reply.calls] == [0, grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.UNAVAILABLE.value[0]]
+    assert [c.code for c in reply.calls] == [
+        0,
+        grpc.StatusCode.UNAVAILABLE.value[0],
+        grpc.StatusCode.UNAVAILABLE.value[0],
+    ]
     assert reply.calls[1].message
 
 

@@ -40,7 +40,9 @@ async def timed(method: str, call: Callable[[], Awaitable[T]]) -> Outcome[T]:
         code, message = err.code(), err.details() or ""
     latency = Duration()
     latency.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
-    report = aggregator_pb2.DownstreamCall(method=method, code=code.value[0], message=message, latency=latency)
+    report = aggregator_pb2.DownstreamCall(
+        method=method, code=code.value[0], message=message, latency=latency
+    )
     return Outcome(result, report)
 
 

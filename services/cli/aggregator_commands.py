@@ -17,7 +17,9 @@ def register(services: Subcommands) -> None:
     aggregator = services.add_parser("aggregator", help="aggregator.v1.Aggregator (points in degrees x 1e7)")
     commands = aggregator.add_subparsers(dest="rpc", required=True, metavar="RPC")
 
-    survey_parser = commands.add_parser("survey", help="Survey: ping, features in an area and a route at once")
+    survey_parser = commands.add_parser(
+        "survey", help="Survey: ping, features in an area and a route at once"
+    )
     survey_parser.add_argument("--message", required=True, help="text for ping.Send")
     survey_parser.add_argument(
         "--area", required=True, metavar="LO_LAT,LO_LON,HI_LAT,HI_LON", type=arguments.rectangle

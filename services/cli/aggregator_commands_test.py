@@ -56,7 +56,9 @@ async def test_survey_prints_the_parts_and_a_table_of_calls(
     assert all(row.split()[3] == "ms" for row in rows)
 
 
-async def test_survey_as_json_is_one_response(capsys: pytest.CaptureFixture[str], aggregator: RunningServer) -> None:
+async def test_survey_as_json_is_one_response(
+    capsys: pytest.CaptureFixture[str], aggregator: RunningServer
+) -> None:
     done = await cli(capsys, aggregator.port, "--json", *SURVEY)
     assert done.status == 0 and len(done.lines) == 1
     response = json.loads(done.out)
@@ -67,7 +69,9 @@ async def test_survey_as_json_is_one_response(capsys: pytest.CaptureFixture[str]
     assert all(call["latency"].endswith("s") for call in response["calls"])
 
 
-async def test_survey_with_routeguide_stopped_shows_the_failed_calls(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_survey_with_routeguide_stopped_shows_the_failed_calls(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     async with running("routeguide", build_routeguide) as gone:
         stopped = gone.port
     async with (

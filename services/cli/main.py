@@ -14,6 +14,7 @@ import grpc
 
 from mesh.tokens import NoCredentialsError
 from services.cli import aggregator_commands, arguments, connection, ping_commands, routeguide_commands
+from services.cli.command import Command
 from services.cli.output import Printer, error_line
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -54,7 +55,8 @@ async def run(args: argparse.Namespace) -> int:
     channels = connection.channels_for(target)
     try:
         channel = channels.open(target, idempotent=connection.IDEMPOTENT)
-        await args.command(channel, args, Printer(args.json))
+        command: Command = args.command  # set by the chosen subcommand's parser
+        await command(channel, args, Printer(args.json))
     except grpc.aio.AioRpcError as err:
         print(error_line(err.code(), err.details()), file=sys.stderr)
         return 1

@@ -48,7 +48,9 @@ def where(location: route_guide_pb2.Point) -> str:
 
 
 def pong(response: ping_pb2.Response) -> str:
-    received = response.pong.received_on.ToJsonString() if response.pong.HasField("received_on") else "unknown"
+    received = (
+        response.pong.received_on.ToJsonString() if response.pong.HasField("received_on") else "unknown"
+    )
     return f"pong {response.pong.index}: {response.pong.message!r} received {received}"
 
 
@@ -58,7 +60,9 @@ def feature(found: route_guide_pb2.Feature) -> str:
 
 def lookup(found: route_guide_pb2.Feature) -> str:
     """GetFeature's answer: an empty name means nothing is there (the canonical semantics)."""
-    return f"{found.name} at {where(found.location)}" if found.name else f"no feature at {where(found.location)}"
+    return (
+        f"{found.name} at {where(found.location)}" if found.name else f"no feature at {where(found.location)}"
+    )
 
 
 def summary(route: route_guide_pb2.RouteSummary) -> str:
@@ -93,5 +97,7 @@ def survey(response: aggregator_pb2.SurveyResponse) -> str:
         rows.append((call.method, code_name(call.code), latency, call.message))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for method, code, latency, message in rows:
-        lines.append(f"{method:<{widths[0]}}  {code:<{widths[1]}}  {latency:>{widths[2]}}  {message}".rstrip())
+        lines.append(
+            f"{method:<{widths[0]}}  {code:<{widths[1]}}  {latency:>{widths[2]}}  {message}".rstrip()
+        )
     return "\n".join(lines)

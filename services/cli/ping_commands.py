@@ -18,7 +18,9 @@ def register(services: Subcommands) -> None:
     commands = ping.add_subparsers(dest="rpc", required=True, metavar="RPC")
     send_parser = commands.add_parser("send", help="Send (or SendUpstream with --relay)")
     send_parser.add_argument("--message", required=True, help="text to echo")
-    send_parser.add_argument("--relay", action="store_true", help="ask the server to relay it to its upstream")
+    send_parser.add_argument(
+        "--relay", action="store_true", help="ask the server to relay it to its upstream"
+    )
     send_parser.set_defaults(command=send)
 
 

@@ -41,7 +41,9 @@ async def test_get_outside_the_globe_exits_1_invalid_argument(
     assert done.err.startswith("error: INVALID_ARGUMENT: ")
 
 
-async def test_list_prints_a_line_per_feature(capsys: pytest.CaptureFixture[str], routes: RunningServer) -> None:
+async def test_list_prints_a_line_per_feature(
+    capsys: pytest.CaptureFixture[str], routes: RunningServer
+) -> None:
     # The corners in either order: the canonical area holds all 100 features (64 named).
     area = ("420000000", "-730000000", "400000000", "-750000000")
     done = await cli(capsys, routes.port, "routeguide", "list", *area)

@@ -26,10 +26,11 @@ class Outcome:
         return self.out.splitlines()
 
 
-async def cli(capsys: pytest.CaptureFixture[str], port: int, *argv: str) -> Outcome:
-    """`cli --server 127.0.0.1:PORT --insecure ARGV...`, on a thread: main() runs its own event loop and the
+async def cli(capsys: pytest.CaptureFixture[str], port: int, *argv: str, plaintext: bool = True) -> Outcome:
+    """`cli --server 127.0.0.1:PORT [--insecure] ARGV...`, on a thread: main() runs its own event loop and the
     servers answer on this one meanwhile. For arguments that parse; bad ones are tested on main() directly."""
     capsys.readouterr()  # start from nothing
-    status = await asyncio.to_thread(main, ["--server", f"127.0.0.1:{port}", "--insecure", *argv])
+    flags = ["--server", f"127.0.0.1:{port}", *(["--insecure"] if plaintext else [])]
+    status = await asyncio.to_thread(main, [*flags, *argv])
     captured = capsys.readouterr()
     return Outcome(status, captured.out, captured.err)

@@ -11,7 +11,9 @@ NO_UPSTREAM = "no upstream configured: set GRPC_PING_HOST to the upstream's host
 
 
 class PingServicer(ping_pb2_grpc.PingServiceServicer):
-    def __init__(self, upstream: ping_pb2_grpc.PingServiceAsyncStub | None = None, upstream_name: str = "") -> None:
+    def __init__(
+        self, upstream: ping_pb2_grpc.PingServiceAsyncStub | None = None, upstream_name: str = ""
+    ) -> None:
         self._upstream = upstream
         self._upstream_name = upstream_name
 
@@ -20,9 +22,12 @@ class PingServicer(ping_pb2_grpc.PingServiceServicer):
         received.GetCurrentTime()
         return ping_pb2.Response(pong=ping_pb2.Pong(index=1, message=request.message, received_on=received))
 
-    async def SendUpstream(self, request: ping_pb2.Request, context: grpc.aio.ServicerContext) -> ping_pb2.Response:
+    async def SendUpstream(
+        self, request: ping_pb2.Request, context: grpc.aio.ServicerContext
+    ) -> ping_pb2.Response:
         if self._upstream is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_UPSTREAM)
+            raise AssertionError("abort raises")
         try:
             reply = await self._upstream.Send(ping_pb2.Request(message=f"{request.message} (relayed)"))
         except grpc.aio.AioRpcError as err:

@@ -18,7 +18,9 @@ def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
     try:
         database = load_database(text(runtime.env, "ROUTEGUIDE_DB"))
     except FeatureDatabaseError as err:
-        raise ConfigError(f"ROUTEGUIDE_DB: {err}; set ROUTEGUIDE_DB to a JSON feature file, or unset it") from err
+        raise ConfigError(
+            f"ROUTEGUIDE_DB: {err}; set ROUTEGUIDE_DB to a JSON feature file, or unset it"
+        ) from err
     servicer = RouteGuideServicer(database)
     return [serving.Service(SERVICE_NAME, servicer, route_guide_pb2_grpc.add_RouteGuideServicer_to_server)]
 

@@ -17,7 +17,7 @@ from services.routeguide.index import SpatialIndex
 
 INT32_MAX = 2**31 - 1
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
 
 
 class RouteGuideServicer(route_guide_pb2_grpc.RouteGuideServicer):
@@ -130,3 +130,4 @@ class RouteGuideServicer(route_guide_pb2_grpc.RouteGuideServicer):
 
 async def _invalid_argument(context: Context, message: str) -> NoReturn:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+    raise AssertionError("abort raises")

@@ -3,7 +3,6 @@ declared or built in, bash's own `$` escaped, and the steps in the order the pip
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from deploy import affected, invokers, render
 from tests.deploy.repo import ROOT
 
 CLOUDBUILD = ROOT / "cloudbuild.yaml"
@@ -101,5 +101,6 @@ def test_pipeline_steps_in_order() -> None:
 def test_named_files_and_programs_exist() -> None:
     text = step_text()
     assert (ROOT / "deploy" / "builder.Dockerfile").is_file() and "deploy/builder.Dockerfile" in text
-    for module in set(re.findall(r"-m (deploy\.\w+)", text)):
-        assert importlib.util.find_spec(module) is not None, module
+    programs = {module.__name__: module for module in (affected, invokers, render)}
+    for name in set(re.findall(r"-m (deploy\.\w+)", text)):
+        assert callable(getattr(programs.get(name), "main", None)), f"{name} is not a deploy program"

@@ -1,0 +1,182 @@
+"""Settings: defaults, and every wrong value is a one-line ConfigError naming its variable; a real process
+started with a wrong value exits 2 with that one line on stderr."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emulators.dev_ca import ensure_dev_certs
+from mesh.settings import (
+    AuthSettings,
+    CallSettings,
+    ConfigError,
+    ServerSettings,
+    Upstream,
+    log_level,
+)
+
+
+def server(env: dict[str, str]) -> Any:
+    return ServerSettings.from_env(env, "ping")
+
+
+def auth(env: dict[str, str]) -> Any:
+    return AuthSettings.from_env(env)
+
+
+def calls(env: dict[str, str]) -> Any:
+    return CallSettings.from_env(env)
+
+
+def upstream(env: dict[str, str]) -> Any:
+    return Upstream.from_env(
+        env,
+        "GRPC_PING_HOST",
+        insecure_var="GRPC_PING_INSECURE",
+        unauthenticated_var="GRPC_PING_UNAUTHENTICATED",
+    )
+
+
+def test_defaults() -> None:
+    settings = server({})
+    assert (settings.service, settings.port, settings.tls_cert_file, settings.tls_key_file) == (
+        "ping",
+        8080,
+        None,
+        None,
+    )
+    assert settings.grace_seconds < 10  # Cloud Run kills the instance 10 s after SIGTERM
+    assert auth({}).audience is None
+    assert calls({}).default_timeout == 30.0
+    assert upstream({}) is None
+    assert log_level({}) == "INFO"
+
+
+def test_values_are_read() -> None:
+    settings = server({"PORT": "9090", "K_SERVICE": "ping-eu", "SHUTDOWN_GRACE_SECONDS": "2.5"})
+    assert (settings.service, settings.port, settings.grace_seconds) == ("ping-eu", 9090, 2.5)
+    verified = auth({"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "a@x.com, b@x.com"})
+    assert verified.allowed_callers == {"a@x.com", "b@x.com"}
+    assert calls({"DOWNSTREAM_TIMEOUT_SECONDS": "1.5"}).default_timeout == 1.5
+    up = upstream({"GRPC_PING_HOST": "ping-up.a.run.app:443", "GRPC_PING_INSECURE": "true"})
+    assert (up.address, up.insecure, up.unauthenticated) == ("ping-up.a.run.app:443", True, False)
+    assert log_level({"LOG_LEVEL": "debug"}) == "DEBUG"
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, str]:
+    certs = ensure_dev_certs(tmp_path / "certs")
+    (tmp_path / "not-pem.txt").write_text("hello\n")
+    return {
+        "cert": str(certs.server_cert),
+        "key": str(certs.server_key),
+        "junk": str(tmp_path / "not-pem.txt"),
+    }
+
+
+WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
+    (server, {"PORT": "http"}, "PORT"),
+    (server, {"PORT": "70000"}, "PORT"),
+    (server, {"PORT": "-1"}, "PORT"),
+    (server, {"SHUTDOWN_GRACE_SECONDS": "30"}, "SHUTDOWN_GRACE_SECONDS"),
+    (server, {"SHUTDOWN_GRACE_SECONDS": "soon"}, "SHUTDOWN_GRACE_SECONDS"),
+    (server, {"MAX_CONCURRENT_RPCS": "0"}, "MAX_CONCURRENT_RPCS"),
+    (server, {"TLS_CERT_FILE": "/no/such/cert.pem", "TLS_KEY_FILE": "/no/such/key.pem"}, "TLS_CERT_FILE"),
+    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "alice"}, "AUTH_ALLOWED_CALLERS"),
+    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": " , "}, "AUTH_ALLOWED_CALLERS"),
+    (auth, {"AUTH_ALLOWED_CALLERS": "a@x.com"}, "AUTH_AUDIENCE"),  # an allow-list that nothing would enforce
+    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "ftp://certs"}, "AUTH_CERTS_URL"),
+    (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "0"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
+    (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "5m"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
+    (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "7200"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
+    (upstream, {"GRPC_PING_HOST": "ping.a.run.app"}, "GRPC_PING_HOST"),
+    (upstream, {"GRPC_PING_HOST": "ping.a.run.app:https"}, "GRPC_PING_HOST"),
+    (upstream, {"GRPC_PING_HOST": "ping:443", "GRPC_PING_INSECURE": "maybe"}, "GRPC_PING_INSECURE"),
+    (upstream, {"GRPC_PING_HOST": "ping:443", "GRPC_PING_UNAUTHENTICATED": "2"}, "GRPC_PING_UNAUTHENTICATED"),
+    (upstream, {"GRPC_PING_HOST": "ping:443", "TLS_CA_FILE": "/no/such/ca.pem"}, "TLS_CA_FILE"),
+    (log_level, {"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+]
+
+
+@pytest.mark.parametrize(
+    "read, env, variable", WRONG, ids=[f"{v}={list(e.values())[-1]}" for _, e, v in WRONG]
+)
+def test_a_wrong_value_names_its_variable_in_one_line(
+    read: Callable[[dict[str, str]], Any], env: dict[str, str], variable: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        read(env)
+    message = str(err.value)
+    assert variable in message
+    assert "\n" not in message
+    assert "set " in message  # says how to fix it
+
+
+@pytest.mark.parametrize(
+    "given, variable",
+    [
+        ({"cert": "cert"}, "TLS_KEY_FILE"),  # a certificate without its key
+        ({"key": "key"}, "TLS_CERT_FILE"),
+        ({"cert": "junk", "key": "key"}, "TLS_CERT_FILE"),  # not PEM: gRPC would only say "failed to bind"
+        ({"cert": "cert", "key": "junk"}, "TLS_KEY_FILE"),
+        ({"cert": "key", "key": "key"}, "TLS_CERT_FILE"),  # the key where the certificate belongs
+    ],
+)
+def test_tls_files_must_come_in_a_usable_pair(
+    tls_files: dict[str, str], given: dict[str, str], variable: str
+) -> None:
+    env = {f"TLS_{kind.upper()}_FILE": tls_files[name] for kind, name in given.items()}
+    with pytest.raises(ConfigError, match=variable):
+        server(env)
+
+
+def test_tls_pair_is_read(tls_files: dict[str, str]) -> None:
+    settings = server({"TLS_CERT_FILE": tls_files["cert"], "TLS_KEY_FILE": tls_files["key"]})
+    assert (str(settings.tls_cert_file), str(settings.tls_key_file)) == (tls_files["cert"], tls_files["key"])
+
+
+# One per place main() reads settings: before the event loop (logging), in it (tracing), in serve() (the rest).
+WRONG_IN_A_PROCESS = {"LOG_LEVEL": "chatty", "OTEL_TRACES_EXPORTER": "jaegr", "PORT": "eighty"}
+
+
+@pytest.fixture(scope="module")
+def wrong_processes() -> dict[str, subprocess.CompletedProcess[str]]:
+    """`python -m services.ping.main` once per wrong value, all started at once (each takes about a second)."""
+    started = {}
+    for variable, value in WRONG_IN_A_PROCESS.items():
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join(sys.path), "PORT": "0"}
+        started[variable] = subprocess.Popen(
+            [sys.executable, "-m", "services.ping.main"],
+            env={**env, variable: value},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finished = {}
+    for variable, process in started.items():
+        try:
+            out, err = process.communicate(timeout=30)
+        finally:
+            process.kill()  # no-op when it has exited; never leave one serving
+        finished[variable] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return finished
+
+
+@pytest.mark.parametrize("variable", WRONG_IN_A_PROCESS)
+def test_a_process_with_a_wrong_value_exits_2_with_one_line_naming_it(
+    wrong_processes: dict[str, subprocess.CompletedProcess[str]], variable: str
+) -> None:
+    done = wrong_processes[variable]
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert variable in lines[0] and lines[0].startswith("config error: ")
+    assert "serving" not in done.stdout  # it never started
