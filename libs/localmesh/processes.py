@@ -1,13 +1,12 @@
 """Service processes of the local mesh: started, watched until they serve, logged with a prefix, stopped.
 
-Each child gets PR_SET_PDEATHSIG, so it dies with the launcher even if the launcher is killed outright:
-no orphans. A child that exits before serving is reported with its own output.
+Each child runs through localmesh.child, which sets PR_SET_PDEATHSIG, so it dies with the launcher even if the
+launcher is killed outright: no orphans. A child that exits before serving is reported with its own output.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import signal
@@ -17,11 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 COLOURS = ["\033[36m", "\033[35m", "\033[33m", "\033[32m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class StartError(RuntimeError):
@@ -61,7 +55,6 @@ class ServiceProcess:
             env={**self._env, "PORT": str(port)},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
         )
         self._pump = asyncio.create_task(self._read_output())
         exited = asyncio.create_task(self._process.wait())
@@ -121,8 +114,8 @@ class ServiceProcess:
 
 
 def python_module(module: str) -> list[str]:
-    """argv that runs `module` with this interpreter and this process's import path."""
-    return [sys.executable, "-m", module]
+    """argv that runs `module` with this interpreter and this process's import path, tied to this process."""
+    return [sys.executable, "-m", "localmesh.child", str(os.getpid()), module]
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:

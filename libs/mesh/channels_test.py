@@ -19,6 +19,10 @@ from ping import ping_pb2, ping_pb2_grpc
 from services.ping.main import build as build_ping
 
 
+def ping(channel: grpc.aio.Channel) -> ping_pb2_grpc.PingServiceAsyncStub:
+    return ping_pb2_grpc.PingServiceStub(channel)  # type: ignore[return-value]  # generated stubs type as sync
+
+
 @pytest.fixture
 def certs(tmp_path: Path) -> DevCerts:
     return ensure_dev_certs(tmp_path)
@@ -36,7 +40,7 @@ def tls_env(certs: DevCerts) -> dict[str, str]:
 
 
 async def send(channel: grpc.aio.Channel, message: str = "hi") -> str:
-    reply = await ping_pb2_grpc.PingServiceStub(channel).Send(ping_pb2.Request(message=message), timeout=5)
+    reply = await ping(channel).Send(ping_pb2.Request(message=message), timeout=5)
     return reply.pong.message
 
 
@@ -147,7 +151,7 @@ async def test_unavailable_is_retried_only_for_idempotent_methods(channels: Chan
 
     async with running("flaky", factory) as server:
         upstream = Upstream(f"127.0.0.1:{server.port}", insecure=True)
-        stub = ping_pb2_grpc.PingServiceStub(channels.open(upstream, idempotent=["ping.PingService/Send"]))
+        stub = ping(channels.open(upstream, idempotent=["ping.PingService/Send"]))
         retried = await stub.Send(ping_pb2.Request(message="again"), timeout=5)
         with pytest.raises(grpc.aio.AioRpcError) as not_retried:
             await stub.SendUpstream(ping_pb2.Request(message="once"), timeout=5)

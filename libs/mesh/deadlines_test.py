@@ -20,6 +20,10 @@ from services.ping.main import build as build_ping
 GRPC_SLACK = 0.03
 
 
+def ping(channel: grpc.aio.Channel) -> ping_pb2_grpc.PingServiceAsyncStub:
+    return ping_pb2_grpc.PingServiceStub(channel)  # type: ignore[return-value]  # generated stubs type as sync
+
+
 class Recorder(ping_pb2_grpc.PingServiceServicer):
     """An upstream that records each Send's remaining time; a message "hang" waits (bounded) to be cancelled."""
 
@@ -35,7 +39,7 @@ class Recorder(ping_pb2_grpc.PingServiceServicer):
 
 @pytest.fixture
 async def recorder() -> AsyncIterator[tuple[Recorder, int]]:
-    servicer = Recorder()
+    servicer = Recorder()  # type: ignore[abstract]  # SendUpstream is not needed
 
     def factory(runtime: serving.Runtime) -> Sequence[serving.Service]:
         return [
@@ -56,7 +60,7 @@ def relay_env(port: int, default_timeout: str) -> dict[str, str]:
 
 async def send_upstream(port: int, message: str, timeout: float | None) -> ping_pb2.Response:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_REUSEPORT) as channel:
-        stub = ping_pb2_grpc.PingServiceStub(channel)
+        stub = ping(channel)
         return await stub.SendUpstream(ping_pb2.Request(message=message), timeout=timeout)
 
 

@@ -24,6 +24,10 @@ from ping import ping_pb2, ping_pb2_grpc
 log = logging.getLogger("logs_test.handler")
 
 
+def ping(channel: grpc.aio.Channel) -> ping_pb2_grpc.PingServiceAsyncStub:
+    return ping_pb2_grpc.PingServiceStub(channel)  # type: ignore[return-value]  # generated stubs type as sync
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -76,7 +80,8 @@ class Chatty(ping_pb2_grpc.PingServiceServicer):
 
 
 def chatty(runtime: serving.Runtime) -> Sequence[serving.Service]:
-    return [serving.Service("ping.PingService", Chatty(), ping_pb2_grpc.add_PingServiceServicer_to_server)]
+    servicer = Chatty()  # type: ignore[abstract]  # SendUpstream is not needed
+    return [serving.Service("ping.PingService", servicer, ping_pb2_grpc.add_PingServiceServicer_to_server)]
 
 
 @pytest.mark.usefixtures("restore_root_logger")
@@ -85,7 +90,7 @@ async def test_a_line_logged_in_a_handler_carries_the_requests_trace() -> None:
     spans = InMemorySpanExporter()
     async with running("ping", chatty, exporters=[spans]) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=NO_REUSEPORT) as channel:
-            await ping_pb2_grpc.PingServiceStub(channel).Send(ping_pb2.Request(message="traced"), timeout=5)
+            await ping(channel).Send(ping_pb2.Request(message="traced"), timeout=5)
     (span,) = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
     entries = lines(out)
     (handled,) = [e for e in entries if e["message"] == "handling traced"]

@@ -21,6 +21,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def ping(channel: grpc.aio.Channel) -> ping_pb2_grpc.PingServiceAsyncStub:
+    return ping_pb2_grpc.PingServiceStub(channel)  # type: ignore[return-value]  # generated stubs type as sync
+
+
 def plaintext(port: int) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_REUSEPORT)
 
@@ -28,9 +32,7 @@ def plaintext(port: int) -> grpc.aio.Channel:
 async def test_serves_h2c_by_default() -> None:
     async with running("ping", build_ping) as server:
         async with plaintext(server.port) as channel:
-            reply = await ping_pb2_grpc.PingServiceStub(channel).Send(
-                ping_pb2.Request(message="h2c"), timeout=5
-            )
+            reply = await ping(channel).Send(ping_pb2.Request(message="h2c"), timeout=5)
     assert reply.pong.message == "h2c"
 
 
@@ -40,13 +42,11 @@ async def test_terminates_tls_when_cert_and_key_are_set(tmp_path: Path) -> None:
     async with running("ping", build_ping, env) as server:
         tls = grpc.ssl_channel_credentials(certs.ca_cert.read_bytes())
         async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", tls, options=NO_REUSEPORT) as channel:
-            reply = await ping_pb2_grpc.PingServiceStub(channel).Send(
-                ping_pb2.Request(message="tls"), timeout=5
-            )
+            reply = await ping(channel).Send(ping_pb2.Request(message="tls"), timeout=5)
         # A plaintext client cannot talk to the TLS port.
         async with plaintext(server.port) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await ping_pb2_grpc.PingServiceStub(channel).Send(ping_pb2.Request(message="h2c"), timeout=5)
+                await ping(channel).Send(ping_pb2.Request(message="h2c"), timeout=5)
     assert reply.pong.message == "tls"
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 

@@ -25,6 +25,7 @@ from routeguide.route_guide_pb2 import Point, RouteNote
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HERE = Point(latitude=407838351, longitude=-746143763)
+EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 STARTED = re.compile(r"serving .* on port (\d+)")
 
 
@@ -39,6 +40,10 @@ class Service:
         assert self.process.stdout and self.process.stderr
         out, err = await asyncio.wait_for(self.process.communicate(), timeout)
         return self.process.returncode or 0, "".join(self.stdout) + out.decode(), err.decode()
+
+
+def routeguide(channel: grpc.aio.Channel) -> route_guide_pb2_grpc.RouteGuideAsyncStub:
+    return route_guide_pb2_grpc.RouteGuideStub(channel)  # type: ignore[return-value]  # generated stubs type as sync
 
 
 @pytest.fixture
@@ -86,7 +91,8 @@ def note(message: str) -> RouteNote:
 
 async def open_chat(channel: grpc.aio.Channel) -> Any:
     """A RouteChat that is shown to be live: the second note at HERE gets the first one back."""
-    chat = route_guide_pb2_grpc.RouteGuideStub(channel).RouteChat(timeout=20)
+    # No request iterator: the test writes and reads on the call, and keeps it open as long as it likes.
+    chat: Any = routeguide(channel).RouteChat(timeout=20)  # type: ignore[call-arg]
     await chat.write(note("first"))
     await chat.write(note("second"))
     assert (await asyncio.wait_for(chat.read(), 5)).message == "first"
@@ -98,7 +104,7 @@ async def refused(port: int) -> grpc.StatusCode:
     for _ in range(50):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_REUSEPORT) as channel:
             try:
-                await route_guide_pb2_grpc.RouteGuideStub(channel).GetFeature(HERE, timeout=2)
+                await routeguide(channel).GetFeature(HERE, timeout=2)
             except grpc.aio.AioRpcError as err:
                 return err.code()
         await asyncio.sleep(0.05)  # NOT_SERVING comes just before the server stops accepting
@@ -123,14 +129,14 @@ async def test_sigterm_drains_an_in_flight_stream_and_exits_0(start: Any) -> Non
         watch.cancel()  # a health watch never ends by itself; the drain would wait for it
         assert await refused(service.port) == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.aio.AioRpcError) as on_the_open_connection:
-            await route_guide_pb2_grpc.RouteGuideStub(channel).GetFeature(HERE, timeout=2)
+            await routeguide(channel).GetFeature(HERE, timeout=2)
         assert on_the_open_connection.value.code() == grpc.StatusCode.UNAVAILABLE
 
         # The stream in flight still works during the drain, then completes normally.
         await chat.write(note("third"))
         assert [(await asyncio.wait_for(chat.read(), 5)).message for _ in range(2)] == ["first", "second"]
         await chat.done_writing()
-        assert await asyncio.wait_for(chat.read(), 5) is grpc.aio.EOF
+        assert await asyncio.wait_for(chat.read(), 5) is EOF
         assert await chat.code() == grpc.StatusCode.OK
 
     code, out, err = await service.finish()

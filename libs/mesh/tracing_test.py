@@ -22,6 +22,10 @@ SEND = "/ping.PingService/Send"
 SEND_UPSTREAM = "/ping.PingService/SendUpstream"
 
 
+def ping(channel: grpc.aio.Channel) -> ping_pb2_grpc.PingServiceAsyncStub:
+    return ping_pb2_grpc.PingServiceStub(channel)  # type: ignore[return-value]  # generated stubs type as sync
+
+
 def plaintext(port: int) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_REUSEPORT)
 
@@ -38,9 +42,7 @@ async def test_one_trace_spans_the_relay_and_its_upstream() -> None:
         env = {"GRPC_PING_HOST": f"127.0.0.1:{upstream.port}", "GRPC_PING_INSECURE": "1"}
         async with running("ping", build_ping, env, exporters=[relay_spans]) as relay:
             async with plaintext(relay.port) as channel:
-                await ping_pb2_grpc.PingServiceStub(channel).SendUpstream(
-                    ping_pb2.Request(message="t"), timeout=5
-                )
+                await ping(channel).SendUpstream(ping_pb2.Request(message="t"), timeout=5)
     # Leaving `running` flushed each provider.
     relay_server = only(relay_spans.get_finished_spans(), SEND_UPSTREAM, SpanKind.SERVER)
     relay_client = only(relay_spans.get_finished_spans(), SEND, SpanKind.CLIENT)
@@ -66,7 +68,7 @@ async def test_health_checks_and_reflection_make_no_spans() -> None:
             request = reflection_pb2.ServerReflectionRequest(list_services="")
             [_ async for _ in reflect.ServerReflectionInfo(iter([request]), timeout=5)]
             # A real call in the same server does make a span: the exporter is wired.
-            await ping_pb2_grpc.PingServiceStub(channel).Send(ping_pb2.Request(message="x"), timeout=5)
+            await ping(channel).Send(ping_pb2.Request(message="x"), timeout=5)
     assert [s.name for s in spans.get_finished_spans()] == [SEND]
 
 
@@ -76,9 +78,9 @@ async def test_gcp_trace_propagator_joins_cloud_runs_trace_header() -> None:
     env = {"OTEL_PROPAGATORS": "tracecontext,gcp_trace"}
     async with running("ping", build_ping, env, exporters=[spans]) as server:
         async with plaintext(server.port) as channel:
-            await ping_pb2_grpc.PingServiceStub(channel).Send(
+            await ping(channel).Send(
                 ping_pb2.Request(message="from cloud run"),
-                metadata=[("x-cloud-trace-context", f"{trace_id}/{parent_span};o=1")],
+                metadata=(("x-cloud-trace-context", f"{trace_id}/{parent_span};o=1"),),
                 timeout=5,
             )
     span = only(spans.get_finished_spans(), SEND, SpanKind.SERVER)
@@ -91,9 +93,9 @@ async def test_without_gcp_trace_the_cloud_trace_header_is_ignored() -> None:
     spans = InMemorySpanExporter()
     async with running("ping", build_ping, {"OTEL_PROPAGATORS": "tracecontext"}, exporters=[spans]) as server:
         async with plaintext(server.port) as channel:
-            await ping_pb2_grpc.PingServiceStub(channel).Send(
+            await ping(channel).Send(
                 ping_pb2.Request(message="x"),
-                metadata=[("x-cloud-trace-context", f"{trace_id}/1;o=1")],
+                metadata=(("x-cloud-trace-context", f"{trace_id}/1;o=1"),),
                 timeout=5,
             )
     span = only(spans.get_finished_spans(), SEND, SpanKind.SERVER)
