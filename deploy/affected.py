@@ -13,6 +13,7 @@ service: deploying too much is safe, missing a deploy is not.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -136,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     except ValueError as error:
         parser.error(str(error))
+    except subprocess.CalledProcessError as error:
+        # Fail the build: guessing here would deploy too little (or everything, unverified).
+        log(f"{shlex.join(error.cmd)} failed with exit code {error.returncode}; see its output above")
+        return 1
     for service in services:  # nothing at all when no service is affected: the pipeline tests `-s`
         print(service)
     return 0

@@ -93,7 +93,9 @@ def from_otlp(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Span
         )
         for scope in resource_spans.scope_spans:
             for s in scope.spans:
-                attributes: dict[str, object] = {a.key: a.value.int_value or a.value.string_value for a in s.attributes}
+                attributes: dict[str, object] = {
+                    a.key: a.value.int_value or a.value.string_value for a in s.attributes
+                }
                 spans.append(
                     Span(
                         service=service,

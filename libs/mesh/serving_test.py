@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from emulators.dev_ca import ensure_dev_certs
+from mesh.serving import ServiceFactory
 from mesh.testing import NO_REUSEPORT, running
 from ping import ping_pb2, ping_pb2_grpc
 from services.ping.main import build as build_ping
@@ -56,9 +57,9 @@ async def test_terminates_tls_when_cert_and_key_are_set(tmp_path: Path) -> None:
     [("ping", build_ping, ["ping.PingService"]), ("routeguide", build_routeguide, ["routeguide.RouteGuide"])],
 )
 async def test_health_answers_for_the_server_and_each_service(
-    name: str, build: object, services: list[str]
+    name: str, build: ServiceFactory, services: list[str]
 ) -> None:
-    async with running(name, build) as server:  # type: ignore[arg-type]
+    async with running(name, build) as server:
         async with plaintext(server.port) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             statuses = {

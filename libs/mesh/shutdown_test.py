@@ -39,7 +39,8 @@ class Service:
         """Waits for the exit; returns the exit code, all of stdout and stderr."""
         assert self.process.stdout and self.process.stderr
         out, err = await asyncio.wait_for(self.process.communicate(), timeout)
-        return self.process.returncode or 0, "".join(self.stdout) + out.decode(), err.decode()
+        assert self.process.returncode is not None
+        return self.process.returncode, "".join(self.stdout) + out.decode(), err.decode()
 
 
 def routeguide(channel: grpc.aio.Channel) -> route_guide_pb2_grpc.RouteGuideAsyncStub:

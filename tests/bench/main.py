@@ -1,0 +1,168 @@
+"""The mesh's benchmark: what TLS, ID-token verification and tracing cost against a bare grpc.aio server.
+
+`./pants run tests/bench:bench -- [--quick]` (from the repo root). Servers run on one core and the load
+generator on another; every configuration gets fresh servers, a checked real call, a warm-up, then runs
+whose median is reported. Prints a Markdown table, the targets, and `full-featured/raw: X.XX` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.bench import h2load
+from tests.bench.fixture import Fixture, service_argv
+from tests.bench.load import Generator
+from tests.bench.processes import cores, pin
+from tests.bench.scenarios import Bench, Plan, Throughput, pex_env, pex_forms, source_argv
+from tests.bench.stats import median, table
+
+RAW_PING = service_argv("tests.bench.raw_server") + ["ping"]
+RAW_ROUTES = service_argv("tests.bench.raw_server") + ["routeguide"]
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {datetime.datetime.now():%Y-%m-%d %H:%M}"
+    )
+
+
+def ensure_pex(path: Path) -> Path | None:
+    if path.exists():
+        return path
+    if Path("pants").exists():
+        print(f"{path} missing: ./pants --no-pantsd package services/ping:ping", flush=True)
+        subprocess.run(["./pants", "--no-pantsd", "package", "services/ping:ping"], check=False, timeout=1200)
+    return path if path.exists() else None
+
+
+def ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}"
+
+
+async def run(args: argparse.Namespace) -> int:
+    plan = Plan.of(args.quick)
+    server_core, load_core = cores()
+    pin(load_core)  # the harness (emulator, span sink, survey client) stays off the server's core
+    found = None if args.python_load else h2load.find_or_install()
+    generator = Generator(found, load_core)
+    print(f"machine: {machine()}")
+    print(f"server core {server_core}, load core {load_core}, load generator {generator.name}, "
+          f"{generator.clients * generator.streams} calls in flight, {plan.runs} x {plan.run_s:g} s after "
+          f"{plan.warmup_s:g} s warm-up", flush=True)
+    fx = Fixture()
+    await fx.start()
+    bench = Bench(fx, generator, plan, (server_core, load_core))
+    rows: list[list[str]] = []
+    targets: list[tuple[str, bool, str]] = []
+    ping_main = service_argv("services.ping.main")
+    routes_main = service_argv("services.routeguide.main")
+
+    def unary_row(name: str, result: Throughput, base: Throughput | None) -> None:
+        rows.append([name, f"{result.rate:,.0f} calls/s", ratio(result.rate, base.rate) if base else "1.00",
+                     f"{result.cpu_us:.0f}", f"{result.peak_rss_kb / 1024:.0f}",
+                     " / ".join(f"{r:,.0f}" for r in result.runs)])
+
+    try:
+        step("ping.Send, raw")
+        raw = await bench.ping_send(RAW_PING, fx.base_env(), False, None)
+        unary_row("ping.Send raw grpc.aio (h2c, no interceptors)", raw, None)
+        step("ping.Send, full-featured")
+        full = await bench.ping_send(ping_main, fx.featured_env("ping"), True, "ping")
+        unary_row("ping.Send full: TLS + ID token + tracing 1%", full, raw)
+        step("ping.Send, full-featured over h2c")
+        full_h2c = await bench.ping_send(ping_main, fx.h2c(fx.featured_env("ping")), False, "ping")
+        unary_row("ping.Send full over h2c (Cloud Run: TLS ends at the front end)", full_h2c, raw)
+        step("relay")
+        relay, calls, minted = await bench.relay()
+        unary_row("ping.SendUpstream relay, one hop (all full)", relay, raw)
+
+        step("ListFeatures, raw")
+        raw_stream = await bench.list_features(RAW_ROUTES, fx.base_env(), False, None)
+        step("ListFeatures, full-featured")
+        full_stream = await bench.list_features(routes_main, fx.featured_env("routeguide"), True, "routeguide")
+        for name, result, base in (("ListFeatures raw grpc.aio (500 features/call)", raw_stream, None),
+                                   ("ListFeatures full: TLS + ID token + tracing 1%", full_stream, raw_stream)):
+            rows.append([name, f"{result.rate:,.0f} msgs/s", ratio(result.rate, base.rate) if base else "1.00",
+                         f"{result.cpu_us:.1f}/msg", f"{result.peak_rss_kb / 1024:.0f}",
+                         " / ".join(f"{r:,.0f}" for r in result.runs)])
+
+        step("Survey at 1 call in flight")
+        latency = await bench.survey()
+        slowest = max(latency[k] for k in ("ping.Send", "ListFeatures", "RecordRoute"))
+
+        step("cold start")
+        pex = ensure_pex(Path(args.pex))
+        starts: dict[str, list[float]] = {"from source": await bench.cold_start(source_argv(), fx.featured_env("ping"))}
+        if pex:
+            with tempfile.TemporaryDirectory(prefix="bench-pex-") as work:
+                root = Path(work)
+                env = pex_env(fx.featured_env("ping"), root / "pex_root")
+                for form, argv in pex_forms(pex, root).items():
+                    first = await bench.cold_start(argv, env) if form == "ping.pex" else []
+                    starts[form] = await bench.cold_start(argv, env)
+                    if first:
+                        starts["ping.pex, first run (builds its venv)"] = first[:1]
+    finally:
+        await fx.stop()
+
+    print()
+    print(table(["configuration", "throughput", "vs raw", "server CPU us/call", "peak RSS MB", "runs"], rows))
+    print()
+    survey_rows = [[name, f"{value:.2f}"] for name, value in latency.items()]
+    print(table(["Survey at 1 in flight", "p50 ms"], survey_rows))
+    print()
+    print(table(["cold start to first served RPC", "median ms", "runs"],
+                [[form, f"{median(t):.0f}", " / ".join(f"{v:.0f}" for v in t)] for form, t in starts.items()]))
+    print()
+    print(f"ID tokens minted by the relay for {calls:,} calls to one audience: {minted}; "
+          f"spans received by the sink: {fx.sink.spans:,}")
+
+    image_form = starts.get("venv from ping.pex (the image's form)")
+    targets = [
+        ("full-featured unary QPS / raw >= 0.85", full.rate / raw.rate >= 0.85, ratio(full.rate, raw.rate)),
+        ("ListFeatures msgs/s / raw >= 0.90", full_stream.rate / raw_stream.rate >= 0.90,
+         ratio(full_stream.rate, raw_stream.rate)),
+        ("Survey p50 <= slowest downstream p50 + 1 ms", latency["survey"] <= slowest + 1.0,
+         f"{latency['survey']:.2f} vs {slowest:.2f} ms"),
+        ("cold start (installed venv) <= 300 ms", bool(image_form) and median(image_form or [0]) <= 300,
+         f"{median(image_form):.0f} ms" if image_form else "no PEX"),
+        ("RSS under load <= 70 MB", full.peak_rss_kb <= 70 * 1024, f"{full.peak_rss_kb / 1024:.0f} MB"),
+        ("1 ID token minted per audience", minted == 1, f"{minted} for {calls:,} calls"),
+    ]
+    print()
+    print(table(["target", "met", "measured"], [[n, "yes" if ok else "NO", m] for n, ok, m in targets]))
+    print()
+    print(f"full-featured/raw: {full.rate / raw.rate:.2f}")
+    return 0
+
+
+def step(name: str) -> None:
+    print(f"... {name}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one short run per configuration (harness check)")
+    parser.add_argument("--pex", default="dist/services.ping/ping.pex", help="the packaged ping service")
+    parser.add_argument("--python-load", action="store_true", help="use the Python load generator, not h2load")
+    sys.exit(asyncio.run(run(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()

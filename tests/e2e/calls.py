@@ -1,0 +1,62 @@
+"""Helpers for calling the running mesh and reading its traces."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+
+from localmesh.demo import DemoClient
+from localmesh.launcher import Mesh
+from localmesh.spans import Span
+from mesh import tracing
+from routeguide import route_guide_pb2, route_guide_pb2_grpc
+
+CLIENT = "mesh-demo"  # the DemoClient's service name in the traces
+FINE = {"OK", "UNSET"}  # a span that recorded no error
+NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+
+
+def tls_channel(mesh: Mesh, client: DemoClient, service: str) -> grpc.aio.Channel:
+    """TLS with the dev CA and no call credentials (each test sends its own token, or none), traced."""
+    assert mesh.certs is not None
+    credentials = grpc.ssl_channel_credentials(mesh.certs.ca_cert.read_bytes())
+    return grpc.aio.secure_channel(
+        mesh.endpoints[service].address,
+        credentials,
+        options=NO_REUSEPORT,
+        interceptors=tracing.client_interceptors(client.provider),
+    )
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def features(client: DemoClient, area: route_guide_pb2.Rectangle) -> list[route_guide_pb2.Feature]:
+    """What routeguide itself has in `area` (the developer may call it directly)."""
+    stub = route_guide_pb2_grpc.RouteGuideStub(client.channel("routeguide"))
+    return [f async for f in stub.ListFeatures(area, timeout=10)]
+
+
+def one(spans: Sequence[Span], service: str, kind: str, name: str) -> Span:
+    found = [s for s in spans if (s.service, s.kind, s.name) == (service, kind, name)]
+    assert len(found) == 1, f"expected one {service} {kind} {name}, got {len(found)} in {describe(spans)}"
+    return found[0]
+
+
+def describe(spans: Sequence[Span]) -> list[tuple[str, str, str, str]]:
+    return [(s.service, s.kind, s.name, s.status) for s in spans]
+
+
+async def wait_span(mesh: Mesh, trace_id: str, service: str, kind: str, name: str, timeout: float) -> Span | None:
+    """The finished span, once its process has exported it; None if it has not ended within `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        for span in mesh.spans.trace(trace_id):
+            if (span.service, span.kind, span.name) == (service, kind, name):
+                return span
+        await asyncio.sleep(0.05)
+    return None

@@ -1,0 +1,118 @@
+"""The mesh under faults: deadlines and cancellation reach the downstream calls, a stopped routeguide leaves Survey a
+partial answer, and a restarted routeguide is found again by the aggregator's existing channels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
+from localmesh.demo import WORLD, DemoClient, point
+from localmesh.launcher import Mesh
+from routeguide import route_guide_pb2
+from tests.e2e.calls import describe, features, wait_span
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+TOUR = "/aggregator.v1.Aggregator/Tour"
+ROUTE_CHAT = "/routeguide.RouteGuide/RouteChat"
+RECORD_ROUTE = "/routeguide.RouteGuide/RecordRoute"
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+def _held_open(location: route_guide_pb2.Point, release: asyncio.Event) -> AsyncIterator[aggregator_pb2.TourStop]:
+    """One stop, then a tour that never ends by itself: the aggregator's RouteChat stays open meanwhile."""
+
+    async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
+        yield aggregator_pb2.TourStop(location=location, note="waiting here")
+        await release.wait()
+
+    return stops()
+
+
+async def test_a_client_deadline_ends_the_tour_and_its_downstream_chat(mesh: Mesh, client: DemoClient) -> None:
+    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    release = asyncio.Event()
+    try:
+        with client.traced("tour past its deadline") as trace_id:
+            call = stub.Tour(_held_open(point(12.5, 34.5), release), timeout=1.0)
+            first = await call.read()
+            assert first.HasField("arrival")
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call.read()  # nothing more comes: the tour is still open when the deadline passes
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # A span is exported when it ends: routeguide's RouteChat, which the client never closed, has ended.
+        chat = await wait_span(mesh, trace_id, "routeguide", "server", ROUTE_CHAT, timeout=5)
+        assert chat is not None, describe(mesh.spans.trace(trace_id))
+        downstream = await wait_span(mesh, trace_id, "aggregator", "client", ROUTE_CHAT, timeout=5)
+        assert downstream is not None and chat.parent_id == downstream.span_id
+    finally:
+        release.set()
+
+
+async def test_cancelling_a_tour_cancels_its_downstream_chat(mesh: Mesh, client: DemoClient) -> None:
+    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    release = asyncio.Event()
+    try:
+        with client.traced("tour cancelled") as trace_id:
+            call = stub.Tour(_held_open(point(-12.5, 34.5), release), timeout=60)  # the deadline is far away
+            assert (await call.read()).HasField("arrival")
+            call.cancel()
+        chat = await wait_span(mesh, trace_id, "routeguide", "server", ROUTE_CHAT, timeout=5)
+        assert chat is not None, describe(mesh.spans.trace(trace_id))
+        assert await wait_span(mesh, trace_id, "aggregator", "server", TOUR, timeout=5) is not None
+    finally:
+        release.set()
+
+
+async def _survey(client: DemoClient, route: list[route_guide_pb2.Point]) -> aggregator_pb2.SurveyResponse:
+    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    request = aggregator_pb2.SurveyRequest(message="still there?", area=WORLD, route=route)
+    return await stub.Survey(request, timeout=10)
+
+
+async def test_without_routeguide_survey_answers_in_part_and_heals_when_it_is_back(
+    mesh: Mesh, client: DemoClient
+) -> None:
+    route = [f.location for f in (await features(client, WORLD))[:2]]
+    aggregator = mesh.processes["aggregator"]
+    await mesh.processes["routeguide"].stop()
+
+    partial = await _survey(client, route)
+    assert [c.code for c in partial.calls] == [0, UNAVAILABLE, UNAVAILABLE], partial.calls
+    assert partial.pong.message == "still there?"
+    assert not partial.features and not partial.HasField("route_summary")
+
+    await mesh.restart("routeguide")  # same port; the aggregator keeps running and keeps its channels
+    codes: list[int] = []
+    for _ in range(40):  # gRPC reconnects with backoff: bounded retries, about 10 s at most
+        healed = await _survey(client, route)
+        codes = [c.code for c in healed.calls]
+        if codes == [0, 0, 0]:
+            break
+        await asyncio.sleep(0.25)
+    assert codes == [0, 0, 0], healed.calls
+    assert healed.features and healed.route_summary.point_count == 2
+    assert aggregator.returncode is None and mesh.processes["aggregator"] is aggregator
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="libs/mesh: DeadlineClientInterceptor reaches only unary-unary calls (grpc.aio registers an interceptor "
+    "for its first kind only), and the OpenTelemetry aio client interceptor keeps a stream-unary call running "
+    "when its caller is cancelled; so a Survey's RecordRoute outlives the Survey's deadline",
+)
+async def test_a_survey_deadline_cancels_its_route_upload(mesh: Mesh, client: DemoClient) -> None:
+    # Last in the module: while the bug stands, the upload runs on until the mesh stops.
+    # Uploading this route to routeguide takes far longer than the wait below (tens of seconds).
+    route = [point(10 + i * 1e-5, 10) for i in range(250_000)]
+    request = aggregator_pb2.SurveyRequest(message="long walk", area=WORLD, route=route)
+    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    with client.traced("survey past its deadline") as trace_id, pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Survey(request, timeout=1.0)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    upload = await wait_span(mesh, trace_id, "routeguide", "server", RECORD_ROUTE, timeout=3)
+    assert upload is not None, describe(mesh.spans.trace(trace_id))

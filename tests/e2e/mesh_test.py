@@ -1,0 +1,184 @@
+"""The whole mesh, each service its own process: calls succeed over TLS with verified ID tokens, one trace covers
+a request across the four processes, and bad or unwelcome tokens are refused at the first hop."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
+from emulators.identity import SigningKey
+from localmesh import topology
+from localmesh.demo import WORLD, DemoClient, point
+from localmesh.launcher import Mesh
+from ping import ping_pb2, ping_pb2_grpc
+from routeguide import route_guide_pb2
+from tests.e2e.calls import CLIENT, FINE, NO_REUSEPORT, bearer, describe, features, one, tls_channel
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SURVEY = "/aggregator.v1.Aggregator/Survey"
+SEND = "/ping.PingService/Send"
+LIST_FEATURES = "/routeguide.RouteGuide/ListFeatures"
+RECORD_ROUTE = "/routeguide.RouteGuide/RecordRoute"
+
+
+async def test_relayed_ping_goes_through_both_pings_with_tokens_from_the_metadata_server(
+    mesh: Mesh, client: DemoClient
+) -> None:
+    stub = ping_pb2_grpc.PingServiceStub(client.channel("ping"))
+    reply = await stub.SendUpstream(ping_pb2.Request(message="hello"), timeout=10)
+    assert (reply.pong.index, reply.pong.message) == (1, "hello (relayed)")
+    assert reply.pong.received_on.seconds > 0
+    # ping got its token for ping-upstream from its own metadata server, through google-auth.
+    assert mesh.identity.identity_requests(topology.account("ping"), topology.audience("ping-upstream")) >= 1
+
+
+async def test_the_services_speak_only_tls(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.endpoints["aggregator"].address, options=NO_REUSEPORT) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await aggregator_pb2_grpc.AggregatorStub(channel).Survey(aggregator_pb2.SurveyRequest(), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_survey_gathers_ping_and_routeguide(mesh: Mesh, client: DemoClient) -> None:
+    area = route_guide_pb2.Rectangle(lo=point(-90, -180), hi=point(90, 0))  # the western half
+    expected = await features(client, area)
+    route = [f.location for f in expected[:4]]
+    assert len(route) == 4, "routeguide's dataset should have features in the western half"
+    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    reply = await stub.Survey(aggregator_pb2.SurveyRequest(message="survey", area=area, route=route), timeout=10)
+    assert [(c.method, c.code) for c in reply.calls] == [(SEND, 0), (LIST_FEATURES, 0), (RECORD_ROUTE, 0)]
+    assert reply.pong.message == "survey"
+    assert sorted(f.name for f in reply.features) == sorted(f.name for f in expected)
+    assert (reply.route_summary.point_count, reply.route_summary.feature_count) == (4, 4)
+    assert reply.route_summary.distance > 0
+
+
+async def test_tour_streams_arrivals_and_returns_earlier_notes(mesh: Mesh, client: DemoClient) -> None:
+    first, second = [f for f in await features(client, WORLD) if f.name][:2]
+    note = f"left here by {uuid.uuid4().hex}"  # RouteChat keeps notes for the life of the process
+
+    async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
+        yield aggregator_pb2.TourStop(location=first.location, note=note)
+        yield aggregator_pb2.TourStop(location=second.location)
+        yield aggregator_pb2.TourStop(location=first.location, note="back again")
+
+    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    updates = [u async for u in stub.Tour(stops(), timeout=10)]
+    arrivals = sorted((u.arrival.stop, u.arrival.feature.name) for u in updates if u.HasField("arrival"))
+    assert arrivals == [(0, first.name), (1, second.name), (2, first.name)]
+    # Only the first visit's note was there before the second visit to the same place.
+    assert [(u.note.location, u.note.message) for u in updates if u.HasField("note")] == [(first.location, note)]
+
+
+async def test_one_trace_links_every_span_of_a_survey_across_the_four_processes(
+    mesh: Mesh, client: DemoClient
+) -> None:
+    route = [f.location for f in (await features(client, WORLD))[:2]]
+    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    started_ns = time.time_ns()
+    with client.traced("survey") as trace_id:
+        await stub.Survey(aggregator_pb2.SurveyRequest(message="traced", area=WORLD, route=route), timeout=10)
+    spans = await mesh.spans.wait_for(trace_id, services={CLIENT, "aggregator", "ping", "routeguide"}, timeout=5)
+
+    root = one(spans, CLIENT, "internal", "survey")
+    call = one(spans, CLIENT, "client", SURVEY)
+    served = one(spans, "aggregator", "server", SURVEY)
+    assert (root.parent_id, call.parent_id, served.parent_id) == ("", root.span_id, call.span_id)
+    for method, callee in ((SEND, "ping"), (LIST_FEATURES, "routeguide"), (RECORD_ROUTE, "routeguide")):
+        downstream = one(spans, "aggregator", "client", method)
+        answered = one(spans, callee, "server", method)
+        assert downstream.parent_id == served.span_id, method
+        assert answered.parent_id == downstream.span_id, method
+    assert len(spans) == 9, describe(spans)
+    assert {s.status for s in spans} <= FINE, describe(spans)
+    # No span of this request escaped into another trace: every span the services ended since is in this one.
+    later = [s for s in mesh.spans.all() if s.start_ns >= started_ns and s.service != CLIENT]
+    assert {s.trace_id for s in later} == {trace_id}, describe(later)
+
+
+def _forged(mesh: Mesh, audience: str) -> str:
+    # Claims the emulator's key id but is signed with another key.
+    return mesh.identity.mint(
+        topology.DEVELOPER, audience, key=SigningKey.generate(), header={"kid": mesh.identity.signing_key.kid}
+    )
+
+
+def _expired(mesh: Mesh, audience: str) -> str:
+    now = int(time.time())
+    return mesh.identity.mint(topology.DEVELOPER, audience, iat=now - 7200, exp=now - 3600)
+
+
+def _for_another_service(mesh: Mesh, audience: str) -> str:
+    return mesh.identity.mint(topology.DEVELOPER, topology.audience("routeguide"))
+
+
+BAD_TOKENS = {
+    "forged": (_forged, "invalid token signature"),
+    "expired": (_expired, "token expired"),
+    "another audience": (_for_another_service, "audience mismatch"),
+}
+
+
+async def _first_hop(
+    mesh: Mesh, client: DemoClient, service: str, metadata: tuple[tuple[str, str], ...]
+) -> tuple[grpc.aio.AioRpcError, str]:
+    """Calls `service` (which would call further) with `metadata`; returns the error and the trace id."""
+    async with tls_channel(mesh, client, service) as channel:
+        with client.traced(f"call {service}") as trace_id, pytest.raises(grpc.aio.AioRpcError) as error:
+            if service == "aggregator":
+                request = aggregator_pb2.SurveyRequest(message="hi", area=WORLD)
+                await aggregator_pb2_grpc.AggregatorStub(channel).Survey(request, metadata=metadata, timeout=10)
+            else:
+                request = ping_pb2.Request(message="hi")
+                await ping_pb2_grpc.PingServiceStub(channel).SendUpstream(request, metadata=metadata, timeout=10)
+    return error.value, trace_id
+
+
+async def _assert_stopped_at_first_hop(mesh: Mesh, service: str, trace_id: str, code: grpc.StatusCode) -> None:
+    spans = await mesh.spans.wait_for(trace_id, services={CLIENT, service}, timeout=5)
+    server = [s for s in spans if s.service == service]
+    assert [(s.kind, s.status) for s in server] == [("server", code.name)], describe(spans)
+    assert {s.service for s in spans} == {CLIENT, service}, describe(spans)
+
+
+@pytest.mark.parametrize("service", ["aggregator", "ping"])
+async def test_a_call_without_a_token_is_unauthenticated_at_the_first_hop(
+    mesh: Mesh, client: DemoClient, service: str
+) -> None:
+    error, trace_id = await _first_hop(mesh, client, service, ())
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "missing credentials" in (error.details() or "")
+    await _assert_stopped_at_first_hop(mesh, service, trace_id, grpc.StatusCode.UNAUTHENTICATED)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
+@pytest.mark.parametrize("service", ["aggregator", "ping"])
+async def test_a_bad_token_is_unauthenticated_at_the_first_hop(
+    mesh: Mesh, client: DemoClient, service: str, kind: str
+) -> None:
+    make, reason = BAD_TOKENS[kind]
+    token = make(mesh, topology.audience(service))
+    error, trace_id = await _first_hop(mesh, client, service, bearer(token))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    details = error.details() or ""
+    assert reason in details
+    assert token not in details and token.split(".")[2] not in details
+    await _assert_stopped_at_first_hop(mesh, service, trace_id, grpc.StatusCode.UNAUTHENTICATED)
+
+
+@pytest.mark.parametrize("service", ["aggregator", "ping"])
+async def test_a_caller_not_on_the_allow_list_is_permission_denied(
+    mesh: Mesh, client: DemoClient, service: str
+) -> None:
+    # A valid token of the routeguide service's own account: routeguide calls neither of them.
+    token = mesh.identity.mint(topology.account("routeguide"), topology.audience(service))
+    error, trace_id = await _first_hop(mesh, client, service, bearer(token))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert topology.account("routeguide") in (error.details() or "")
+    await _assert_stopped_at_first_hop(mesh, service, trace_id, grpc.StatusCode.PERMISSION_DENIED)
