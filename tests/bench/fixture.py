@@ -55,7 +55,7 @@ class Fixture:
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
-        return {**env, "PYTHONPATH": python_path(), "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "WARNING"}
+        return {**env, "PYTHONPATH": python_path(), "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO"}  # the "serving" line is INFO
 
     def featured_env(self, service: str, callers: tuple[str, ...] = ()) -> dict[str, str]:
         """TLS, ID-token verification with an allow-list, tracing exported over OTLP: the production set-up."""

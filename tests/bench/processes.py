@@ -62,6 +62,7 @@ class Server:
             pin(core)
 
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even after a timeout
         self.started_at = time.perf_counter()
         self._process = await asyncio.create_subprocess_exec(
             *self._argv,

@@ -1,4 +1,4 @@
-"""deploy/affected.py picks the services a change affects.
+"""build-support/deploy/affected.py picks the services a change affects.
 
 Pants' part (changed files -> owning targets -> transitive dependents) needs the whole repo and takes tens of
 seconds per run, so the program takes it as an injected detector. Here the detector is a stand-in that

@@ -1,4 +1,4 @@
-"""deploy/invokers.py: the IAM file's shape, and the gcloud commands that apply it."""
+"""build-support/deploy/invokers.py: the IAM file's shape, and the gcloud commands that apply it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""deploy/render.py: placeholders filled in, and nothing unexpected reaches a manifest."""
+"""build-support/deploy/render.py: placeholders filled in, and nothing unexpected reaches a manifest."""
 
 from __future__ import annotations
 

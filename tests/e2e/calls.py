@@ -7,10 +7,12 @@ from collections.abc import Sequence
 
 import grpc
 
+from aggregator.v1 import aggregator_pb2_grpc
 from localmesh.demo import DemoClient
 from localmesh.launcher import Mesh
 from localmesh.spans import Span
 from mesh import tracing
+from ping import ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
 CLIENT = "mesh-demo"  # the DemoClient's service name in the traces
@@ -30,13 +32,26 @@ def tls_channel(mesh: Mesh, client: DemoClient, service: str) -> grpc.aio.Channe
     )
 
 
+# The generated Stub classes are typed for sync channels; on an aio channel they behave as the AsyncStub types.
+def aggregator(channel: grpc.aio.Channel) -> aggregator_pb2_grpc.AggregatorAsyncStub:
+    return aggregator_pb2_grpc.AggregatorStub(channel)  # type: ignore[return-value]
+
+
+def ping(channel: grpc.aio.Channel) -> ping_pb2_grpc.PingServiceAsyncStub:
+    return ping_pb2_grpc.PingServiceStub(channel)  # type: ignore[return-value]
+
+
+def routeguide(channel: grpc.aio.Channel) -> route_guide_pb2_grpc.RouteGuideAsyncStub:
+    return route_guide_pb2_grpc.RouteGuideStub(channel)  # type: ignore[return-value]
+
+
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
 async def features(client: DemoClient, area: route_guide_pb2.Rectangle) -> list[route_guide_pb2.Feature]:
     """What routeguide itself has in `area` (the developer may call it directly)."""
-    stub = route_guide_pb2_grpc.RouteGuideStub(client.channel("routeguide"))
+    stub = routeguide(client.channel("routeguide"))
     return [f async for f in stub.ListFeatures(area, timeout=10)]
 
 
@@ -50,7 +65,9 @@ def describe(spans: Sequence[Span]) -> list[tuple[str, str, str, str]]:
     return [(s.service, s.kind, s.name, s.status) for s in spans]
 
 
-async def wait_span(mesh: Mesh, trace_id: str, service: str, kind: str, name: str, timeout: float) -> Span | None:
+async def wait_span(
+    mesh: Mesh, trace_id: str, service: str, kind: str, name: str, timeout: float
+) -> Span | None:
     """The finished span, once its process has exported it; None if it has not ended within `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
+from aggregator.v1 import aggregator_pb2
 from localmesh.demo import WORLD, DemoClient, point
 from localmesh.launcher import Mesh
 from routeguide import route_guide_pb2
+from tests.e2e import calls
 from tests.e2e.calls import describe, features, wait_span
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -23,7 +24,9 @@ RECORD_ROUTE = "/routeguide.RouteGuide/RecordRoute"
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
-def _held_open(location: route_guide_pb2.Point, release: asyncio.Event) -> AsyncIterator[aggregator_pb2.TourStop]:
+def _held_open(
+    location: route_guide_pb2.Point, release: asyncio.Event
+) -> AsyncIterator[aggregator_pb2.TourStop]:
     """One stop, then a tour that never ends by itself: the aggregator's RouteChat stays open meanwhile."""
 
     async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
@@ -33,14 +36,20 @@ def _held_open(location: route_guide_pb2.Point, release: asyncio.Event) -> Async
     return stops()
 
 
-async def test_a_client_deadline_ends_the_tour_and_its_downstream_chat(mesh: Mesh, client: DemoClient) -> None:
-    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+async def _arrival(call: grpc.aio.StreamStreamCall) -> None:
+    update = await call.read()
+    assert isinstance(update, aggregator_pb2.TourUpdate) and update.HasField("arrival"), update
+
+
+async def test_a_client_deadline_ends_the_tour_and_its_downstream_chat(
+    mesh: Mesh, client: DemoClient
+) -> None:
+    stub = calls.aggregator(client.channel("aggregator"))
     release = asyncio.Event()
     try:
         with client.traced("tour past its deadline") as trace_id:
             call = stub.Tour(_held_open(point(12.5, 34.5), release), timeout=1.0)
-            first = await call.read()
-            assert first.HasField("arrival")
+            await _arrival(call)
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await call.read()  # nothing more comes: the tour is still open when the deadline passes
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -54,12 +63,12 @@ async def test_a_client_deadline_ends_the_tour_and_its_downstream_chat(mesh: Mes
 
 
 async def test_cancelling_a_tour_cancels_its_downstream_chat(mesh: Mesh, client: DemoClient) -> None:
-    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    stub = calls.aggregator(client.channel("aggregator"))
     release = asyncio.Event()
     try:
         with client.traced("tour cancelled") as trace_id:
             call = stub.Tour(_held_open(point(-12.5, 34.5), release), timeout=60)  # the deadline is far away
-            assert (await call.read()).HasField("arrival")
+            await _arrival(call)
             call.cancel()
         chat = await wait_span(mesh, trace_id, "routeguide", "server", ROUTE_CHAT, timeout=5)
         assert chat is not None, describe(mesh.spans.trace(trace_id))
@@ -69,7 +78,7 @@ async def test_cancelling_a_tour_cancels_its_downstream_chat(mesh: Mesh, client:
 
 
 async def _survey(client: DemoClient, route: list[route_guide_pb2.Point]) -> aggregator_pb2.SurveyResponse:
-    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    stub = calls.aggregator(client.channel("aggregator"))
     request = aggregator_pb2.SurveyRequest(message="still there?", area=WORLD, route=route)
     return await stub.Survey(request, timeout=10)
 
@@ -110,7 +119,7 @@ async def test_a_survey_deadline_cancels_its_route_upload(mesh: Mesh, client: De
     # Uploading this route to routeguide takes far longer than the wait below (tens of seconds).
     route = [point(10 + i * 1e-5, 10) for i in range(250_000)]
     request = aggregator_pb2.SurveyRequest(message="long walk", area=WORLD, route=route)
-    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    stub = calls.aggregator(client.channel("aggregator"))
     with client.traced("survey past its deadline") as trace_id, pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.Survey(request, timeout=1.0)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
+from aggregator.v1 import aggregator_pb2
 from emulators.identity import SigningKey
 from localmesh import topology
 from localmesh.demo import WORLD, DemoClient, point
 from localmesh.launcher import Mesh
-from ping import ping_pb2, ping_pb2_grpc
+from ping import ping_pb2
 from routeguide import route_guide_pb2
+from tests.e2e import calls
 from tests.e2e.calls import CLIENT, FINE, NO_REUSEPORT, bearer, describe, features, one, tls_channel
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -30,7 +31,7 @@ RECORD_ROUTE = "/routeguide.RouteGuide/RecordRoute"
 async def test_relayed_ping_goes_through_both_pings_with_tokens_from_the_metadata_server(
     mesh: Mesh, client: DemoClient
 ) -> None:
-    stub = ping_pb2_grpc.PingServiceStub(client.channel("ping"))
+    stub = calls.ping(client.channel("ping"))
     reply = await stub.SendUpstream(ping_pb2.Request(message="hello"), timeout=10)
     assert (reply.pong.index, reply.pong.message) == (1, "hello (relayed)")
     assert reply.pong.received_on.seconds > 0
@@ -39,9 +40,11 @@ async def test_relayed_ping_goes_through_both_pings_with_tokens_from_the_metadat
 
 
 async def test_the_services_speak_only_tls(mesh: Mesh) -> None:
-    async with grpc.aio.insecure_channel(mesh.endpoints["aggregator"].address, options=NO_REUSEPORT) as channel:
+    async with grpc.aio.insecure_channel(
+        mesh.endpoints["aggregator"].address, options=NO_REUSEPORT
+    ) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await aggregator_pb2_grpc.AggregatorStub(channel).Survey(aggregator_pb2.SurveyRequest(), timeout=5)
+            await calls.aggregator(channel).Survey(aggregator_pb2.SurveyRequest(), timeout=5)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -50,8 +53,10 @@ async def test_survey_gathers_ping_and_routeguide(mesh: Mesh, client: DemoClient
     expected = await features(client, area)
     route = [f.location for f in expected[:4]]
     assert len(route) == 4, "routeguide's dataset should have features in the western half"
-    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
-    reply = await stub.Survey(aggregator_pb2.SurveyRequest(message="survey", area=area, route=route), timeout=10)
+    stub = calls.aggregator(client.channel("aggregator"))
+    reply = await stub.Survey(
+        aggregator_pb2.SurveyRequest(message="survey", area=area, route=route), timeout=10
+    )
     assert [(c.method, c.code) for c in reply.calls] == [(SEND, 0), (LIST_FEATURES, 0), (RECORD_ROUTE, 0)]
     assert reply.pong.message == "survey"
     assert sorted(f.name for f in reply.features) == sorted(f.name for f in expected)
@@ -68,23 +73,27 @@ async def test_tour_streams_arrivals_and_returns_earlier_notes(mesh: Mesh, clien
         yield aggregator_pb2.TourStop(location=second.location)
         yield aggregator_pb2.TourStop(location=first.location, note="back again")
 
-    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    stub = calls.aggregator(client.channel("aggregator"))
     updates = [u async for u in stub.Tour(stops(), timeout=10)]
     arrivals = sorted((u.arrival.stop, u.arrival.feature.name) for u in updates if u.HasField("arrival"))
     assert arrivals == [(0, first.name), (1, second.name), (2, first.name)]
     # Only the first visit's note was there before the second visit to the same place.
-    assert [(u.note.location, u.note.message) for u in updates if u.HasField("note")] == [(first.location, note)]
+    assert [(u.note.location, u.note.message) for u in updates if u.HasField("note")] == [
+        (first.location, note)
+    ]
 
 
 async def test_one_trace_links_every_span_of_a_survey_across_the_four_processes(
     mesh: Mesh, client: DemoClient
 ) -> None:
     route = [f.location for f in (await features(client, WORLD))[:2]]
-    stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
+    stub = calls.aggregator(client.channel("aggregator"))
     started_ns = time.time_ns()
     with client.traced("survey") as trace_id:
         await stub.Survey(aggregator_pb2.SurveyRequest(message="traced", area=WORLD, route=route), timeout=10)
-    spans = await mesh.spans.wait_for(trace_id, services={CLIENT, "aggregator", "ping", "routeguide"}, timeout=5)
+    spans = await mesh.spans.wait_for(
+        trace_id, services={CLIENT, "aggregator", "ping", "routeguide"}, timeout=5
+    )
 
     root = one(spans, CLIENT, "internal", "survey")
     call = one(spans, CLIENT, "client", SURVEY)
@@ -132,15 +141,17 @@ async def _first_hop(
     async with tls_channel(mesh, client, service) as channel:
         with client.traced(f"call {service}") as trace_id, pytest.raises(grpc.aio.AioRpcError) as error:
             if service == "aggregator":
-                request = aggregator_pb2.SurveyRequest(message="hi", area=WORLD)
-                await aggregator_pb2_grpc.AggregatorStub(channel).Survey(request, metadata=metadata, timeout=10)
+                survey = aggregator_pb2.SurveyRequest(message="hi", area=WORLD)
+                await calls.aggregator(channel).Survey(survey, metadata=metadata, timeout=10)
             else:
-                request = ping_pb2.Request(message="hi")
-                await ping_pb2_grpc.PingServiceStub(channel).SendUpstream(request, metadata=metadata, timeout=10)
+                relay = ping_pb2.Request(message="hi")
+                await calls.ping(channel).SendUpstream(relay, metadata=metadata, timeout=10)
     return error.value, trace_id
 
 
-async def _assert_stopped_at_first_hop(mesh: Mesh, service: str, trace_id: str, code: grpc.StatusCode) -> None:
+async def _assert_stopped_at_first_hop(
+    mesh: Mesh, service: str, trace_id: str, code: grpc.StatusCode
+) -> None:
     spans = await mesh.spans.wait_for(trace_id, services={CLIENT, service}, timeout=5)
     server = [s for s in spans if s.service == service]
     assert [(s.kind, s.status) for s in server] == [("server", code.name)], describe(spans)

@@ -1,0 +1,108 @@
+"""The launcher as a person uses it: `python -m localmesh.main --demo`, and a service that cannot start."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localmesh.launcher import Mesh
+from localmesh.processes import StartError
+
+SERVICES = ("ping-upstream", "routeguide", "ping", "aggregator")
+
+
+def _launcher_env(state_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "MESH_STATE_DIR": str(state_dir),
+        **extra,
+    }
+
+
+def _children_of(launcher_pid: int) -> list[int]:
+    """Live service processes started by the launcher with this pid (localmesh.child names it in its argv)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # it exited meanwhile
+        if b"localmesh.child" in argv and str(launcher_pid).encode() in argv and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _trace_trees(output: str) -> list[str]:
+    return re.findall(r"^trace [0-9a-f]{32}\n(?:.+\n)+", output, flags=re.MULTILINE)
+
+
+def test_the_demo_command_prints_the_services_the_results_and_the_trace_trees(tmp_path: Path) -> None:
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "localmesh.main", "--demo"],
+        env=_launcher_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, output
+    for name in SERVICES:
+        assert re.search(
+            rf"^  {name} +localhost:\d+ +audience https://{name}\.mesh\.local$", output, re.M
+        ), output
+    assert "pong #1 'hello from the demo (relayed)'" in output
+    assert re.search(r"== aggregator\.Survey -> pong 'survey', [1-9]\d* features", output), output
+    assert re.search(r"== aggregator\.Tour -> 3 stops", output), output
+    trees = _trace_trees(output)
+    assert len(trees) == 3, output
+    survey = next(tree for tree in trees if "Aggregator/Survey" in tree)
+    for service, method in (("aggregator", "Survey"), ("ping", "Send"), ("routeguide", "ListFeatures")):
+        assert re.search(rf"└─ {service} +server /\S+/{method} .* OK$", survey, re.M), survey
+    assert "mesh: every service stopped cleanly" in output
+    assert (tmp_path / "certs" / "ca.crt").is_file()
+    assert _children_of(launcher.pid) == []
+
+
+@pytest.mark.asyncio
+async def test_a_service_that_cannot_start_is_reported_with_its_own_output(tmp_path: Path) -> None:
+    mesh = Mesh(tmp_path)
+    broken = ("ROUTEGUIDE_DB", str(tmp_path / "nonexistent.json"))
+    mesh.specs = [dataclasses.replace(s, env=(broken,)) if s.name == "routeguide" else s for s in mesh.specs]
+    with pytest.raises(StartError) as error:
+        async with mesh:
+            pytest.fail("the mesh should not have started")
+    message = str(error.value)
+    assert message.startswith("routeguide exited with status 2; its output:"), message
+    assert "ROUTEGUIDE_DB" in message and "nonexistent.json" in message
+    # ping-upstream had started before routeguide failed; it was stopped, and nothing started after.
+    assert set(mesh.processes) == {"ping-upstream", "routeguide"}
+    assert all(process.returncode is not None for process in mesh.processes.values())
+    assert _children_of(os.getpid()) == []
+
+
+def test_the_demo_command_reports_a_service_that_cannot_start_and_exits_1(tmp_path: Path) -> None:
+    # The launcher passes its own environment on to the services (minus the variables it sets itself).
+    env = _launcher_env(tmp_path, ROUTEGUIDE_DB=str(tmp_path / "nonexistent.json"))
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "localmesh.main", "--demo"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 1, output
+    assert "mesh: routeguide exited with status 2; its output:" in output
+    assert "ROUTEGUIDE_DB" in output
+    assert "The mesh is up" not in output
+    assert _children_of(launcher.pid) == []
