@@ -1,0 +1,23 @@
+# Pants BUILD-file macro (loaded through [GLOBAL].build_file_prelude_globs): what makes a folder under
+# services/ a deployable Cloud Run service, written once.
+
+
+def cloud_run_service(name, **pex_kwargs):
+    """The service's PEX (`./pants package services/NAME:NAME`), its image and its Cloud Run manifests.
+
+    include_tools lets the image build turn the PEX into a venv, so a cold start runs no unpacking. Cloud Build
+    sets IMAGE_REGISTRY ($_REGION-docker.pkg.dev/$PROJECT_ID/$_REPOSITORY) and IMAGE_TAG ($SHORT_SHA); without
+    them the image is the local NAME:dev. The image depends on the manifests, so `--changed-since` redeploys a
+    service whose service*.yaml changed.
+    """
+    pex_binary(name=name, entry_point="main.py", execution_mode="venv", include_tools=True, **pex_kwargs)
+    docker_image(
+        name="image",
+        registries=[env("IMAGE_REGISTRY")] if env("IMAGE_REGISTRY") else [],
+        repository=name,
+        image_tags=[env("IMAGE_TAG", "dev")],
+        dependencies=[":manifests"],
+    )
+    # Deploy inputs, read by tests/deploy (hadolint, manifest checks) and by build-support/deploy/render.py.
+    files(name="manifests", sources=["service*.yaml"])
+    files(name="dockerfile", sources=["Dockerfile"])
