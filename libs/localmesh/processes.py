@@ -14,6 +14,8 @@ import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
+from localmesh import child
+
 COLOURS = ["\033[36m", "\033[35m", "\033[33m", "\033[32m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
 
@@ -115,7 +117,7 @@ class ServiceProcess:
 
 def python_module(module: str) -> list[str]:
     """argv that runs `module` with this interpreter and this process's import path, tied to this process."""
-    return [sys.executable, "-m", "localmesh.child", str(os.getpid()), module]
+    return [sys.executable, "-m", child.__name__, str(os.getpid()), module]
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:

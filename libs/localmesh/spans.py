@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 NO_REUSEPORT = [("grpc.so_reuseport", 0)]
 _KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 _CODES = {0: "UNSET", 1: "OK", 2: "ERROR"}
+_SUCCEEDED = {"OK", "UNSET"}
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,22 @@ class SpanStore:
             return list(self._spans)
 
     async def wait_for(self, trace_id: str, *, services: set[str], timeout: float) -> list[Span]:
-        """The trace's spans once it is whole: every service in `services` reported, every parent present.
+        """The trace's spans once it is whole: every service in `services` reported, every parent present, and
+        every client span that succeeded has its server span (a callee's span ends before its caller's, but each
+        process exports in its own batches, so a leaf can arrive after the rest).
 
-        Each process exports in its own batches, so a trace arrives in pieces; whatever arrived is returned
-        when `timeout` passes.
+        A trace arrives in pieces; whatever arrived is returned when `timeout` passes.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             spans = self.trace(trace_id)
             ids = {s.span_id for s in spans}
-            whole = services <= {s.service for s in spans} and all(
-                not s.parent_id or s.parent_id in ids for s in spans
+            parents = {s.parent_id for s in spans}
+            whole = (
+                services <= {s.service for s in spans}
+                and all(not s.parent_id or s.parent_id in ids for s in spans)
+                and all(s.span_id in parents for s in spans if s.kind == "client" and s.status in _SUCCEEDED)
             )
             if whole or loop.time() > deadline:
                 return spans

@@ -15,7 +15,6 @@ from mesh import tracing
 from ping import ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
-CLIENT = "mesh-demo"  # the DemoClient's service name in the traces
 FINE = {"OK", "UNSET"}  # a span that recorded no error
 NO_REUSEPORT = [("grpc.so_reuseport", 0)]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from localmesh import main
 from localmesh.launcher import Mesh
 from localmesh.processes import StartError
 
@@ -48,7 +49,7 @@ def _trace_trees(output: str) -> list[str]:
 
 def test_the_demo_command_prints_the_services_the_results_and_the_trace_trees(tmp_path: Path) -> None:
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "localmesh.main", "--demo"],
+        [sys.executable, "-m", main.__name__, "--demo"],
         env=_launcher_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -94,7 +95,7 @@ def test_the_demo_command_reports_a_service_that_cannot_start_and_exits_1(tmp_pa
     # The launcher passes its own environment on to the services (minus the variables it sets itself).
     env = _launcher_env(tmp_path, ROUTEGUIDE_DB=str(tmp_path / "nonexistent.json"))
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "localmesh.main", "--demo"],
+        [sys.executable, "-m", main.__name__, "--demo"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -13,12 +13,12 @@ import pytest
 from aggregator.v1 import aggregator_pb2
 from emulators.identity import SigningKey
 from localmesh import topology
-from localmesh.demo import WORLD, DemoClient, point
+from localmesh.demo import CLIENT, WORLD, DemoClient, point
 from localmesh.launcher import Mesh
 from ping import ping_pb2
 from routeguide import route_guide_pb2
 from tests.e2e import calls
-from tests.e2e.calls import CLIENT, FINE, NO_REUSEPORT, bearer, describe, features, one, tls_channel
+from tests.e2e.calls import FINE, NO_REUSEPORT, bearer, describe, features, one, tls_channel
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
