@@ -37,44 +37,58 @@ def _forget(token: Token[float | None]) -> None:
 
 
 class DeadlineServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self._handlers = handlers.HandlerCache()
+
     async def intercept_service(
         self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
         handler = await continuation(handler_call_details)
-        return None if handler is None else handlers.wrap(handler, _record, _forget)
+        if handler is None:
+            return None
+        return self._handlers.get(handler_call_details.method, handler, _wrap)
 
 
-class DeadlineClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    return handlers.wrap(handler, _record, _forget)
+
+
+class _Capping:
     def __init__(self, default_timeout: float) -> None:
         self._default = default_timeout
 
-    def _capped(
-        self, details: grpc.aio.ClientCallDetails, default: float | None = None
-    ) -> grpc.aio.ClientCallDetails:
+    def _capped(self, details: Any, default: float | None = None) -> Any:
         limit = remaining(self._default if default is None else default)
         if limit == float("inf") or (details.timeout is not None and details.timeout <= limit):
             return details
-        return details._replace(timeout=limit)  # type: ignore[attr-defined,no-any-return]
+        return details._replace(timeout=limit)
 
+
+# One class per call kind: grpc.aio files an interceptor under the first kind it is an instance of only.
+class _UnaryUnary(_Capping, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._capped(client_call_details), request)
 
+
+class _UnaryStream(_Capping, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._capped(client_call_details), request)
 
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(self._capped(client_call_details), request_iterator)
 
+class _StreamUnary(_Capping, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, requests: Any) -> Any:
+        return await continuation(self._capped(client_call_details), requests)
+
+
+class _StreamStream(_Capping, grpc.aio.StreamStreamClientInterceptor):
     # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it, and
     # cancellation of the incoming call cancels it.
     async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
+        self, continuation: Any, client_call_details: Any, requests: Any
     ) -> Any:
-        return await continuation(self._capped(client_call_details, float("inf")), request_iterator)
+        return await continuation(self._capped(client_call_details, float("inf")), requests)
+
+
+def client_interceptors(default_timeout: float) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors capping every outgoing call by the incoming deadline (or `default_timeout`)."""
+    return [kind(default_timeout) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]

@@ -72,3 +72,30 @@ def wrap(handler: grpc.RpcMethodHandler, before: Before, after: After) -> grpc.R
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class HandlerCache:
+    """Wrapped handlers made once per method instead of once per call (a server interceptor's hot path).
+
+    A service's method handler is the same object on every call, so its wrapped form is kept beside it and
+    reused while the interceptor below returns that same object. Bounded, because method names come from
+    clients (unknown ones never get here: they have no handler).
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._limit = limit
+
+    def get(
+        self,
+        method: str,
+        handler: grpc.RpcMethodHandler,
+        make: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler],
+    ) -> grpc.RpcMethodHandler:
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = make(method, handler)
+        if len(self._wrapped) < self._limit or method in self._wrapped:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped

@@ -23,9 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from mesh import logs, tracing
+from mesh import deadlines, logs, tracing
 from mesh.channels import MAX_MESSAGE_BYTES, Channels
-from mesh.deadlines import DeadlineClientInterceptor, DeadlineServerInterceptor
+from mesh.deadlines import DeadlineServerInterceptor
 from mesh.identity import IdentityInterceptor, TokenVerifier
 from mesh.settings import (
     AuthSettings,
@@ -82,7 +82,7 @@ class Runtime:
         self._id_tokens = id_tokens
         self._channels = Channels(
             id_tokens,
-            [DeadlineClientInterceptor(calls.default_timeout), *tracing.client_interceptors(provider)],
+            [*deadlines.client_interceptors(calls.default_timeout), *tracing.client_interceptors(provider)],
         )
 
     def channel(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:

@@ -13,9 +13,6 @@ import ipaddress
 import threading
 from typing import Any
 
-import google.auth.exceptions
-import google.auth.transport.requests
-import google.oauth2.id_token
 import grpc
 from google.auth.credentials import Credentials, TokenState
 from google.auth.transport.grpc import AuthMetadataPlugin
@@ -118,13 +115,18 @@ class IdTokens:
     """Owner of the ID-token credentials of one process: one google-auth credential per audience."""
 
     def __init__(self, request: Any | None = None) -> None:
-        self._request = request or google.auth.transport.requests.Request()
+        # The HTTP transport (requests, urllib3: ~7 MB and ~90 ms of imports) only once a token is needed.
+        self._request = request
         self._lock = threading.Lock()
         self._credentials: dict[str, tuple[_IdTokenPlugin, grpc.CallCredentials]] = {}
 
     def credentials(self, audience: str) -> grpc.CallCredentials:
         """Call credentials that attach `authorization: Bearer <ID token for audience>` to every call."""
         return self._entry(audience)[1]
+
+    def prepare(self, audience: str) -> None:
+        """Finds the identity for `audience` now: NoCredentialsError at start-up rather than on a call."""
+        self._entry(audience)
 
     def id_token_credentials(self, audience: str) -> Credentials:
         """The google-auth credential behind `credentials(audience)` (for inspection and tests)."""
@@ -155,12 +157,19 @@ class IdTokens:
         with self._lock:
             entry = self._credentials.get(audience)
             if entry is None:
+                if self._request is None:
+                    import google.auth.transport.requests
+
+                    self._request = google.auth.transport.requests.Request()
                 plugin = _IdTokenPlugin(self._discover(audience), self._request)
                 entry = (plugin, grpc.metadata_call_credentials(plugin, name="id-token"))
                 self._credentials[audience] = entry
         return entry
 
     def _discover(self, audience: str) -> Credentials:
+        import google.auth.exceptions
+        import google.oauth2.id_token
+
         try:
             found: Credentials = google.oauth2.id_token.fetch_id_token_credentials(
                 audience, request=self._request

@@ -14,22 +14,17 @@ from typing import Any
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.propagators.textmap import TextMapPropagator, default_getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from mesh import client_spans
+from mesh.server_spans import ServerSpans
 from mesh.settings import ConfigError, Env, text
-
-# Probes and tooling, not requests.
-_TRACED = filters.negate(
-    filters.any_of(
-        filters.service_prefix("grpc.health.v1.Health"), filters.service_prefix("grpc.reflection.")
-    )
-)
 
 
 def _cloud_trace_propagator() -> TextMapPropagator:
@@ -75,7 +70,29 @@ def propagator_from_env(env: Env) -> TextMapPropagator:
         raise ConfigError(
             f"OTEL_PROPAGATORS has unknown propagator {unknown[0]!r}; use tracecontext, baggage, gcp_trace or none"
         )
-    return CompositePropagator([PROPAGATORS[n]() for n in names if n != "none"])
+    chosen = [n for n in names if n != "none"]
+    trace_formats = [n for n in chosen if n in _TRACE_FORMATS]
+    if len(trace_formats) < 2:
+        return CompositePropagator([PROPAGATORS[n]() for n in chosen])
+    # Cloud Run sends the same trace in traceparent and x-cloud-trace-context: read the first format found
+    # (in the configured order) instead of parsing both on every call; inject them all.
+    first = FirstTraceFormat([PROPAGATORS[n]() for n in trace_formats])
+    others = [PROPAGATORS[n]() for n in chosen if n not in _TRACE_FORMATS]
+    return CompositePropagator([first, *others])
+
+
+_TRACE_FORMATS = ("tracecontext", "gcp_trace")
+
+
+class FirstTraceFormat(CompositePropagator):
+    """Trace context in several formats: extracted from the first that holds a valid one, injected in all."""
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = default_getter) -> Any:
+        for propagator in self._propagators:
+            found = propagator.extract(carrier, context, getter=getter)
+            if trace.get_current_span(found).get_span_context().is_valid:
+                return found
+        return context if context is not None else Context()
 
 
 def provider_from_env(env: Env, service: str, exporters: Sequence[SpanExporter] = ()) -> TracerProvider:
@@ -99,8 +116,8 @@ def install(env: Env, service: str) -> TracerProvider:
 
 
 def server_interceptor(provider: trace.TracerProvider) -> grpc.aio.ServerInterceptor:
-    return aio_server_interceptor(tracer_provider=provider, filter_=_TRACED)  # type: ignore[no-any-return]
+    return ServerSpans(provider)
 
 
 def client_interceptors(provider: trace.TracerProvider) -> list[grpc.aio.ClientInterceptor]:
-    return aio_client_interceptors(tracer_provider=provider, filter_=_TRACED)  # type: ignore[no-any-return]
+    return client_spans.client_interceptors(provider)

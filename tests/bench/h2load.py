@@ -48,7 +48,12 @@ _DATA = re.compile(r"\((\d+)\) data")
 def parse(output: str) -> Summary:
     """h2load's summary; ValueError naming what is missing when the output is not one."""
     found = {}
-    for name, pattern in (("finished", _FINISHED), ("requests", _REQUESTS), ("status", _STATUS), ("data", _DATA)):
+    for name, pattern in (
+        ("finished", _FINISHED),
+        ("requests", _REQUESTS),
+        ("status", _STATUS),
+        ("data", _DATA),
+    ):
         match = pattern.search(output)
         if match is None:
             raise ValueError(f"h2load output has no {name!r} line:\n{output[-2000:]}")

@@ -20,7 +20,12 @@ def test_frame_is_length_prefixed() -> None:
 
 def test_parse_reads_counts_and_data_bytes() -> None:
     summary = parse(OUTPUT)
-    assert (summary.requests, summary.succeeded, summary.failed, summary.status_2xx) == (51234, 51230, 4, 51230)
+    assert (summary.requests, summary.succeeded, summary.failed, summary.status_2xx) == (
+        51234,
+        51230,
+        4,
+        51230,
+    )
     assert summary.data_bytes == 4457358
     assert summary.rate == pytest.approx(5123.4)
 

@@ -21,6 +21,7 @@ class Target:
     request: bytes  # serialized request message
     tls_ca: Path | None = None
     token: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()  # more headers, e.g. Cloud Run's trace context
     streaming: bool = False
     # Response body bytes of one successful call: exact for a fixed stream, a lower bound when a field varies.
     min_response_bytes: int = 0
@@ -48,7 +49,9 @@ class LoadError(RuntimeError):
 
 
 class Generator:
-    def __init__(self, h2load_path: str | None, core: int | None, clients: int = 4, streams: int = 32) -> None:
+    def __init__(
+        self, h2load_path: str | None, core: int | None, clients: int = 4, streams: int = 32
+    ) -> None:
         self.h2load = h2load_path
         self.core = core
         self.clients = clients
@@ -64,7 +67,8 @@ class Generator:
     async def _h2load(self, target: Target, duration_s: float | None, count: int | None) -> Load:
         assert self.h2load is not None
         scheme = "https" if target.tls_ca else "http"
-        headers = (f"authorization: Bearer {target.token}",) if target.token else ()
+        headers: tuple[str, ...] = (f"authorization: Bearer {target.token}",) if target.token else ()
+        headers += tuple(f"{key}: {value}" for key, value in target.metadata)
         with tempfile.NamedTemporaryFile(prefix="bench-body-", suffix=".bin") as body:
             body.write(h2load.grpc_frame(target.request))
             body.flush()
@@ -98,7 +102,10 @@ class Generator:
         return Load(summary.seconds, summary.requests, summary.requests * target.messages_per_call)
 
     async def _python(self, target: Target, duration_s: float | None, count: int | None) -> Load:
-        header = (("authorization", f"Bearer {target.token}"),) if target.token else ()
+        header: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {target.token}"),) if target.token else ()
+        )
+        header += target.metadata
         plan = pyload.Plan(
             target=target.address,
             method=target.method,
@@ -113,8 +120,10 @@ class Generator:
         )
         result = json.loads(await _output(pyload.argv(plan), self.core))
         if result["ok"] != result["calls"] or result["calls"] == 0:
-            raise LoadError(f"{target.method}: {result['calls'] - result['ok']} of {result['calls']} calls failed "
-                            f"(first: {result['first_error']})")
+            raise LoadError(
+                f"{target.method}: {result['calls'] - result['ok']} of {result['calls']} calls failed "
+                f"(first: {result['first_error']})"
+            )
         return Load(result["seconds"], result["calls"], result["messages"])
 
 

@@ -32,7 +32,9 @@ def machine() -> str:
     model = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+            model = next(
+                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model
+            )
     except OSError:
         pass
     load = os.getloadavg()
@@ -43,11 +45,19 @@ def machine() -> str:
 
 
 def ensure_pex(path: Path) -> Path | None:
-    if path.exists():
-        return path
-    if Path("pants").exists():
-        print(f"{path} missing: ./pants --no-pantsd package services/ping:ping", flush=True)
-        subprocess.run(["./pants", "--no-pantsd", "package", "services/ping:ping"], check=False, timeout=1200)
+    """The packaged ping service, rebuilt (when run from the repo) if missing or older than its sources."""
+    sources = [
+        p for d in ("libs/mesh", "services/ping", "protos/ping") for p in Path(d).glob("*") if p.is_file()
+    ]
+    stale = not path.exists() or any(p.stat().st_mtime > path.stat().st_mtime for p in sources)
+    if stale and Path("pants").exists():
+        print("... ./pants --no-pantsd package services/ping:ping", flush=True)
+        subprocess.run(
+            ["./pants", "--no-pantsd", "package", "services/ping:ping"],
+            check=False,
+            timeout=1200,
+            stdout=subprocess.DEVNULL,
+        )
     return path if path.exists() else None
 
 
@@ -62,9 +72,12 @@ async def run(args: argparse.Namespace) -> int:
     found = None if args.python_load else h2load.find_or_install()
     generator = Generator(found, load_core)
     print(f"machine: {machine()}")
-    print(f"server core {server_core}, load core {load_core}, load generator {generator.name}, "
-          f"{generator.clients * generator.streams} calls in flight, {plan.runs} x {plan.run_s:g} s after "
-          f"{plan.warmup_s:g} s warm-up", flush=True)
+    print(
+        f"server core {server_core}, load core {load_core}, load generator {generator.name}, "
+        f"{generator.clients * generator.streams} calls in flight, {plan.runs} x {plan.run_s:g} s after "
+        f"{plan.warmup_s:g} s warm-up",
+        flush=True,
+    )
     fx = Fixture()
     await fx.start()
     bench = Bench(fx, generator, plan, (server_core, load_core))
@@ -74,9 +87,16 @@ async def run(args: argparse.Namespace) -> int:
     routes_main = service_argv("services.routeguide.main")
 
     def unary_row(name: str, result: Throughput, base: Throughput | None) -> None:
-        rows.append([name, f"{result.rate:,.0f} calls/s", ratio(result.rate, base.rate) if base else "1.00",
-                     f"{result.cpu_us:.0f}", f"{result.peak_rss_kb / 1024:.0f}",
-                     " / ".join(f"{r:,.0f}" for r in result.runs)])
+        rows.append(
+            [
+                name,
+                f"{result.rate:,.0f} calls/s",
+                ratio(result.rate, base.rate) if base else "1.00",
+                f"{result.cpu_us:.0f}",
+                f"{result.peak_rss_kb / 1024:.0f}",
+                " / ".join(f"{r:,.0f}" for r in result.runs),
+            ]
+        )
 
     try:
         step("ping.Send, raw")
@@ -84,7 +104,10 @@ async def run(args: argparse.Namespace) -> int:
         unary_row("ping.Send raw grpc.aio (h2c, no interceptors)", raw, None)
         step("ping.Send, full-featured")
         full = await bench.ping_send(ping_main, fx.featured_env("ping"), True, "ping")
-        unary_row("ping.Send full: TLS + ID token + tracing 1%", full, raw)
+        unary_row("ping.Send full: TLS + ID token + tracing (Cloud Run's unsampled traceparent)", full, raw)
+        step("ping.Send, full-featured, calls without trace context (1% start sampled, exported traces)")
+        rooted = await bench.ping_send(ping_main, fx.featured_env("ping"), True, "ping", trace_context=())
+        unary_row("ping.Send full, no traceparent: 1% of calls sampled + exported (OTLP)", rooted, raw)
         step("ping.Send, full-featured over h2c")
         full_h2c = await bench.ping_send(ping_main, fx.h2c(fx.featured_env("ping")), False, "ping")
         unary_row("ping.Send full over h2c (Cloud Run: TLS ends at the front end)", full_h2c, raw)
@@ -95,29 +118,45 @@ async def run(args: argparse.Namespace) -> int:
         step("ListFeatures, raw")
         raw_stream = await bench.list_features(RAW_ROUTES, fx.base_env(), False, None)
         step("ListFeatures, full-featured")
-        full_stream = await bench.list_features(routes_main, fx.featured_env("routeguide"), True, "routeguide")
-        for name, result, base in (("ListFeatures raw grpc.aio (500 features/call)", raw_stream, None),
-                                   ("ListFeatures full: TLS + ID token + tracing 1%", full_stream, raw_stream)):
-            rows.append([name, f"{result.rate:,.0f} msgs/s", ratio(result.rate, base.rate) if base else "1.00",
-                         f"{result.cpu_us:.1f}/msg", f"{result.peak_rss_kb / 1024:.0f}",
-                         " / ".join(f"{r:,.0f}" for r in result.runs)])
+        full_stream = await bench.list_features(
+            routes_main, fx.featured_env("routeguide"), True, "routeguide"
+        )
+        for name, result, base in (
+            ("ListFeatures raw grpc.aio (500 features/call)", raw_stream, None),
+            ("ListFeatures full: TLS + ID token + tracing", full_stream, raw_stream),
+        ):
+            rows.append(
+                [
+                    name,
+                    f"{result.rate:,.0f} msgs/s",
+                    ratio(result.rate, base.rate) if base else "1.00",
+                    f"{result.cpu_us:.1f}/msg",
+                    f"{result.peak_rss_kb / 1024:.0f}",
+                    " / ".join(f"{r:,.0f}" for r in result.runs),
+                ]
+            )
 
         step("Survey at 1 call in flight")
         latency = await bench.survey()
         slowest = max(latency[k] for k in ("ping.Send", "ListFeatures", "RecordRoute"))
 
         step("cold start")
+        starts: dict[str, list[float]] = {
+            "from source": await bench.cold_start(source_argv(), fx.featured_env("ping"))
+        }
         pex = ensure_pex(Path(args.pex))
-        starts: dict[str, list[float]] = {"from source": await bench.cold_start(source_argv(), fx.featured_env("ping"))}
-        if pex:
+        if pex is None:
+            print(f"no {args.pex}: run ./pants package services/ping:ping for the packaged cold start")
+        else:
             with tempfile.TemporaryDirectory(prefix="bench-pex-") as work:
                 root = Path(work)
                 env = pex_env(fx.featured_env("ping"), root / "pex_root")
-                for form, argv in pex_forms(pex, root).items():
-                    first = await bench.cold_start(argv, env) if form == "ping.pex" else []
+                for form, argv in (await asyncio.to_thread(pex_forms, pex, root)).items():
+                    if form == "ping.pex":  # its first run builds a venv under PEX_ROOT: shown apart
+                        starts["ping.pex, first run (builds its venv)"] = await bench.cold_start(
+                            argv, env, runs=1
+                        )
                     starts[form] = await bench.cold_start(argv, env)
-                    if first:
-                        starts["ping.pex, first run (builds its venv)"] = first[:1]
     finally:
         await fx.stop()
 
@@ -127,21 +166,36 @@ async def run(args: argparse.Namespace) -> int:
     survey_rows = [[name, f"{value:.2f}"] for name, value in latency.items()]
     print(table(["Survey at 1 in flight", "p50 ms"], survey_rows))
     print()
-    print(table(["cold start to first served RPC", "median ms", "runs"],
-                [[form, f"{median(t):.0f}", " / ".join(f"{v:.0f}" for v in t)] for form, t in starts.items()]))
+    print(
+        table(
+            ["cold start to first served RPC", "median ms", "runs"],
+            [[form, f"{median(t):.0f}", " / ".join(f"{v:.0f}" for v in t)] for form, t in starts.items()],
+        )
+    )
     print()
-    print(f"ID tokens minted by the relay for {calls:,} calls to one audience: {minted}; "
-          f"spans received by the sink: {fx.sink.spans:,}")
+    print(
+        f"ID tokens minted by the relay for {calls:,} calls to one audience: {minted}; "
+        f"spans received by the sink: {fx.sink.spans:,}"
+    )
 
     image_form = starts.get("venv from ping.pex (the image's form)")
     targets = [
         ("full-featured unary QPS / raw >= 0.85", full.rate / raw.rate >= 0.85, ratio(full.rate, raw.rate)),
-        ("ListFeatures msgs/s / raw >= 0.90", full_stream.rate / raw_stream.rate >= 0.90,
-         ratio(full_stream.rate, raw_stream.rate)),
-        ("Survey p50 <= slowest downstream p50 + 1 ms", latency["survey"] <= slowest + 1.0,
-         f"{latency['survey']:.2f} vs {slowest:.2f} ms"),
-        ("cold start (installed venv) <= 300 ms", bool(image_form) and median(image_form or [0]) <= 300,
-         f"{median(image_form):.0f} ms" if image_form else "no PEX"),
+        (
+            "ListFeatures msgs/s / raw >= 0.90",
+            full_stream.rate / raw_stream.rate >= 0.90,
+            ratio(full_stream.rate, raw_stream.rate),
+        ),
+        (
+            "Survey p50 <= slowest downstream p50 + 1 ms",
+            latency["survey"] <= slowest + 1.0,
+            f"{latency['survey']:.2f} vs {slowest:.2f} ms",
+        ),
+        (
+            "cold start (installed venv) <= 300 ms",
+            bool(image_form) and median(image_form or [0]) <= 300,
+            f"{median(image_form):.0f} ms" if image_form else "no PEX",
+        ),
         ("RSS under load <= 70 MB", full.peak_rss_kb <= 70 * 1024, f"{full.peak_rss_kb / 1024:.0f} MB"),
         ("1 ID token minted per audience", minted == 1, f"{minted} for {calls:,} calls"),
     ]
@@ -158,9 +212,13 @@ def step(name: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one short run per configuration (harness check)")
+    parser.add_argument(
+        "--quick", action="store_true", help="one short run per configuration (harness check)"
+    )
     parser.add_argument("--pex", default="dist/services.ping/ping.pex", help="the packaged ping service")
-    parser.add_argument("--python-load", action="store_true", help="use the Python load generator, not h2load")
+    parser.add_argument(
+        "--python-load", action="store_true", help="use the Python load generator, not h2load"
+    )
     sys.exit(asyncio.run(run(parser.parse_args())))
 
 

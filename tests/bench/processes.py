@@ -78,7 +78,9 @@ class Server:
         except (asyncio.TimeoutError, RuntimeError) as err:
             await self.stop()
             output = "\n".join(self._tail)
-            raise RuntimeError(f"{self.name} did not serve ({err or 'timeout'}); its output:\n{output}") from None
+            raise RuntimeError(
+                f"{self.name} did not serve ({err or 'timeout'}); its output:\n{output}"
+            ) from None
         return self.port
 
     async def _read(self, ready: asyncio.Future[int]) -> None:

@@ -1,5 +1,6 @@
 """The baseline: the same servicers and generated stubs on a bare grpc.aio server, h2c, no interceptors,
-no health or reflection. `python -m tests.bench.raw_server ping|routeguide` prints {"event": "serving", "port": N}."""
+no health or reflection. `python -m tests.bench.raw_server ping|routeguide` prints {"event": "serving", "port": N}.
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,9 +18,9 @@ from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from services.routeguide.features import builtin_database
-from tests.bench.fixture import Fixture, account, audience, service_argv
+from tests.bench.fixture import CLOUD_RUN_UNSAMPLED, Fixture, account, audience, service_argv
 from tests.bench.load import Generator, Load, Target
-from tests.bench.processes import Server, python_path
+from tests.bench.processes import Server
 from tests.bench.stats import median, percentile
 
 MESSAGE = "benchmark " + "x" * 54  # 64 characters
@@ -30,6 +30,9 @@ WORLD = route_guide_pb2.Rectangle(
     lo=route_guide_pb2.Point(latitude=-900000000, longitude=-1800000000),
     hi=route_guide_pb2.Point(latitude=900000000, longitude=1800000000),
 )
+
+
+Headers = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,16 @@ def _pong_bytes(message: str) -> int:
 
 
 class Bench:
-    def __init__(self, fixture: Fixture, generator: Generator, plan: Plan, cores: tuple[int | None, int | None]):
+    def __init__(
+        self, fixture: Fixture, generator: Generator, plan: Plan, cores: tuple[int | None, int | None]
+    ):
         self.fx = fixture
         self.gen = generator
         self.plan = plan
         self.server_core, self.load_core = cores
 
-    def _metadata(self, service: str | None) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.fx.token(service)}"),) if service else ()
+    def _metadata(self, service: str | None, trace_context: Headers = CLOUD_RUN_UNSAMPLED) -> Headers:
+        return ((("authorization", f"Bearer {self.fx.token(service)}"),) if service else ()) + trace_context
 
     async def _measure(self, server: Server, target: Target, streaming: bool = False) -> Throughput:
         # Streams run by count, sized from the warm-up: h2load's duration mode cuts streams off mid-way, and
@@ -94,14 +99,22 @@ class Bench:
         memory = server.memory_kb()
         return Throughput(median(rates), median(costs), rates, memory["VmRSS"], memory["VmHWM"])
 
-    def _bound(self, streaming: bool, rate: float | None) -> dict[str, float]:
+    def _bound(self, streaming: bool, rate: float | None) -> dict[str, Any]:
         if not streaming:
             return {"duration_s": self.plan.warmup_s if rate is None else self.plan.run_s}
         seconds = self.plan.warmup_s if rate is None else self.plan.run_s
         return {"count": 64 if rate is None else max(64, int(rate * seconds))}
 
     # Unary ---------------------------------------------------------------------------------------------
-    async def ping_send(self, argv: Sequence[str], env: dict[str, str], tls: bool, service: str | None) -> Throughput:
+    async def ping_send(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str],
+        tls: bool,
+        service: str | None,
+        trace_context: Headers = CLOUD_RUN_UNSAMPLED,
+    ) -> Throughput:
+        """Every call carries `trace_context` (by default Cloud Run's, unsampled), the raw server's too."""
         async with Server("ping", argv, env, self.server_core) as server:
             await self.check_send(server.port, tls, service)
             target = Target(
@@ -110,6 +123,7 @@ class Bench:
                 ping_pb2.Request(message=MESSAGE).SerializeToString(),
                 tls_ca=self.fx.certs.ca_cert if tls else None,
                 token=self.fx.token(service) if service else None,
+                metadata=trace_context,
                 min_response_bytes=_pong_bytes(MESSAGE),
             )
             result = await self._measure(server, target)
@@ -131,7 +145,9 @@ class Bench:
         """(throughput of client -> ping.SendUpstream -> ping-upstream.Send, calls made, tokens minted)."""
         upstream_env = self.fx.featured_env("ping-upstream", callers=("ping",))
         # Two server processes, two cores: the relay gets the server core, the upstream shares the load core.
-        async with Server("ping-upstream", service_argv("services.ping.main"), upstream_env, self.load_core) as up:
+        async with Server(
+            "ping-upstream", service_argv("services.ping.main"), upstream_env, self.load_core
+        ) as up:
             env = {
                 **self.fx.featured_env("ping"),
                 "GRPC_PING_HOST": f"127.0.0.1:{up.port}",
@@ -145,6 +161,7 @@ class Bench:
                     ping_pb2.Request(message=MESSAGE).SerializeToString(),
                     tls_ca=self.fx.certs.ca_cert,
                     token=self.fx.token("ping"),
+                    metadata=CLOUD_RUN_UNSAMPLED,
                     min_response_bytes=_pong_bytes(MESSAGE + " (relayed)"),
                 )
                 counted = await self.gen.run(target, count=self.plan.token_calls)
@@ -155,11 +172,16 @@ class Bench:
         return result, calls, minted
 
     # Streaming -----------------------------------------------------------------------------------------
-    async def list_features(self, argv: Sequence[str], env: dict[str, str], tls: bool, service: str | None) -> Throughput:
+    async def list_features(
+        self, argv: Sequence[str], env: dict[str, str], tls: bool, service: str | None
+    ) -> Throughput:
         async with Server("routeguide", argv, env, self.server_core) as server:
             async with self.fx.channel(server.port, tls) as channel:
                 features = [
-                    f async for f in _routes(channel).ListFeatures(WORLD, metadata=self._metadata(service), timeout=10)
+                    f
+                    async for f in _routes(channel).ListFeatures(
+                        WORLD, metadata=self._metadata(service), timeout=10
+                    )
                 ]
             if len(features) != len(builtin_database().features):
                 raise AssertionError(f"ListFeatures sent {len(features)} features, not the whole database")
@@ -169,6 +191,7 @@ class Bench:
                 WORLD.SerializeToString(),
                 tls_ca=self.fx.certs.ca_cert if tls else None,
                 token=self.fx.token(service) if service else None,
+                metadata=CLOUD_RUN_UNSAMPLED,
                 streaming=True,
                 min_response_bytes=sum(5 + f.ByteSize() for f in features),
                 exact=True,
@@ -180,8 +203,14 @@ class Bench:
     async def survey(self) -> dict[str, float]:
         """p50 latencies (ms) at one call in flight: Survey, and each of its downstream calls made directly."""
         argv = service_argv
-        async with Server("ping", argv("services.ping.main"), self.fx.featured_env("ping", ("aggregator",)), self.load_core) as ping, \
-                Server("routeguide", argv("services.routeguide.main"), self.fx.featured_env("routeguide", ("aggregator",)), self.load_core) as routes:  # noqa: E501
+        async with Server(
+            "ping", argv("services.ping.main"), self.fx.featured_env("ping", ("aggregator",)), self.load_core
+        ) as ping, Server(
+            "routeguide",
+            argv("services.routeguide.main"),
+            self.fx.featured_env("routeguide", ("aggregator",)),
+            self.load_core,
+        ) as routes:  # noqa: E501
             env = {
                 **self.fx.featured_env("aggregator"),
                 "PING_ADDR": f"127.0.0.1:{ping.port}",
@@ -199,14 +228,27 @@ class Bench:
             lo=route_guide_pb2.Point(latitude=first.latitude - span, longitude=first.longitude - span),
             hi=route_guide_pb2.Point(latitude=first.latitude + span, longitude=first.longitude + span),
         )
-        route = [route_guide_pb2.Point(latitude=first.latitude + i * 10_000, longitude=first.longitude) for i in range(10)]
+        route = [
+            route_guide_pb2.Point(latitude=first.latitude + i * 10_000, longitude=first.longitude)
+            for i in range(10)
+        ]
         request = aggregator_pb2.SurveyRequest(message=MESSAGE, area=area, route=route)
-        timings: dict[str, list[float]] = {"survey": [], "ping.Send": [], "ListFeatures": [], "RecordRoute": []}
-        async with self.fx.channel(agg_port, True) as a, self.fx.channel(ping_port, True) as p, \
-                self.fx.channel(routes_port, True) as r:
+        timings: dict[str, list[float]] = {
+            "survey": [],
+            "ping.Send": [],
+            "ListFeatures": [],
+            "RecordRoute": [],
+        }
+        async with self.fx.channel(agg_port, True) as a, self.fx.channel(
+            ping_port, True
+        ) as p, self.fx.channel(routes_port, True) as r:
             aggregator = aggregator_pb2_grpc.AggregatorStub(a)
             ping, routes = _ping(p), _routes(r)
-            md_a, md_p, md_r = self._metadata("aggregator"), self._metadata("ping"), self._metadata("routeguide")
+            md_a, md_p, md_r = (
+                self._metadata("aggregator"),
+                self._metadata("ping"),
+                self._metadata("routeguide"),
+            )
 
             async def survey() -> None:
                 response = await aggregator.Survey(request, metadata=md_a, timeout=10)
@@ -237,10 +279,12 @@ class Bench:
         return p50
 
     # Cold start ----------------------------------------------------------------------------------------
-    async def cold_start(self, argv: Sequence[str], env: dict[str, str]) -> list[float]:
+    async def cold_start(
+        self, argv: Sequence[str], env: dict[str, str], runs: int | None = None
+    ) -> list[float]:
         """Milliseconds from spawn to the first served RPC (TLS + token + tracing), each run a fresh process."""
         times = []
-        for _ in range(self.plan.cold_starts):
+        for _ in range(runs or self.plan.cold_starts):
             async with Server("ping", argv, env, self.server_core) as server:
                 await self.check_send(server.port, True, "ping")
                 times.append((time.perf_counter() - server.started_at) * 1000)
@@ -258,7 +302,10 @@ def pex_forms(pex: Path, workdir: Path) -> dict[str, list[str]]:
             stdout=subprocess.DEVNULL,
             timeout=300,
         )
-    return {"ping.pex": [sys.executable, str(pex)], "venv from ping.pex (the image's form)": [str(venv / "pex")]}
+    return {
+        "ping.pex": [sys.executable, str(pex)],
+        "venv from ping.pex (the image's form)": [str(venv / "pex")],
+    }
 
 
 def source_argv() -> list[str]:
@@ -270,6 +317,3 @@ def pex_env(env: dict[str, str], pex_root: Path) -> dict[str, str]:
     out = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     out["PEX_ROOT"] = str(pex_root)
     return out
-
-
-__all__ = ["Bench", "Plan", "Throughput", "pex_forms", "source_argv", "pex_env", "python_path"]

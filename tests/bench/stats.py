@@ -31,7 +31,9 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         out = [str(c).rjust(w) if n else str(c).ljust(w) for c, w, n in zip(cells, widths, numeric)]
         return "| " + " | ".join(out) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2)) for w, n in zip(widths, numeric)) + "|"
+    rule = (
+        "|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2)) for w, n in zip(widths, numeric)) + "|"
+    )
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 

@@ -100,7 +100,9 @@ def test_pipeline_steps_in_order() -> None:
 
 def test_named_files_and_programs_exist() -> None:
     text = step_text()
-    assert (ROOT / "build-support" / "deploy" / "builder.Dockerfile").is_file() and "build-support/deploy/builder.Dockerfile" in text
+    assert (
+        ROOT / "build-support" / "deploy" / "builder.Dockerfile"
+    ).is_file() and "build-support/deploy/builder.Dockerfile" in text
     programs = {module.__name__: module for module in (affected, invokers, render)}
     for name in set(re.findall(r"-m (deploy\.\w+)", text)):
         assert callable(getattr(programs.get(name), "main", None)), f"{name} is not a deploy program"

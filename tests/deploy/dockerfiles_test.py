@@ -12,7 +12,9 @@ from deploy.layout import deployable_services
 from tests.deploy.repo import ROOT, installed_tool
 
 SERVICES = deployable_services(ROOT)
-DOCKERFILES = sorted((ROOT / "services").glob("*/Dockerfile")) + [ROOT / "build-support" / "deploy" / "builder.Dockerfile"]
+DOCKERFILES = sorted((ROOT / "services").glob("*/Dockerfile")) + [
+    ROOT / "build-support" / "deploy" / "builder.Dockerfile"
+]
 
 
 def hadolint(path: Path) -> subprocess.CompletedProcess[str]:

@@ -30,7 +30,9 @@ SERVICES = {
 
 def install(pex: Path, into: Path) -> Path:
     env = {**os.environ, "PEX_TOOLS": "1"}
-    subprocess.run([sys.executable, str(pex), "venv", "--compile", "--rm", "all", str(into)], check=True, env=env)
+    subprocess.run(
+        [sys.executable, str(pex), "venv", "--compile", "--rm", "all", str(into)], check=True, env=env
+    )
     return into / "pex"
 
 
@@ -43,7 +45,9 @@ async def test_packaged_service_answers_health_over_h2c(service: str, tmp_path: 
     process = ServiceProcess(service, [str(entrypoint)], env)
     port = await process.start(port=0, timeout=30)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.so_reuseport", 0)]) as channel:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.so_reuseport", 0)]
+        ) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for target in ("", name):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=target), timeout=10)

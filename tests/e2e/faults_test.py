@@ -108,14 +108,7 @@ async def test_without_routeguide_survey_answers_in_part_and_heals_when_it_is_ba
     assert aggregator.returncode is None and mesh.processes["aggregator"] is aggregator
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="libs/mesh: DeadlineClientInterceptor reaches only unary-unary calls (grpc.aio registers an interceptor "
-    "for its first kind only), and the OpenTelemetry aio client interceptor keeps a stream-unary call running "
-    "when its caller is cancelled; so a Survey's RecordRoute outlives the Survey's deadline",
-)
 async def test_a_survey_deadline_cancels_its_route_upload(mesh: Mesh, client: DemoClient) -> None:
-    # Last in the module: while the bug stands, the upload runs on until the mesh stops.
     # Uploading this route to routeguide takes far longer than the wait below (tens of seconds).
     route = [point(10 + i * 1e-5, 10) for i in range(250_000)]
     request = aggregator_pb2.SurveyRequest(message="long walk", area=WORLD, route=route)
