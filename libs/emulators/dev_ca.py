@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from emulators import certificates
+
 DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 _CA_DAYS = 3650
 _SERVER_DAYS = 365
@@ -69,15 +71,8 @@ def _load_or_make_ca(paths: DevCerts) -> tuple[ec.EllipticCurvePrivateKey, x509.
             return key, cert
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh development CA")])
-    now = _now()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=_CA_DAYS))
+        certificates.builder(name, name, key.public_key(), _CA_DAYS)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -129,15 +124,13 @@ def _make_server_cert(
     for name in names:
         ip = _as_ip(name)
         alt_names.append(x509.IPAddress(ip) if ip is not None else x509.DNSName(name))
-    now = _now()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=_SERVER_DAYS))
+        certificates.builder(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]),
+            ca_cert.subject,
+            key.public_key(),
+            _SERVER_DAYS,
+        )
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import hashlib
 import hmac
 import json
@@ -34,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
+from emulators import certificates
+
 GOOGLE_ISSUER = "https://accounts.google.com"
 _FLAVOR = "Google"
 _IDENTITY_PREFIX = "/computeMetadata/v1/instance/service-accounts/"
@@ -52,17 +53,7 @@ class SigningKey:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         kid = uuid.uuid4().hex
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, kid)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=14))
-            .sign(key, hashes.SHA256())
-        )
+        cert = certificates.builder(name, name, key.public_key(), days=14).sign(key, hashes.SHA256())
         return cls(kid, key, cert.public_bytes(serialization.Encoding.PEM).decode("ascii"))
 
     def jwk(self) -> dict[str, str]:

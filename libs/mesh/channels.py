@@ -7,6 +7,7 @@ deadline interceptors, keepalive, and a retry policy for UNAVAILABLE on the meth
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -110,17 +111,27 @@ class _IdToken:
         self._audience = audience
 
     async def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        # A mint may hang on an unreachable metadata server (google-auth retries for ~15 s): give up while
+        # the caller still has time to hear why, instead of letting its deadline pass in silence.
+        wait = 0.9 * details.timeout if details.timeout is not None else None
         try:
-            token = await self._id_tokens.metadata(self._audience)
+            token = await self._id_tokens.metadata(self._audience, timeout=wait)
+        except asyncio.TimeoutError:
+            raise _unavailable(
+                f"cannot mint an ID token for {self._audience} within the call's deadline"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - google-auth's messages name the endpoint, never a token
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                details=f"cannot mint an ID token for {self._audience}: {type(exc).__name__}: {exc}",
+            raise _unavailable(
+                f"cannot mint an ID token for {self._audience}: {type(exc).__name__}: {exc}"
             ) from None
         metadata = grpc.aio.Metadata(*(details.metadata or ()), *token)
         return details._replace(metadata=metadata)  # type: ignore[attr-defined,no-any-return]
+
+
+def _unavailable(details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
 
 
 # One class per kind of call: grpc.aio files an interceptor under the first kind it implements only.

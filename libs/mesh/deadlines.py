@@ -50,7 +50,7 @@ class DeadlineServerInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    return handlers.wrap(handler, _record, _forget)
+    return handlers.wrap(handler, _record, _forget, method)
 
 
 class _Capping:

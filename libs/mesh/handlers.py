@@ -2,6 +2,10 @@
 
 Server interceptors see only the method name and metadata; what needs the ServicerContext (the deadline) or
 must run in the handler's own context (a ContextVar the handler reads) is done by wrapping its behavior.
+
+The wrapper also answers a request that does not parse with INVALID_ARGUMENT and a fixed message. grpcio's
+aio server would answer UNKNOWN "Unexpected <class DecodeError>" and log a traceback per call: a lever for any
+client to flood the logs.
 """
 
 from __future__ import annotations
@@ -15,9 +19,48 @@ import grpc
 # Runs first inside every call with the call's context; returns a token for `after` (e.g. a ContextVar token).
 Before = Callable[[grpc.aio.ServicerContext], Any]
 After = Callable[[Any], None]
+UNDECODABLE = object()  # what a request that does not parse deserializes to
 
 
-def wrap(handler: grpc.RpcMethodHandler, before: Before, after: After) -> grpc.RpcMethodHandler:
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - any parse failure is the client's: refused in the handler
+            return UNDECODABLE
+
+    return deserialize
+
+
+async def _refuse(context: grpc.aio.ServicerContext, method: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message for {method}")
+
+
+async def _parsed(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str
+) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is UNDECODABLE:
+            await _refuse(context, method)
+        yield request
+
+
+def wrap(
+    handler: grpc.RpcMethodHandler, before: Before, after: After, method: str = "this method"
+) -> grpc.RpcMethodHandler:
+    """`handler` with `before`/`after` around each call and unparsable requests refused."""
+    deserializer = _tolerant(handler.request_deserializer)
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return _parsed(request, context, method)
+        if request is UNDECODABLE:
+            await _refuse(context, method)
+        return request
+
     if handler.response_streaming:
         behavior = handler.unary_stream if not handler.request_streaming else handler.stream_stream
         factory = grpc.unary_stream_rpc_method_handler
@@ -29,27 +72,27 @@ def wrap(handler: grpc.RpcMethodHandler, before: Before, after: After) -> grpc.R
             async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
                 token = before(context)
                 try:
-                    await behavior(request, context)
+                    await behavior(await checked(request, context), context)
                 finally:
                     after(token)
 
             return factory(
                 writing,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             token = before(context)
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(await checked(request, context), context):
                     yield response
             finally:
                 after(token)
 
         return factory(
             streaming,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -58,7 +101,7 @@ def wrap(handler: grpc.RpcMethodHandler, before: Before, after: After) -> grpc.R
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         token = before(context)
         try:
-            return await unary_behavior(request, context)
+            return await unary_behavior(await checked(request, context), context)
         finally:
             after(token)
 
@@ -69,7 +112,7 @@ def wrap(handler: grpc.RpcMethodHandler, before: Before, after: After) -> grpc.R
     )
     return factory(
         unary,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
 

@@ -4,7 +4,7 @@ propagated downstream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 import pytest

@@ -9,9 +9,12 @@ one per call (the Cloud Run grpc-ping sample's open bug).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
+import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.auth.credentials import Credentials, TokenState
@@ -47,6 +50,26 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
+_log = logging.getLogger(__name__)
+
+
+def _in_daemon_thread(work: Callable[[], T]) -> concurrent.futures.Future[T]:
+    """Runs blocking google-auth work (HTTP with its own retries) on a daemon thread: a mint stuck on an
+    unreachable metadata server must not hold up the process's exit after SIGTERM."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="id-token", daemon=True).start()
+    return future
+
+
 class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
     """google-auth's plugin with a cheap path for every call and a single minter at a time.
 
@@ -66,6 +89,13 @@ class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
         credentials = self._credentials
         if self._token is not None and credentials.token is self._token:
             if credentials.token_state is TokenState.FRESH:
+                return self._metadata
+        return None
+
+    def stale(self) -> Metadata | None:
+        """The prepared metadata while the token is stale (google-auth wants a new one) but still valid."""
+        if self._token is not None and self._credentials.token is self._token:
+            if self._credentials.token_state is TokenState.STALE:
                 return self._metadata
         return None
 
@@ -118,6 +148,7 @@ class IdTokens:
         # The HTTP transport (requests, urllib3: ~7 MB and ~90 ms of imports) only once a token is needed.
         self._request = request
         self._lock = threading.Lock()
+        self._refreshing: dict[str, concurrent.futures.Future[Metadata]] = {}
         self._credentials: dict[str, tuple[_IdTokenPlugin, grpc.CallCredentials]] = {}
 
     def credentials(self, audience: str) -> grpc.CallCredentials:
@@ -133,20 +164,45 @@ class IdTokens:
         credentials: Credentials = self._entry(audience)[0]._credentials
         return credentials
 
-    async def metadata(self, audience: str) -> tuple[tuple[str, str], ...]:
+    async def metadata(self, audience: str, timeout: float | None = None) -> Metadata:
         """`(("authorization", "Bearer <token>"),)` for per-call metadata (e.g. from a client interceptor).
 
         A cheaper alternative to call credentials: gRPC runs a metadata plugin on a new thread for every
-        RPC, which costs about as much as the RPC itself. A dict lookup while the token is fresh; a refresh
-        (and the first credential discovery) runs in a worker thread, off the event loop.
+        RPC, which costs about as much as the RPC itself. A dict lookup while the token is fresh. A stale
+        token (google-auth refreshes ahead of expiry) is used while one refresh runs in the background, so an
+        unreachable metadata server costs nothing until the token really expires. Otherwise the caller waits
+        for the (single, shared) mint, at most `timeout` seconds (asyncio.TimeoutError).
         """
         entry = self._credentials.get(audience)
-        if entry is not None:
-            cached = entry[0].cached()
-            if cached is not None:
-                return cached
-        plugin = (await asyncio.to_thread(self._entry, audience))[0]
-        return await asyncio.to_thread(plugin.refreshed)
+        if entry is None:
+            entry = await asyncio.wait_for(
+                asyncio.wrap_future(_in_daemon_thread(lambda: self._entry(audience))), timeout
+            )
+        plugin = entry[0]
+        cached = plugin.cached()
+        if cached is not None:
+            return cached
+        refresh = self._refresh(audience, plugin)
+        stale = plugin.stale()
+        if stale is not None:
+            return stale
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(refresh)), timeout)
+
+    def _refresh(self, audience: str, plugin: _IdTokenPlugin) -> concurrent.futures.Future[Metadata]:
+        """The refresh in progress for `audience`, or a new one: never more than one at a time."""
+        with self._lock:
+            pending = self._refreshing.get(audience)
+            if pending is None or pending.done():
+                pending = _in_daemon_thread(plugin.refreshed)
+                pending.add_done_callback(lambda f: self._report(audience, f))
+                self._refreshing[audience] = pending
+            return pending
+
+    @staticmethod
+    def _report(audience: str, refresh: concurrent.futures.Future[Metadata]) -> None:
+        if not refresh.cancelled() and (exc := refresh.exception()) is not None:
+            # google-auth's messages name the endpoint and status, never a token.
+            _log.warning("cannot mint an ID token for %s: %s: %s", audience, type(exc).__name__, exc)
 
     def _entry(self, audience: str) -> tuple[_IdTokenPlugin, grpc.CallCredentials]:
         entry = self._credentials.get(audience)

@@ -1,0 +1,127 @@
+"""The issuer's certs endpoint, seen from a real routeguide process: unreachable at start-up, verification fails
+closed (UNAVAILABLE, one clear warning) and recovers when it is back; unreachable later, the cached keys keep
+verifying; rotated, tokens signed with the new key verify and tokens of a withdrawn key do not."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+
+from emulators.identity import IdentityEmulator
+from routeguide.route_guide_pb2 import Point, RouteNote
+from tests.reliability import calls
+from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, bearer
+from tests.reliability.processes import Service
+
+HERE = Point(latitude=409146138, longitude=-746188906)
+Call = Callable[[grpc.aio.Channel, str], Awaitable[object]]
+
+
+async def unary(channel: grpc.aio.Channel, token: str) -> object:
+    return await calls.routeguide(channel).GetFeature(HERE, metadata=bearer(token), timeout=10)
+
+
+async def streaming(channel: grpc.aio.Channel, token: str) -> object:
+    async def notes() -> AsyncIterator[RouteNote]:
+        yield RouteNote(location=HERE, message="certs")
+
+    chat = calls.routeguide(channel).RouteChat(notes(), metadata=bearer(token), timeout=10)
+    return [note async for note in chat]
+
+
+async def outcome(call: Call, channel: grpc.aio.Channel, token: str) -> grpc.StatusCode:
+    try:
+        await call(channel, token)
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+async def both(channel: grpc.aio.Channel, token: str) -> object:
+    """A unary and a streaming call with `token`: both must pass the same check."""
+    await unary(channel, token)
+    return await streaming(channel, token)
+
+
+async def eventually_ok(call: Call, channel: grpc.aio.Channel, token: str) -> list[grpc.StatusCode]:
+    """The codes seen until the call succeeds (bounded: about 10 s)."""
+    seen = []
+    for _ in range(40):
+        seen.append(await outcome(call, channel, token))
+        if seen[-1] == grpc.StatusCode.OK:
+            break
+        await asyncio.sleep(0.25)
+    return seen
+
+
+def start(emulator: IdentityEmulator) -> Service:
+    return Service("routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": emulator.certs_url})
+
+
+async def test_certs_unreachable_fails_closed_with_a_clear_log_then_recovers() -> None:
+    with IdentityEmulator(certs_max_age_s=1) as emulator:
+        emulator.stop_certs()  # before the service ever fetched them: it has no key at all
+        service = await start(emulator).start()
+        call = both
+        try:
+            async with calls.insecure(service.address) as channel:
+                token = emulator.mint(ALICE, AUDIENCE)
+                for call in (unary, streaming, unary, streaming):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call(channel, token)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert refused.value.details() == "cannot verify tokens: identity certs unavailable"
+                emulator.start_certs()
+                codes = await eventually_ok(call, channel, token)
+                assert codes[-1] == grpc.StatusCode.OK and set(codes) <= {
+                    grpc.StatusCode.OK,
+                    grpc.StatusCode.UNAVAILABLE,
+                }
+
+                # Down again after a fetch: the keys it has keep verifying (fresh tokens, so no cache hit).
+                emulator.stop_certs()
+                await asyncio.sleep(1.2)  # past the certs' max-age: the service tries to refetch and fails
+                for _ in range(3):
+                    assert await outcome(call, channel, emulator.mint(ALICE, AUDIENCE)) == grpc.StatusCode.OK
+        finally:
+            assert await service.stop() == 0
+        messages = service.messages()
+        url = emulator.certs_url
+        assert f"identity certs unreachable at {url} (URLError); rejecting calls with UNAVAILABLE" in messages
+        assert f"identity certs reachable again at {url}" in messages
+        assert f"identity certs unreachable at {url} (URLError); using cached keys" in messages
+        # One warning per outage, not one per call.
+        assert sum("identity certs unreachable" in m for m in messages) == 2
+
+
+async def test_rotated_keys_verify_and_withdrawn_keys_do_not() -> None:
+    with IdentityEmulator(certs_max_age_s=1) as emulator:
+        service = await start(emulator).start()
+        call = both
+        try:
+            async with calls.insecure(service.address) as channel:
+                old_key = emulator.signing_key
+                assert await outcome(call, channel, emulator.mint(ALICE, AUDIENCE)) == grpc.StatusCode.OK
+                new_key = emulator.rotate_key()  # the old key stays published beside the new one
+                codes = await eventually_ok(call, channel, emulator.mint(ALICE, AUDIENCE, key=new_key))
+                assert codes[-1] == grpc.StatusCode.OK, codes
+                assert (
+                    await outcome(call, channel, emulator.mint(ALICE, AUDIENCE, key=old_key))
+                    == grpc.StatusCode.OK
+                )
+
+                emulator.rotate_key(keep_previous=False)  # both earlier keys withdrawn
+                withdrawn = emulator.mint(ALICE, AUDIENCE, key=old_key)
+                seen = [await outcome(call, channel, withdrawn)]
+                for _ in range(40):  # until the service has the new certs document (max-age 1 s)
+                    if seen[-1] != grpc.StatusCode.OK:
+                        break
+                    await asyncio.sleep(0.25)
+                    seen.append(await outcome(call, channel, emulator.mint(ALICE, AUDIENCE, key=old_key)))
+                assert seen[-1] == grpc.StatusCode.UNAUTHENTICATED, seen
+                assert await outcome(call, channel, emulator.mint(ALICE, AUDIENCE)) == grpc.StatusCode.OK
+        finally:
+            assert await service.stop() == 0
