@@ -118,7 +118,9 @@ async def test_routeguide_killed_mid_survey_is_reported_then_found_again_after_a
         assert await routeguide.wait(10) == -signal.SIGKILL
         reply = await survey
         assert reply.calls[0].code == OK and reply.pong.message == "big"
-        assert reply.calls[2].code == UNAVAILABLE, reply.calls  # the upload that was cut off, reported
+        # The upload that was cut off, reported. A client stream whose peer dies mid-write is ended by gRPC core
+        # with UNAVAILABLE or, when the write races the broken connection, INTERNAL "Internal error from Core".
+        assert reply.calls[2].code in (UNAVAILABLE, grpc.StatusCode.INTERNAL.value[0]), reply.calls
         assert not reply.HasField("route_summary")
 
         restarted = await Service("routeguide", {}).start(port=routeguide.port)
