@@ -282,7 +282,22 @@ async def test_each_failure_maps_to_its_status(
                 assert segment not in (info.value.details() or "")
 
 
-@pytest.mark.parametrize("call", [call_client_stream, call_bidi], ids=lambda f: f.__name__)
+async def _idle() -> AsyncIterator[Any]:
+    # Sends nothing: the verdict comes from the headers alone. A client still writing when the server
+    # rejects the call may see gRPC core's INTERNAL "Internal error from Core" instead of the real status.
+    await asyncio.Event().wait()
+    yield
+
+
+async def reject_client_stream(m: Mesh, md: Any) -> str:
+    return str(await m.routes.RecordRoute(_idle(), metadata=md, timeout=10))
+
+
+async def reject_bidi(m: Mesh, md: Any) -> str:
+    return str([n async for n in m.routes.RouteChat(_idle(), metadata=md, timeout=10)])
+
+
+@pytest.mark.parametrize("call", [reject_client_stream, reject_bidi], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("name", ["no token", "expired", "caller not allowed"])
 async def test_client_and_bidi_streams_are_rejected_too(
     mesh: Mesh, emulator: IdentityEmulator, name: str, call: Callable[[Mesh, Any], Awaitable[str]]
