@@ -57,6 +57,9 @@ class ServiceProcess:
             env={**self._env, "PORT": str(port)},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            # Its own session: Ctrl-C in the terminal reaches the launcher only, which then stops each
+            # service once, in order; a service signalled twice would die mid-drain.
+            start_new_session=True,
         )
         self._pump = asyncio.create_task(self._read_output())
         exited = asyncio.create_task(self._process.wait())
