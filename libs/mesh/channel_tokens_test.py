@@ -16,7 +16,8 @@ import pytest
 
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
-from mesh.identity import IdentityInterceptor, TokenVerifier, current_caller
+from mesh.identity import TokenVerifier, current_caller
+from mesh.server_chain import ServerChain
 from mesh.tokens_test import run_client
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
@@ -91,7 +92,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
 async def served(certs: DevCerts) -> AsyncIterator[tuple[IdentityEmulator, str]]:
     with IdentityEmulator() as emulator:
         verifier = TokenVerifier(AUDIENCE, emulator.certs_url)
-        server = grpc.aio.server(interceptors=[IdentityInterceptor(verifier)], options=OPTIONS)
+        server = grpc.aio.server(interceptors=[ServerChain(verifier=verifier)], options=OPTIONS)
         route_guide_pb2_grpc.add_RouteGuideServicer_to_server(Routes(), server)
         credentials = grpc.ssl_server_credentials(
             [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())]

@@ -1,7 +1,7 @@
 """Deadline propagation: a downstream call made while serving a call gets the time the incoming call has left.
 
 gRPC does not propagate deadlines by itself in Python. The server side records the incoming deadline in a
-ContextVar for the duration of the call; the client side caps every outgoing call's timeout by it, or by a
+ContextVar for the duration of the call (`record`/`forget`, from mesh.server_chain); the client side caps every outgoing call's timeout by it, or by a
 default when the incoming call set none, so a chain of calls can never outlive its caller.
 """
 
@@ -12,8 +12,6 @@ from contextvars import ContextVar, Token
 from typing import Any
 
 import grpc
-
-from mesh import handlers
 
 # Absolute time.monotonic() by which the call being served must finish; None when it has no deadline.
 _incoming_deadline: ContextVar[float | None] = ContextVar("incoming_deadline", default=None)
@@ -27,30 +25,15 @@ def remaining(default: float) -> float:
     return min(default, max(deadline - time.monotonic(), 0.0))
 
 
-def _record(context: grpc.aio.ServicerContext) -> Token[float | None]:
+def record(context: grpc.aio.ServicerContext) -> Token[float | None]:
+    """Server side, first inside a call: make the call's deadline the one `remaining` reads."""
     left = context.time_remaining()
     return _incoming_deadline.set(None if left is None else time.monotonic() + left)
 
 
-def _forget(token: Token[float | None]) -> None:
+def forget(token: Token[float | None]) -> None:
+    """Server side, last inside a call: undo `record`."""
     _incoming_deadline.reset(token)
-
-
-class DeadlineServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        self._handlers = handlers.HandlerCache()
-
-    async def intercept_service(
-        self, continuation: Any, handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return self._handlers.get(handler_call_details.method, handler, _wrap)
-
-
-def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    return handlers.wrap(handler, _record, _forget, method)
 
 
 class _Capping:

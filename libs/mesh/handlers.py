@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 
 # Runs first inside every call with the call's context; returns a token for `after` (e.g. a ContextVar token).
 Before = Callable[[grpc.aio.ServicerContext], Any]
-After = Callable[[Any], None]
+# Runs last inside every call: the token, the call's context, and what the handler raised (None if nothing).
+After = Callable[[Any, grpc.aio.ServicerContext, BaseException | None], None]
 UNDECODABLE = object()  # what a request that does not parse deserializes to
 
 
@@ -71,10 +72,14 @@ def wrap(
             # A handler that sends with `await context.write()` (grpc's own health Watch): keep it a coroutine.
             async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
                 token = before(context)
+                error: BaseException | None = None
                 try:
                     await behavior(await checked(request, context), context)
+                except BaseException as exc:
+                    error = exc
+                    raise
                 finally:
-                    after(token)
+                    after(token, context, error)
 
             return factory(
                 writing,
@@ -84,11 +89,15 @@ def wrap(
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             token = before(context)
+            error: BaseException | None = None
             try:
                 async for response in behavior(await checked(request, context), context):
                     yield response
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
-                after(token)
+                after(token, context, error)
 
         return factory(
             streaming,
@@ -100,10 +109,14 @@ def wrap(
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         token = before(context)
+        error: BaseException | None = None
         try:
             return await unary_behavior(await checked(request, context), context)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            after(token)
+            after(token, context, error)
 
     factory = (
         grpc.stream_unary_rpc_method_handler
@@ -117,24 +130,28 @@ def wrap(
     )
 
 
-class HandlerCache:
-    """Wrapped handlers made once per method instead of once per call (a server interceptor's hot path).
+Made = TypeVar("Made")
 
-    A service's method handler is the same object on every call, so its wrapped form is kept beside it and
-    reused while the interceptor below returns that same object. Bounded, because method names come from
+
+class HandlerCache(Generic[Made]):
+    """What is made from a method's handler (its wrapped form), made once per method instead of once per
+    call (a server interceptor's hot path).
+
+    A service's method handler is the same object on every call, so what is made from it is kept beside it
+    and reused while the server returns that same object. Bounded, because method names come from
     clients (unknown ones never get here: they have no handler).
     """
 
     def __init__(self, limit: int = 10_000) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, Made]] = {}
         self._limit = limit
 
     def get(
         self,
         method: str,
         handler: grpc.RpcMethodHandler,
-        make: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler],
-    ) -> grpc.RpcMethodHandler:
+        make: Callable[[str, grpc.RpcMethodHandler], Made],
+    ) -> Made:
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]

@@ -4,7 +4,7 @@
 Cache-Control max-age, refetched once on an unknown key id), its audience, issuer and times, then the
 caller's email against an optional allow-list. Verified tokens are cached until they expire, so a caller
 that reuses its token (as mesh.tokens does) pays a dict lookup per call, not an RSA verification.
-`IdentityInterceptor` applies it to every RPC of a grpc.aio server except the exempt services.
+mesh.server_chain applies it (`admit`) to every RPC of a grpc.aio server except the exempt services.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, AsyncIterator, Iterable, Mapping
 
 import grpc
 from cryptography.exceptions import InvalidSignature
@@ -225,7 +225,7 @@ def _signature_ok(key: rsa.RSAPublicKey, signature: bytes, signed: bytes) -> boo
 _MISSING = "missing credentials: send 'authorization: Bearer <ID token>' (or 'x-serverless-authorization')"
 
 
-def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The token from x-serverless-authorization (Cloud Run leaves `authorization` to the app) or authorization."""
     found: str | bytes | None = None
     for key, value in metadata or ():
@@ -239,40 +239,28 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return found[7:].strip()
 
 
-class IdentityInterceptor(grpc.aio.ServerInterceptor):
-    """Verifies every call's ID token (except exempt services) and exposes the caller via current_caller()."""
+def exempt(method: str, exempt_services: frozenset[str]) -> bool:
+    """Whether a method ("/package.Service/Method") belongs to a service that takes calls without a token."""
+    return method[1:].rpartition("/")[0] in exempt_services
 
-    def __init__(self, verifier: TokenVerifier, exempt_services: Iterable[str] = EXEMPT_SERVICES) -> None:
-        self._verifier = verifier
-        self._exempt = frozenset(exempt_services)
-        self._exempt_methods: dict[str, bool] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        exempt = self._exempt_methods.get(method)
-        if exempt is None:
-            exempt = method[1:].rpartition("/")[0] in self._exempt
-            if len(self._exempt_methods) < 10_000:  # bounded: method names come from clients
-                self._exempt_methods[method] = exempt
-        if exempt:
-            return await continuation(handler_call_details)
-        try:
-            token = _bearer_token(handler_call_details.invocation_metadata)  # type: ignore[arg-type]
-            caller = await self._verifier.verify(token)
-        except AuthError as error:
-            handler = await continuation(handler_call_details)
-            if handler is None:
-                return handler  # unknown method: gRPC answers UNIMPLEMENTED
-            _log.info("rejected call to %s: %s (%s)", method, error.code.name, error.message)
-            return _aborting(handler, error)
-        # Each RPC runs in its own task and the handler runs in this task's context, so the value is
-        # visible to the handler and to nothing else.
-        _current_caller.set(caller)
-        return await continuation(handler_call_details)
+async def admit(verifier: TokenVerifier, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+    """Verify the call's token and make its caller current, or raise AuthError.
+
+    Called from the server interceptor: each RPC runs in its own task and the handler runs in this task's
+    context, so the caller is visible to the handler and to nothing else.
+    """
+    _current_caller.set(await verifier.verify(bearer_token(metadata)))
+
+
+def rejecting(method: str, handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMethodHandler:
+    """A handler of the same RPC kind that fails with the error's status (logged, without token material)."""
+    _log.info("rejected call to %s: %s (%s)", method, error.code.name, error.message)
+    return _aborting(handler, error)
+
+
+def _unparsed(data: bytes) -> None:
+    return None
 
 
 def _aborting(handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMethodHandler:
@@ -285,7 +273,8 @@ def _aborting(handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMetho
         await context.abort(error.code, error.message)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
-    deserializer, serializer = handler.request_deserializer, handler.response_serializer
+    # The request of a refused caller is not parsed: the refusal comes first, whatever its bytes.
+    deserializer, serializer = _unparsed, handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort_streaming, deserializer, serializer)
     if handler.request_streaming:

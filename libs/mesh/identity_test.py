@@ -1,4 +1,4 @@
-"""IdentityInterceptor + TokenVerifier on a real grpc.aio server, with tokens from the identity emulator."""
+"""ServerChain (identity) + TokenVerifier on a real grpc.aio server, with tokens from the identity emulator."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from emulators.identity import IdentityEmulator, SigningKey
-from mesh.identity import AuthError, Caller, IdentityInterceptor, TokenVerifier, current_caller
+from mesh.identity import AuthError, Caller, TokenVerifier, current_caller
+from mesh.server_chain import ServerChain
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2 as rg
 from routeguide import route_guide_pb2_grpc as rg_grpc
@@ -81,7 +82,7 @@ async def start(verifier: TokenVerifier) -> Mesh:
     # gRPC's own 8 KiB metadata limit would turn an oversized token into RESOURCE_EXHAUSTED before the
     # verifier sees it; raised here so the verifier's own bound is what the oversized case tests.
     options = [*OPTIONS, ("grpc.max_metadata_size", 64 * 1024)]
-    server = grpc.aio.server(interceptors=[IdentityInterceptor(verifier)], options=options)
+    server = grpc.aio.server(interceptors=[ServerChain(verifier=verifier)], options=options)
     ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     rg_grpc.add_RouteGuideServicer_to_server(RouteGuide(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
@@ -421,7 +422,7 @@ def test_verifier_refuses_an_empty_audience() -> None:
 async def test_exempt_calls_never_see_an_earlier_callers_identity(emulator: IdentityEmulator) -> None:
     verifier = TokenVerifier(AUDIENCE, emulator.certs_url)
     server = grpc.aio.server(
-        interceptors=[IdentityInterceptor(verifier, exempt_services=("ping.PingService",))], options=OPTIONS
+        interceptors=[ServerChain(verifier=verifier, exempt_services=("ping.PingService",))], options=OPTIONS
     )
     ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     rg_grpc.add_RouteGuideServicer_to_server(RouteGuide(), server)

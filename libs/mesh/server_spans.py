@@ -6,14 +6,14 @@ the server-fault codes), but measured at a third of its per-call cost (BENCHMARK
 a filter that runs typing-Protocol isinstance checks on every call, a wrapt proxy around every
 ServicerContext, the attribute dict (peer address parsing, metadata copied twice) built before the sampler
 drops the span, and a new wrapped handler per call. Here the per-method work (filter, names, static
-attributes, the wrapped handler) is done once; a call extracts the caller's context, asks the sampler, and
-only a recorded span gets the per-call attributes and its status (read back from the ServicerContext).
+attributes) is done once, and mesh.server_chain runs it inside its one wrapper per method; a call extracts
+the caller's context, asks the sampler, and only a recorded span gets the per-call attributes and its
+status (read back from the ServicerContext).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import unquote
 
@@ -23,8 +23,6 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-
-from mesh.handlers import HandlerCache
 
 # Probes and tooling, not requests.
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
@@ -59,8 +57,12 @@ def drops_unsampled_parents(provider: trace.TracerProvider, *, remote: bool) -> 
 _UNSAMPLED = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.RANDOM_TRACE_ID))
 
 
-class ServerSpans(grpc.aio.ServerInterceptor):
-    """One SERVER span per call, child of the caller's propagated context, current while the handler runs."""
+Start = Callable[[grpc.aio.ServicerContext], tuple[Span, object]]
+
+
+class ServerSpans:
+    """One SERVER span per call, child of the caller's propagated context, current while the handler runs:
+    `starter(method)` opens it inside the call (made once per method), `end_span` closes it."""
 
     def __init__(self, provider: trace.TracerProvider, untraced: Iterable[str] = UNTRACED_SERVICES) -> None:
         self._tracer = provider.get_tracer(SCOPE, schema_url=SCHEMA_URL)
@@ -68,21 +70,12 @@ class ServerSpans(grpc.aio.ServerInterceptor):
         # as the SDK would make them (same trace, new span id, not recorded) without its general machinery.
         self._ids = provider.id_generator if drops_unsampled_parents(provider, remote=True) else None  # type: ignore[attr-defined]
         self._untraced = tuple(untraced)
-        self._handlers = HandlerCache()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return self._handlers.get(handler_call_details.method, handler, self._traced)
-
-    def _traced(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def starter(self, method: str) -> Start | None:
+        """What opens a call's span and makes it current (the span and the token for `end_span`); None for
+        an untraced method."""
         if method[1:].startswith(self._untraced):
-            return handler
+            return None
         service, _, name = method[1:].partition("/")
         attributes = {
             "rpc.system": "grpc",
@@ -111,63 +104,19 @@ class ServerSpans(grpc.aio.ServerInterceptor):
                 _describe_call(span, context, carrier)
             return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
-        def finish(
-            span: Span, token: object, context: grpc.aio.ServicerContext, error: BaseException | None
-        ) -> None:
-            try:
-                if span.is_recording():
-                    _record_outcome(span, context, error)
-            finally:
-                otel_context.detach(token)  # type: ignore[arg-type]
-                span.end()
-
-        behavior, factory = _behavior(handler)
-        if handler.response_streaming and not inspect.iscoroutinefunction(behavior):
-
-            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                span, token = start(context)
-                error: BaseException | None = None
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(span, token, context, error)
-
-            wrapped: Callable[..., Any] = streaming
-        else:
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                span, token = start(context)
-                error: BaseException | None = None
-                try:
-                    return await behavior(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(span, token, context, error)
-
-            wrapped = unary
-        return factory(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return start
 
 
-def _behavior(
-    handler: grpc.RpcMethodHandler,
-) -> tuple[Callable[..., Any], Callable[..., grpc.RpcMethodHandler]]:
-    if handler.request_streaming and handler.response_streaming:
-        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    if handler.request_streaming:
-        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    if handler.response_streaming:
-        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+def end_span(
+    span: Span, token: object, context: grpc.aio.ServicerContext, error: BaseException | None
+) -> None:
+    """Close what a starter opened: status (for a recorded span), the context detached, the span ended."""
+    try:
+        if span.is_recording():
+            _record_outcome(span, context, error)
+    finally:
+        otel_context.detach(token)  # type: ignore[arg-type]
+        span.end()
 
 
 def _describe_call(span: Span, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
-"""ServerSpans: the spans of the OpenTelemetry grpc instrumentation (names, attributes, status by code,
-streams ended when they finish), nothing recorded for unsampled calls, and their trace context still
-propagated downstream."""
+"""ServerSpans (through ServerChain): the spans of the OpenTelemetry grpc instrumentation (names, attributes,
+status by code, streams ended when they finish), nothing recorded for unsampled calls, and their trace context
+still propagated downstream."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh import tracing
-from mesh.server_spans import ServerSpans
+from mesh.server_chain import ServerChain
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from services.ping.servicer import PingServicer
@@ -44,7 +44,7 @@ def tracecontext() -> Iterator[None]:
 
 
 async def serve(traced: TracerProvider, servicer: object, add: object) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(interceptors=[ServerSpans(traced)], options=OPTIONS)
+    server = grpc.aio.server(interceptors=[ServerChain(traced)], options=OPTIONS)
     add(servicer, server)  # type: ignore[operator]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

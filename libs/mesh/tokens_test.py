@@ -19,7 +19,8 @@ import pytest
 
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
-from mesh.identity import IdentityInterceptor, TokenVerifier, current_caller
+from mesh.identity import TokenVerifier, current_caller
+from mesh.server_chain import ServerChain
 from mesh.tokens import audience_for
 from ping import ping_pb2, ping_pb2_grpc
 
@@ -85,7 +86,7 @@ def emulator() -> Iterator[IdentityEmulator]:
 
 
 async def tls_server(certs: DevCerts, verifier: TokenVerifier) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server(interceptors=[IdentityInterceptor(verifier)], options=OPTIONS)
+    server = grpc.aio.server(interceptors=[ServerChain(verifier=verifier)], options=OPTIONS)
     ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     creds = grpc.ssl_server_credentials([(certs.server_key.read_bytes(), certs.server_cert.read_bytes())])
     port = server.add_secure_port("127.0.0.1:0", creds)

@@ -23,7 +23,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh import client_spans
-from mesh.server_spans import ServerSpans
 from mesh.settings import ConfigError, Env, text
 
 
@@ -113,10 +112,6 @@ def install(env: Env, service: str) -> TracerProvider:
     provider = provider_from_env(env, service)
     trace.set_tracer_provider(provider)
     return provider
-
-
-def server_interceptor(provider: trace.TracerProvider) -> grpc.aio.ServerInterceptor:
-    return ServerSpans(provider)
 
 
 def client_interceptors(provider: trace.TracerProvider) -> list[grpc.aio.ClientInterceptor]:
