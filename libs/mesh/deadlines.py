@@ -33,7 +33,10 @@ def record(context: grpc.aio.ServicerContext) -> Token[float | None]:
 
 def forget(token: Token[float | None]) -> None:
     """Server side, last inside a call: undo `record`."""
-    _incoming_deadline.reset(token)
+    try:
+        _incoming_deadline.reset(token)
+    except ValueError:
+        pass  # ended from outside the call's context (an abandoned stream): that context is gone anyway
 
 
 class _Capping:

@@ -89,15 +89,24 @@ def wrap(
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             token = before(context)
-            error: BaseException | None = None
+            ended = False
+
+            def end(error: BaseException | None) -> None:
+                nonlocal ended
+                if not ended:
+                    ended = True
+                    after(token, context, error)
+
+            # A stream the client abandons while this generator waits at `yield` is not closed by grpc.aio;
+            # it is finalized whenever the garbage collector gets to it. End the call's work when the RPC ends.
+            context.add_done_callback(lambda _: end(None))
             try:
                 async for response in behavior(await checked(request, context), context):
                     yield response
             except BaseException as exc:
-                error = exc
+                end(exc)
                 raise
-            finally:
-                after(token, context, error)
+            end(None)
 
         return factory(
             streaming,

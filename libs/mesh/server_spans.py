@@ -115,8 +115,13 @@ def end_span(
         if span.is_recording():
             _record_outcome(span, context, error)
     finally:
-        otel_context.detach(token)  # type: ignore[arg-type]
         span.end()
+        try:
+            # Not otel_context.detach, which logs an error when the call ends outside its own context (an
+            # abandoned stream, ended by gRPC's done callback): there is nothing to restore then.
+            token.var.reset(token)  # type: ignore[attr-defined]
+        except ValueError:
+            pass
 
 
 def _describe_call(span: Span, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
