@@ -18,7 +18,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
 
-NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+from mesh.testing import NO_REUSEPORT
+
 _KINDS = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 _CODES = {0: "UNSET", 1: "OK", 2: "ERROR"}
 _SUCCEEDED = {"OK", "UNSET"}

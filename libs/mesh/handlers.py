@@ -55,12 +55,17 @@ def wrap(
     """`handler` with `before`/`after` around each call and unparsable requests refused."""
     deserializer = _tolerant(handler.request_deserializer)
 
+    streaming_requests = handler.request_streaming
+
     async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if handler.request_streaming:
+        if streaming_requests:
             return _parsed(request, context, method)
         if request is UNDECODABLE:
             await _refuse(context, method)
         return request
+
+    def ready(request: Any) -> bool:  # the common case: no coroutine on the hot path of a unary request
+        return not streaming_requests and request is not UNDECODABLE
 
     if handler.response_streaming:
         behavior = handler.unary_stream if not handler.request_streaming else handler.stream_stream
@@ -74,7 +79,7 @@ def wrap(
                 token = before(context)
                 error: BaseException | None = None
                 try:
-                    await behavior(await checked(request, context), context)
+                    await behavior((request if ready(request) else await checked(request, context)), context)
                 except BaseException as exc:
                     error = exc
                     raise
@@ -101,7 +106,9 @@ def wrap(
             # it is finalized whenever the garbage collector gets to it. End the call's work when the RPC ends.
             context.add_done_callback(lambda _: end(None))
             try:
-                async for response in behavior(await checked(request, context), context):
+                async for response in behavior(
+                    (request if ready(request) else await checked(request, context)), context
+                ):
                     yield response
             except BaseException as exc:
                 end(exc)
@@ -120,7 +127,9 @@ def wrap(
         token = before(context)
         error: BaseException | None = None
         try:
-            return await unary_behavior(await checked(request, context), context)
+            return await unary_behavior(
+                (request if ready(request) else await checked(request, context)), context
+            )
         except BaseException as exc:
             error = exc
             raise

@@ -24,9 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from mesh.issuer_keys import IssuerKeys, b64decode
+from mesh.settings import GOOGLE_CERTS_URL, GOOGLE_ISSUERS
 
-GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
-GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 EXEMPT_SERVICES = (
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",

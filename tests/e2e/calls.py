@@ -12,11 +12,11 @@ from localmesh.demo import DemoClient
 from localmesh.launcher import Mesh
 from localmesh.spans import Span
 from mesh import tracing
+from mesh.testing import NO_REUSEPORT
 from ping import ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
 FINE = {"OK", "UNSET"}  # a span that recorded no error
-NO_REUSEPORT = [("grpc.so_reuseport", 0)]
 
 
 def tls_channel(mesh: Mesh, client: DemoClient, service: str) -> grpc.aio.Channel:

@@ -15,10 +15,11 @@ from emulators.identity import SigningKey
 from localmesh import topology
 from localmesh.demo import CLIENT, WORLD, DemoClient, point
 from localmesh.launcher import Mesh
+from mesh.testing import NO_REUSEPORT
 from ping import ping_pb2
 from routeguide import route_guide_pb2
 from tests.e2e import calls
-from tests.e2e.calls import FINE, NO_REUSEPORT, bearer, describe, features, one, tls_channel
+from tests.e2e.calls import FINE, bearer, describe, features, one, tls_channel
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -11,11 +11,11 @@ import grpc
 
 from aggregator.v1 import aggregator_pb2_grpc
 from emulators.dev_ca import DevCerts
+from mesh.testing import NO_REUSEPORT
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from routeguide.route_guide_pb2 import Point, Rectangle
 
-NO_REUSEPORT: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
 # A client that sends what the server will refuse, so that the server (not the client) says no.
 UNLIMITED = [*NO_REUSEPORT, ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 EOF_ = grpc.aio.EOF  # type: ignore[attr-defined]
