@@ -159,11 +159,6 @@ class IdTokens:
         """Finds the identity for `audience` now: NoCredentialsError at start-up rather than on a call."""
         self._entry(audience)
 
-    def id_token_credentials(self, audience: str) -> Credentials:
-        """The google-auth credential behind `credentials(audience)` (for inspection and tests)."""
-        credentials: Credentials = self._entry(audience)[0]._credentials
-        return credentials
-
     async def metadata(self, audience: str, timeout: float | None = None) -> Metadata:
         """`(("authorization", "Bearer <token>"),)` for per-call metadata (e.g. from a client interceptor).
 
