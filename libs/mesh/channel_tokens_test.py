@@ -92,7 +92,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
 async def served(certs: DevCerts) -> AsyncIterator[tuple[IdentityEmulator, str]]:
     with IdentityEmulator() as emulator:
         verifier = TokenVerifier(AUDIENCE, emulator.certs_url)
-        server = grpc.aio.server(interceptors=[ServerChain(verifier=verifier)], options=OPTIONS)
+        server = ServerChain(verifier=verifier).wrapping(grpc.aio.server(options=OPTIONS))
         route_guide_pb2_grpc.add_RouteGuideServicer_to_server(Routes(), server)
         credentials = grpc.ssl_server_credentials(
             [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())]

@@ -11,7 +11,7 @@ client to flood the logs.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -20,6 +20,9 @@ import grpc
 Before = Callable[[grpc.aio.ServicerContext], Any]
 # Runs last inside every call: the token, the call's context, and what the handler raised (None if nothing).
 After = Callable[[Any, grpc.aio.ServicerContext, BaseException | None], None]
+# Runs inside every call after `before`: admits the call at once (None) or returns what finishes admitting it
+# (or refuses it, by aborting the call). Two-phase so the common case, a caller seen before, costs no coroutine.
+Admit = Callable[[grpc.aio.ServicerContext], Awaitable[None] | None]
 UNDECODABLE = object()  # what a request that does not parse deserializes to
 
 
@@ -50,9 +53,14 @@ async def _parsed(
 
 
 def wrap(
-    handler: grpc.RpcMethodHandler, before: Before, after: After, method: str = "this method"
+    handler: grpc.RpcMethodHandler,
+    before: Before,
+    after: After,
+    method: str = "this method",
+    admit: Admit | None = None,
 ) -> grpc.RpcMethodHandler:
-    """`handler` with `before`/`after` around each call and unparsable requests refused."""
+    """`handler` with `before`/`after` around each call, `admit` checked first inside them, and unparsable
+    requests refused (after `admit`: a refused caller learns nothing about its request)."""
     deserializer = _tolerant(handler.request_deserializer)
 
     streaming_requests = handler.request_streaming
@@ -79,6 +87,8 @@ def wrap(
                 token = before(context)
                 error: BaseException | None = None
                 try:
+                    if admit is not None and (admitting := admit(context)) is not None:
+                        await admitting
                     await behavior((request if ready(request) else await checked(request, context)), context)
                 except BaseException as exc:
                     error = exc
@@ -106,6 +116,8 @@ def wrap(
             # it is finalized whenever the garbage collector gets to it. End the call's work when the RPC ends.
             context.add_done_callback(lambda _: end(None))
             try:
+                if admit is not None and (admitting := admit(context)) is not None:
+                    await admitting
                 async for response in behavior(
                     (request if ready(request) else await checked(request, context)), context
                 ):
@@ -127,6 +139,8 @@ def wrap(
         token = before(context)
         error: BaseException | None = None
         try:
+            if admit is not None and (admitting := admit(context)) is not None:
+                await admitting
             return await unary_behavior(
                 (request if ready(request) else await checked(request, context)), context
             )

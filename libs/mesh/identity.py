@@ -4,7 +4,7 @@
 Cache-Control max-age, refetched once on an unknown key id), its audience, issuer and times, then the
 caller's email against an optional allow-list. Verified tokens are cached until they expire, so a caller
 that reuses its token (as mesh.tokens does) pays a dict lookup per call, not an RSA verification.
-mesh.server_chain applies it (`admit`) to every RPC of a grpc.aio server except the exempt services.
+mesh.server_chain applies it (`admitter`) to every RPC of a grpc.aio server except the exempt services.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import grpc
 from cryptography.exceptions import InvalidSignature
@@ -120,22 +121,33 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> Caller:
         """The caller the token proves, or AuthError (UNAUTHENTICATED, PERMISSION_DENIED or UNAVAILABLE)."""
-        caller = self._cache.get(token)
+        caller = self.known(token)
         if caller is None:
             caller = await self._verify_uncached(token)
             self._cache[token] = caller
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        elif time.time() > caller.expires_at + self._skew:
+            self._check_allowed(caller)
+        return caller
+
+    def known(self, token: str) -> Caller | None:
+        """The caller of a token verified before (no coroutine: the per-call path), None for a new token, or
+        AuthError when it has expired since or its caller is not allowed."""
+        caller = self._cache.get(token)
+        if caller is None:
+            return None
+        if time.time() > caller.expires_at + self._skew:
             self._cache.pop(token, None)
             raise _unauthenticated("token expired")
-        else:
-            self._cache.move_to_end(token)
+        self._cache.move_to_end(token)
+        self._check_allowed(caller)
+        return caller
+
+    def _check_allowed(self, caller: Caller) -> None:
         if self.allowed_callers is not None and caller.email not in self.allowed_callers:
             raise AuthError(
                 grpc.StatusCode.PERMISSION_DENIED, f"caller not allowed: {caller.email or caller.subject}"
             )
-        return caller
 
     async def _verify_uncached(self, token: str) -> Caller:
         if len(token) > self._max_token_bytes:
@@ -243,41 +255,37 @@ def exempt(method: str, exempt_services: frozenset[str]) -> bool:
     return method[1:].rpartition("/")[0] in exempt_services
 
 
-async def admit(verifier: TokenVerifier, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
-    """Verify the call's token and make its caller current, or raise AuthError.
+def admitter(verifier: TokenVerifier, method: str) -> Callable[[grpc.aio.ServicerContext], Awaitable[None] | None]:
+    """What admits a call of `method` (mesh.handlers.Admit): makes its verified caller current, or aborts the
+    call with the AuthError's status (logged, without token material).
 
-    Called from the server interceptor: each RPC runs in its own task and the handler runs in this task's
-    context, so the caller is visible to the handler and to nothing else.
+    It runs inside the handler's own task, so the caller is visible to the handler and to nothing else. A
+    token verified before is admitted at once; a new one returns the coroutine that verifies it.
     """
-    _current_caller.set(await verifier.verify(bearer_token(metadata)))
+
+    def admit(context: grpc.aio.ServicerContext) -> Awaitable[None] | None:
+        try:
+            token = bearer_token(context.invocation_metadata())
+            caller = verifier.known(token)
+        except AuthError as error:
+            return _refuse(context, method, error)
+        if caller is None:
+            return _admit_new(verifier, token, context, method)
+        _current_caller.set(caller)
+        return None
+
+    return admit
 
 
-def rejecting(method: str, handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMethodHandler:
-    """A handler of the same RPC kind that fails with the error's status (logged, without token material)."""
+async def _admit_new(
+    verifier: TokenVerifier, token: str, context: grpc.aio.ServicerContext, method: str
+) -> None:
+    try:
+        _current_caller.set(await verifier.verify(token))
+    except AuthError as error:
+        await _refuse(context, method, error)
+
+
+async def _refuse(context: grpc.aio.ServicerContext, method: str, error: AuthError) -> None:
     _log.info("rejected call to %s: %s (%s)", method, error.code.name, error.message)
-    return _aborting(handler, error)
-
-
-def _unparsed(data: bytes) -> None:
-    return None
-
-
-def _aborting(handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMethodHandler:
-    """A handler of the same RPC kind that fails with the error's status."""
-
-    async def abort_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(error.code, error.message)
-
-    async def abort_streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(error.code, error.message)
-        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
-
-    # The request of a refused caller is not parsed: the refusal comes first, whatever its bytes.
-    deserializer, serializer = _unparsed, handler.response_serializer
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_streaming, deserializer, serializer)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort_unary, deserializer, serializer)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_streaming, deserializer, serializer)
-    return grpc.unary_unary_rpc_method_handler(abort_unary, deserializer, serializer)
+    await context.abort(error.code, error.message)

@@ -82,7 +82,7 @@ async def start(verifier: TokenVerifier) -> Mesh:
     # gRPC's own 8 KiB metadata limit would turn an oversized token into RESOURCE_EXHAUSTED before the
     # verifier sees it; raised here so the verifier's own bound is what the oversized case tests.
     options = [*OPTIONS, ("grpc.max_metadata_size", 64 * 1024)]
-    server = grpc.aio.server(interceptors=[ServerChain(verifier=verifier)], options=options)
+    server = ServerChain(verifier=verifier).wrapping(grpc.aio.server(options=options))
     ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     rg_grpc.add_RouteGuideServicer_to_server(RouteGuide(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
@@ -421,9 +421,7 @@ def test_verifier_refuses_an_empty_audience() -> None:
 
 async def test_exempt_calls_never_see_an_earlier_callers_identity(emulator: IdentityEmulator) -> None:
     verifier = TokenVerifier(AUDIENCE, emulator.certs_url)
-    server = grpc.aio.server(
-        interceptors=[ServerChain(verifier=verifier, exempt_services=("ping.PingService",))], options=OPTIONS
-    )
+    server = ServerChain(verifier=verifier, exempt_services=("ping.PingService",)).wrapping(grpc.aio.server(options=OPTIONS))
     ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     rg_grpc.add_RouteGuideServicer_to_server(RouteGuide(), server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -1,40 +1,31 @@
-"""The mesh's one server interceptor: the call's span, its caller's identity and its deadline.
+"""The mesh's server-side work on every call: the call's span, its caller's identity and its deadline.
 
 Tracing (mesh.server_spans), ID-token verification (mesh.identity) and deadline recording (mesh.deadlines)
-in a single grpc.aio interceptor and a single handler wrapper per method, made once and cached. (Measured
-against three separate interceptors: no difference in CPU per call, BENCHMARKS.md item 7; the gain is one
-place where the order is decided.) Order inside a call, outermost first: span, identity, deadline.
+run in one wrapper around each method handler, made once, when the service is added to the server:
+`ServerChain(...).wrapping(grpc.aio.server(...))` is the server to add services to. Not a grpc.aio
+interceptor: once a server has any interceptor, grpc.aio runs an interceptor pipeline of coroutines in
+Python on every call, which measured 20-25 us a call against 3-4 us for the work itself (BENCHMARKS.md).
+Order inside a call, outermost first: span, deadline, identity, the request's parse check, the handler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 from opentelemetry import trace
 
 from mesh import deadlines, handlers, identity
-from mesh.identity import EXEMPT_SERVICES, AuthError, TokenVerifier
+from mesh.identity import EXEMPT_SERVICES, TokenVerifier
 from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, Start, end_span
-
-
-@dataclass(frozen=True, slots=True)
-class _Method:
-    """What a method's calls need, worked out on its first call."""
-
-    handler: grpc.RpcMethodHandler  # the wrapped handler
-    authenticated: bool
-    before: handlers.Before
-    after: handlers.After
 
 
 def _forget_deadline(token: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
     deadlines.forget(token)
 
 
-class ServerChain(grpc.aio.ServerInterceptor):
+class ServerChain:
     """Spans (when `provider` is given), token verification (when `verifier` is) and the incoming deadline."""
 
     def __init__(
@@ -48,31 +39,69 @@ class ServerChain(grpc.aio.ServerInterceptor):
         self._spans = None if provider is None else ServerSpans(provider, untraced_services)
         self._verifier = verifier
         self._exempt = frozenset(exempt_services)
-        self._methods: handlers.HandlerCache[_Method] = handlers.HandlerCache()
+        self._wrapped: handlers.HandlerCache[grpc.RpcMethodHandler] = handlers.HandlerCache()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None  # unknown method: gRPC answers UNIMPLEMENTED
-        method = self._methods.get(handler_call_details.method, handler, self._method)
-        if method.authenticated and self._verifier is not None:
-            try:
-                await identity.admit(self._verifier, handler_call_details.invocation_metadata)  # type: ignore[arg-type]
-            except AuthError as error:
-                name = handler_call_details.method
-                rejecting = identity.rejecting(name, handler, error)
-                return handlers.wrap(rejecting, method.before, method.after, name)
-        return method.handler
+    def wrapping(self, server: grpc.aio.Server) -> grpc.aio.Server:
+        """`server`, with every handler added through it wrapped by this chain."""
+        return _WrappingServer(server, self)
 
-    def _method(self, name: str, handler: grpc.RpcMethodHandler) -> _Method:
-        start = None if self._spans is None else self._spans.starter(name)
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` of `method` ("/package.Service/Method") run inside the chain (made once per method)."""
+        return self._wrapped.get(method, handler, self._wrap)
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        start = None if self._spans is None else self._spans.starter(method)
         before, after = (deadlines.record, _forget_deadline) if start is None else _traced(start)
-        authenticated = self._verifier is not None and not identity.exempt(name, self._exempt)
-        return _Method(handlers.wrap(handler, before, after, name), authenticated, before, after)
+        admit = None
+        if self._verifier is not None and not identity.exempt(method, self._exempt):
+            admit = identity.admitter(self._verifier, method)
+        return handlers.wrap(handler, before, after, method, admit)
+
+
+class _WrappingServer(grpc.aio.Server):  # type: ignore[misc]
+    """A grpc.aio server as a service's generated `add_*Servicer_to_server` sees it: the handlers it adds
+    (generic and registered) are wrapped by the chain on the way in; the rest is the server's. A real
+    grpc.aio.Server subclass, because libraries pick their aio flavour by isinstance (reflection does)."""
+
+    def __init__(self, server: grpc.aio.Server, chain: ServerChain) -> None:
+        self._server = server
+        self._chain = chain
+
+    def add_generic_rpc_handlers(self, generic_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_Wrapped(h, self._chain) for h in generic_handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, method_handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrap = self._chain.wrap
+        self._server.add_registered_method_handlers(
+            service, {name: wrap(f"/{service}/{name}", h) for name, h in method_handlers.items()}
+        )
+
+    def add_insecure_port(self, address: str) -> int:
+        return int(self._server.add_insecure_port(address))
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return int(self._server.add_secure_port(address, server_credentials))
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(await self._server.wait_for_termination(timeout))
+
+
+class _Wrapped(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, chain: ServerChain) -> None:
+        self._inner = inner
+        self._chain = chain
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        return None if handler is None else self._chain.wrap(handler_call_details.method, handler)
 
 
 def _traced(start: Start) -> tuple[handlers.Before, handlers.After]:

@@ -61,7 +61,7 @@ async def channel(
     provider = TracerProvider()  # default sampler: every root call recorded
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     verifier = TokenVerifier(AUDIENCE, emulator.certs_url, allowed_callers=frozenset({ALICE}))
-    server = grpc.aio.server(interceptors=[ServerChain(provider, verifier)], options=OPTIONS)
+    server = ServerChain(provider, verifier).wrapping(grpc.aio.server(options=OPTIONS))
     ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

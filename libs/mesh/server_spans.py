@@ -13,7 +13,8 @@ status (read back from the ServicerContext).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -22,7 +23,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+from mesh.propagation import traceparent_decides
 
 # Probes and tooling, not requests.
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
@@ -55,6 +60,28 @@ def drops_unsampled_parents(provider: trace.TracerProvider, *, remote: bool) -> 
 
 
 _UNSAMPLED = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.RANDOM_TRACE_ID))
+_NO_TRACE_STATE = TraceState()
+# A version-00 traceparent exactly as W3C Trace Context writes it; any other form takes the propagator's path.
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_OTHER_TRACE_HEADERS = ("tracestate", "baggage")
+
+
+def _unsampled_traceparent(metadata: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
+    """(trace id, trace flags) when the call's trace context is a lone, valid, unsampled traceparent: what
+    Cloud Run's front end sends with nearly every request. None for anything else."""
+    traceparent = None
+    for key, value in metadata:
+        if key == "traceparent":
+            traceparent = value
+        elif key in _OTHER_TRACE_HEADERS:
+            return None
+    found = _TRACEPARENT_00.fullmatch(traceparent) if isinstance(traceparent, str) else None
+    if found is None:
+        return None
+    trace_id, span_id, flags = int(found[1], 16), int(found[2], 16), int(found[3], 16)
+    if flags & TraceFlags.SAMPLED or not trace_id or not span_id:
+        return None
+    return trace_id, flags
 
 
 Start = Callable[[grpc.aio.ServicerContext], tuple[Span, object]]
@@ -70,6 +97,15 @@ class ServerSpans:
         # as the SDK would make them (same trace, new span id, not recorded) without its general machinery.
         self._ids = provider.id_generator if drops_unsampled_parents(provider, remote=True) else None  # type: ignore[attr-defined]
         self._untraced = tuple(untraced)
+        self._textmap: object = None
+        self._fast = False
+
+    def _traceparent_decides(self) -> bool:
+        """Whether the global propagator lets a lone traceparent decide (checked again if it is replaced)."""
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:
+            self._textmap, self._fast = textmap, traceparent_decides(textmap)
+        return self._fast
 
     def starter(self, method: str) -> Start | None:
         """What opens a call's span and makes it current (the span and the token for `end_span`); None for
@@ -85,19 +121,26 @@ class ServerSpans:
         }
         tracer, ids = self._tracer, self._ids
 
+        def unsampled_child(trace_id: int, flags: int, state: TraceState, parent: Context) -> tuple[Span, object]:
+            child = SpanContext(
+                trace_id, ids.generate_span_id(), False, _UNSAMPLED[1 if flags & 2 else 0], state
+            )
+            skipped = NonRecordingSpan(child)
+            return skipped, otel_context.attach(trace.set_span_in_context(skipped, parent))
+
         def start(context: grpc.aio.ServicerContext) -> tuple[Span, object]:
             metadata = context.invocation_metadata() or ()
+            if ids is not None and self._traceparent_decides():
+                # The hot path: no carrier, no propagator chain; what extract + the sampler would decide.
+                lone = _unsampled_traceparent(metadata)
+                if lone is not None:
+                    return unsampled_child(lone[0], lone[1], _NO_TRACE_STATE, Context())
             carrier = {key: value for key, value in metadata}
             parent = propagate.extract(carrier)
             if ids is not None:
                 caller = trace.get_current_span(parent).get_span_context()
                 if caller.is_remote and not caller.trace_flags.sampled and caller.is_valid:
-                    flags = _UNSAMPLED[1 if caller.trace_flags.random_trace_id else 0]
-                    unsampled = SpanContext(
-                        caller.trace_id, ids.generate_span_id(), False, flags, caller.trace_state
-                    )
-                    skipped = NonRecordingSpan(unsampled)
-                    return skipped, otel_context.attach(trace.set_span_in_context(skipped, parent))
+                    return unsampled_child(caller.trace_id, caller.trace_flags, caller.trace_state, parent)
             # The static attributes are copied by the SDK when (and only when) the span records.
             span = tracer.start_span(method, parent, SpanKind.SERVER, attributes)
             if span.is_recording():

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mesh import tracing
+from mesh import propagation, tracing
 from mesh.server_chain import ServerChain
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
@@ -44,7 +44,7 @@ def tracecontext() -> Iterator[None]:
 
 
 async def serve(traced: TracerProvider, servicer: object, add: object) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(interceptors=[ServerChain(traced)], options=OPTIONS)
+    server = ServerChain(traced).wrapping(grpc.aio.server(options=OPTIONS))
     add(servicer, server)  # type: ignore[operator]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -156,7 +156,7 @@ async def test_a_stream_is_one_span_ended_when_the_stream_ends() -> None:
 
 
 def test_trace_formats_are_read_from_the_first_found_and_all_written() -> None:
-    both = tracing.propagator_from_env({"OTEL_PROPAGATORS": "tracecontext,gcp_trace,baggage"})
+    both = propagation.propagator_from_env({"OTEL_PROPAGATORS": "tracecontext,gcp_trace,baggage"})
     w3c = {"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
     cloud = {"x-cloud-trace-context": "0af7651916cd43dd8448eb211c80319d/12345;o=1"}
     reads = [trace.get_current_span(both.extract(c)).get_span_context() for c in (w3c | cloud, cloud, {})]

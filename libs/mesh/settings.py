@@ -30,6 +30,11 @@ def text(env: Env, name: str, default: str | None = None) -> str | None:
     return value or default
 
 
+def names(env: Env, name: str, default: str) -> list[str]:
+    """A comma-separated list (e.g. OTEL_PROPAGATORS), blanks dropped."""
+    return [item.strip() for item in (text(env, name, default) or default).split(",") if item.strip()]
+
+
 def integer(env: Env, name: str, default: int, *, low: int, high: int) -> int:
     raw = text(env, name)
     if raw is None:

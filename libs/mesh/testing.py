@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from opentelemetry import propagate
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from mesh import serving, tracing
+from mesh import propagation, serving, tracing
 
 NO_REUSEPORT = [("grpc.so_reuseport", 0)]
 
@@ -28,7 +28,7 @@ async def running(
     instrumentation reads the global propagator), so the innermost `running` block's win until it ends.
     """
     env = {"PORT": "0", **env}
-    propagator = tracing.propagator_from_env(env)
+    propagator = propagation.propagator_from_env(env)
     stop = asyncio.Event()
     ready: asyncio.Future[serving.RunningServer] = asyncio.get_running_loop().create_future()
     provider = tracing.provider_from_env(env, default_service, exporters)

@@ -86,7 +86,7 @@ def emulator() -> Iterator[IdentityEmulator]:
 
 
 async def tls_server(certs: DevCerts, verifier: TokenVerifier) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server(interceptors=[ServerChain(verifier=verifier)], options=OPTIONS)
+    server = ServerChain(verifier=verifier).wrapping(grpc.aio.server(options=OPTIONS))
     ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     creds = grpc.ssl_server_credentials([(certs.server_key.read_bytes(), certs.server_cert.read_bytes())])
     port = server.add_secure_port("127.0.0.1:0", creds)

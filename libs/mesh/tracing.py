@@ -8,35 +8,17 @@ not traced: probes would drown the real requests.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from opentelemetry import propagate, trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context
-from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.propagators.textmap import TextMapPropagator, default_getter
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh import client_spans
-from mesh.settings import ConfigError, Env, text
-
-
-def _cloud_trace_propagator() -> TextMapPropagator:
-    from opentelemetry.propagators.cloud_trace_propagator import CloudTraceFormatPropagator
-
-    return CloudTraceFormatPropagator()  # type: ignore[no-any-return]
-
-
-PROPAGATORS: dict[str, Callable[[], TextMapPropagator]] = {
-    "tracecontext": TraceContextTextMapPropagator,
-    "baggage": W3CBaggagePropagator,
-    "gcp_trace": _cloud_trace_propagator,
-}
+from mesh.settings import ConfigError, Env, names, text
 
 
 def _exporter(name: str) -> SpanExporter:
@@ -58,59 +40,15 @@ def _exporter(name: str) -> SpanExporter:
     )
 
 
-def _names(env: Env, name: str, default: str) -> list[str]:
-    return [item.strip() for item in (text(env, name, default) or default).split(",") if item.strip()]
-
-
-def propagator_from_env(env: Env) -> TextMapPropagator:
-    names = _names(env, "OTEL_PROPAGATORS", "tracecontext,baggage")
-    unknown = [n for n in names if n not in PROPAGATORS and n != "none"]
-    if unknown:
-        raise ConfigError(
-            f"OTEL_PROPAGATORS has unknown propagator {unknown[0]!r}; use tracecontext, baggage, gcp_trace or none"
-        )
-    chosen = [n for n in names if n != "none"]
-    trace_formats = [n for n in chosen if n in _TRACE_FORMATS]
-    if len(trace_formats) < 2:
-        return CompositePropagator([PROPAGATORS[n]() for n in chosen])
-    # Cloud Run sends the same trace in traceparent and x-cloud-trace-context: read the first format found
-    # (in the configured order) instead of parsing both on every call; inject them all.
-    first = FirstTraceFormat([PROPAGATORS[n]() for n in trace_formats])
-    others = [PROPAGATORS[n]() for n in chosen if n not in _TRACE_FORMATS]
-    return CompositePropagator([first, *others])
-
-
-_TRACE_FORMATS = ("tracecontext", "gcp_trace")
-
-
-class FirstTraceFormat(CompositePropagator):
-    """Trace context in several formats: extracted from the first that holds a valid one, injected in all."""
-
-    def extract(self, carrier: Any, context: Any = None, getter: Any = default_getter) -> Any:
-        for propagator in self._propagators:
-            found = propagator.extract(carrier, context, getter=getter)
-            if trace.get_current_span(found).get_span_context().is_valid:
-                return found
-        return context if context is not None else Context()
-
-
 def provider_from_env(env: Env, service: str, exporters: Sequence[SpanExporter] = ()) -> TracerProvider:
     """A tracer provider for `service`, exporting in the background to the configured exporters (and `exporters`)."""
     attributes: dict[str, Any] = {"service.name": text(env, "OTEL_SERVICE_NAME", service)}
     if revision := text(env, "K_REVISION"):
         attributes["service.version"] = revision
     provider = TracerProvider(resource=Resource.create(attributes))
-    names = [n for n in _names(env, "OTEL_TRACES_EXPORTER", "none") if n != "none"]
-    for exporter in [*(_exporter(n) for n in names), *exporters]:
+    chosen = [n for n in names(env, "OTEL_TRACES_EXPORTER", "none") if n != "none"]
+    for exporter in [*(_exporter(n) for n in chosen), *exporters]:
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
-
-
-def install(env: Env, service: str) -> TracerProvider:
-    """Process-wide set-up for a service: the global propagator and tracer provider."""
-    propagate.set_global_textmap(propagator_from_env(env))
-    provider = provider_from_env(env, service)
-    trace.set_tracer_provider(provider)
     return provider
 
 

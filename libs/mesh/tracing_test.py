@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from mesh import tracing
+from mesh import propagation, tracing
 from mesh.settings import ConfigError
 from mesh.testing import NO_REUSEPORT, running
 from ping import ping_pb2, ping_pb2_grpc
@@ -111,7 +111,7 @@ def test_unknown_exporter_is_a_config_error_naming_the_variable() -> None:
 
 def test_unknown_propagator_is_a_config_error_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match="OTEL_PROPAGATORS") as err:
-        tracing.propagator_from_env({"OTEL_PROPAGATORS": "tracecontext,b3"})
+        propagation.propagator_from_env({"OTEL_PROPAGATORS": "tracecontext,b3"})
     assert "b3" in str(err.value)
 
 
@@ -122,9 +122,9 @@ async def test_running_a_service_with_an_unknown_propagator_fails_to_start() -> 
 
 
 def test_known_names_build() -> None:
-    fields = tracing.propagator_from_env({"OTEL_PROPAGATORS": "tracecontext,baggage,gcp_trace"}).fields
+    fields = propagation.propagator_from_env({"OTEL_PROPAGATORS": "tracecontext,baggage,gcp_trace"}).fields
     assert {"traceparent", "baggage", "x-cloud-trace-context"} <= set(fields)
-    assert tracing.propagator_from_env({"OTEL_PROPAGATORS": "none"}).fields == set()
+    assert propagation.propagator_from_env({"OTEL_PROPAGATORS": "none"}).fields == set()
     provider = tracing.provider_from_env({"OTEL_TRACES_EXPORTER": "none", "OTEL_SERVICE_NAME": "svc"}, "ping")
     assert provider.resource.attributes["service.name"] == "svc"
     provider.shutdown()
