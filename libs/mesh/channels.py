@@ -7,13 +7,13 @@ deadline interceptors, keepalive, and a retry policy for UNAVAILABLE on the meth
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
+from opentelemetry import trace
 
+from mesh.client_chain import ClientChain, MeshChannel
 from mesh.settings import Upstream
 from mesh.tokens import IdTokens, audience_for
 
@@ -49,10 +49,15 @@ class Channels:
     """Owner of the process's outgoing channels: one per upstream, closed together at shutdown."""
 
     def __init__(
-        self, id_tokens: IdTokens | None, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()
+        self,
+        id_tokens: IdTokens | None,
+        provider: trace.TracerProvider | None = None,
+        *,
+        default_timeout: float | None = None,
     ) -> None:
         self._id_tokens = id_tokens
-        self._interceptors = list(interceptors)
+        self._provider = provider
+        self._default_timeout = default_timeout
         self._open: dict[tuple[Upstream, tuple[str, ...]], grpc.aio.Channel] = {}
 
     def open(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
@@ -67,10 +72,14 @@ class Channels:
             options += [("grpc.default_authority", upstream.authority)]
             if not upstream.insecure:
                 options += [("grpc.ssl_target_name_override", upstream.authority)]
+        chain = ClientChain(self._provider, default_timeout=self._default_timeout)
         if upstream.insecure:
-            # Plaintext is for local development only; gRPC refuses call credentials on it, so no token either.
-            return grpc.aio.insecure_channel(
-                upstream.address, options=options, interceptors=self._interceptors
+            # Plaintext is for local development only: a bearer token is never sent in the clear.
+            return MeshChannel(
+                lambda interceptors: grpc.aio.insecure_channel(
+                    upstream.address, options=options, interceptors=interceptors
+                ),
+                chain,
             )
         roots = upstream.ca_file.read_bytes() if upstream.ca_file else None
         credentials = grpc.ssl_channel_credentials(root_certificates=roots)
@@ -81,85 +90,20 @@ class Channels:
                 )
             audience = upstream.audience or audience_for(upstream.address)
             self._id_tokens.prepare(audience)  # no identity: fail at start-up, not on the first call
-            return grpc.aio.secure_channel(
-                upstream.address,
-                credentials,
-                options=options,
-                interceptors=[*self._interceptors, *id_token_interceptors(self._id_tokens, audience)],
+            chain = ClientChain(
+                self._provider,
+                default_timeout=self._default_timeout,
+                id_tokens=self._id_tokens,
+                audience=audience,
             )
-        return grpc.aio.secure_channel(
-            upstream.address, credentials, options=options, interceptors=self._interceptors
+        return MeshChannel(
+            lambda interceptors: grpc.aio.secure_channel(
+                upstream.address, credentials, options=options, interceptors=interceptors
+            ),
+            chain,
         )
 
     async def close(self) -> None:
         for channel in self._open.values():
             await channel.close()
         self._open.clear()
-
-
-class _IdToken:
-    """Adds `authorization: Bearer <ID token for audience>` to every call, from the process's cached token.
-
-    Not gRPC call credentials: gRPC runs a metadata plugin on a thread of its own for every RPC, a thread hop
-    that cost about a third of a relayed call (BENCHMARKS.md). Here a fresh token is a dict lookup on the
-    event loop; a refresh runs in a worker thread. A token that cannot be minted fails the call with
-    UNAVAILABLE, as a failing metadata plugin does.
-    """
-
-    def __init__(self, id_tokens: IdTokens, audience: str) -> None:
-        self._id_tokens = id_tokens
-        self._audience = audience
-
-    async def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        # A mint may hang on an unreachable metadata server (google-auth retries for ~15 s): give up while
-        # the caller still has time to hear why, instead of letting its deadline pass in silence.
-        wait = 0.9 * details.timeout if details.timeout is not None else None
-        try:
-            token = await self._id_tokens.metadata(self._audience, timeout=wait)
-        except asyncio.TimeoutError:
-            raise _unavailable(
-                f"cannot mint an ID token for {self._audience} within the call's deadline"
-            ) from None
-        except Exception as exc:  # noqa: BLE001 - google-auth's messages name the endpoint, never a token
-            raise _unavailable(
-                f"cannot mint an ID token for {self._audience}: {type(exc).__name__}: {exc}"
-            ) from None
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *token)
-        return details._replace(metadata=metadata)  # type: ignore[attr-defined,no-any-return]
-
-
-def _unavailable(details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
-    )
-
-
-# One class per kind of call: grpc.aio files an interceptor under the first kind it implements only.
-class _UnaryUnaryIdToken(_IdToken, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(await self._with_token(client_call_details), request)
-
-
-class _UnaryStreamIdToken(_IdToken, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(await self._with_token(client_call_details), request)
-
-
-class _StreamUnaryIdToken(_IdToken, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(await self._with_token(client_call_details), request_iterator)
-
-
-class _StreamStreamIdToken(_IdToken, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(await self._with_token(client_call_details), request_iterator)
-
-
-def id_token_interceptors(id_tokens: IdTokens, audience: str) -> list[grpc.aio.ClientInterceptor]:
-    """Client interceptors that attach the ID token for `audience` to every kind of call."""
-    kinds = (_UnaryUnaryIdToken, _UnaryStreamIdToken, _StreamUnaryIdToken, _StreamStreamIdToken)
-    return [kind(id_tokens, audience) for kind in kinds]

@@ -19,7 +19,10 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from mesh.server_spans import SCHEMA_URL, SCOPE, UNTRACED_SERVICES, drops_unsampled_parents
 
 
-class _ClientSpans:
+class ClientSpans:
+    """The CLIENT span of an outgoing call (when its trace is sampled) and the trace headers to send;
+    run by mesh.client_chain."""
+
     def __init__(self, provider: trace.TracerProvider) -> None:
         self._tracer = provider.get_tracer(SCOPE, schema_url=SCHEMA_URL)
         self._skip_unsampled = drops_unsampled_parents(provider, remote=False)
@@ -44,24 +47,19 @@ class _ClientSpans:
             self._methods[method] = plan
         return plan
 
-    def _start(self, details: grpc.aio.ClientCallDetails) -> tuple[Span | None, grpc.aio.ClientCallDetails]:
-        """The recording span (or None) and the call details with the trace context in their metadata."""
-        plan = self._method(details.method)
+    def start(self, method: str | bytes) -> tuple[Span | None, dict[str, str]]:
+        """The recording span (or None) and the trace context to send with the call."""
+        carrier: dict[str, str] = {}
+        plan = self._method(method)
         if plan is None:
-            return None, details
-        span: Span | None = None
+            return None, carrier
         current = trace.get_current_span().get_span_context()
-        if not (self._skip_unsampled and current.is_valid and not current.trace_flags.sampled):
-            started = self._tracer.start_span(plan[0], kind=SpanKind.CLIENT, attributes=plan[1])
-            if started.is_recording():
-                span = started
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier, context=trace.set_span_in_context(started))
-        else:
-            carrier = {}
+        if self._skip_unsampled and current.is_valid and not current.trace_flags.sampled:
             propagate.inject(carrier)  # the unsampled caller's context, as it is
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
-        return span, details._replace(metadata=metadata)  # type: ignore[attr-defined]
+            return None, carrier
+        started = self._tracer.start_span(plan[0], kind=SpanKind.CLIENT, attributes=plan[1])
+        propagate.inject(carrier, context=trace.set_span_in_context(started))
+        return (started if started.is_recording() else None), carrier
 
 
 def _end(span: Span, code: grpc.StatusCode, details: str | None) -> None:
@@ -71,14 +69,21 @@ def _end(span: Span, code: grpc.StatusCode, details: str | None) -> None:
     span.end()
 
 
-async def _unary_outcome(span: Span | None, call: Any) -> Any:
-    if span is not None:
-        code = await call.code()
-        _end(span, code, None if code is grpc.StatusCode.OK else await call.details())
+async def ended(span: Span, call: Any) -> None:
+    """End `span` with the outcome of `call`, which is done."""
+    code = await call.code()
+    _end(span, code, None if code is grpc.StatusCode.OK else await call.details())
+
+
+async def unary_outcome(span: Span, call: Any) -> Any:
+    """`call`, once its outcome is on `span` (ended)."""
+    code = await call.code()
+    _end(span, code, None if code is grpc.StatusCode.OK else await call.details())
     return call
 
 
-async def _streamed(span: Span, call: Any) -> AsyncIterator[Any]:
+async def streamed(span: Span, call: Any) -> AsyncIterator[Any]:
+    """The responses of `call`, `span` ended with its outcome when the stream ends."""
     code, details = grpc.StatusCode.OK, None
     try:
         async for response in call:
@@ -91,39 +96,3 @@ async def _streamed(span: Span, call: Any) -> AsyncIterator[Any]:
         raise
     finally:
         _end(span, code, details)
-
-
-# One class per kind of call: grpc.aio files an interceptor under the first kind it implements only.
-class _UnaryUnary(_ClientSpans, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        span, details = self._start(client_call_details)
-        return await _unary_outcome(span, await continuation(details, request))
-
-
-class _UnaryStream(_ClientSpans, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        span, details = self._start(client_call_details)
-        call = await continuation(details, request)
-        return call if span is None else _streamed(span, call)
-
-
-class _StreamUnary(_ClientSpans, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        span, details = self._start(client_call_details)
-        return await _unary_outcome(span, await continuation(details, request_iterator))
-
-
-class _StreamStream(_ClientSpans, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        span, details = self._start(client_call_details)
-        call = await continuation(details, request_iterator)
-        return call if span is None else _streamed(span, call)
-
-
-def client_interceptors(provider: trace.TracerProvider) -> list[grpc.aio.ClientInterceptor]:
-    """A CLIENT span per outgoing call (when its trace is sampled) and the trace context in its metadata."""
-    return [kind(provider) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]

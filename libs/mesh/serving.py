@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from mesh import deadlines, logs, propagation, tracing
+from mesh import logs, propagation, tracing
 from mesh.channels import MAX_MESSAGE_BYTES, Channels
 from mesh.identity import TokenVerifier
 from mesh.server_chain import ServerChain
@@ -80,10 +80,7 @@ class Runtime:
         self.env = env
         self.provider = provider
         self._id_tokens = id_tokens
-        self._channels = Channels(
-            id_tokens,
-            [*deadlines.client_interceptors(calls.default_timeout), *tracing.client_interceptors(provider)],
-        )
+        self._channels = Channels(id_tokens, provider, default_timeout=calls.default_timeout)
 
     def channel(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
         return self._channels.open(upstream, idempotent=idempotent)

@@ -159,6 +159,11 @@ class IdTokens:
         """Finds the identity for `audience` now: NoCredentialsError at start-up rather than on a call."""
         self._entry(audience)
 
+    def cached(self, audience: str) -> Metadata | None:
+        """The metadata for `audience` while its token is fresh (no coroutine: the per-call path), else None."""
+        entry = self._credentials.get(audience)
+        return None if entry is None else entry[0].cached()
+
     async def metadata(self, audience: str, timeout: float | None = None) -> Metadata:
         """`(("authorization", "Bearer <token>"),)` for per-call metadata (e.g. from a client interceptor).
 

@@ -17,7 +17,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from mesh import client_spans
+from mesh.client_chain import ClientChain
 from mesh.settings import ConfigError, Env, names, text
 
 
@@ -53,4 +53,5 @@ def provider_from_env(env: Env, service: str, exporters: Sequence[SpanExporter] 
 
 
 def client_interceptors(provider: trace.TracerProvider) -> list[grpc.aio.ClientInterceptor]:
-    return client_spans.client_interceptors(provider)
+    """Trace context (and CLIENT spans) on a channel of a client that is not a service, e.g. a test's."""
+    return ClientChain(provider).interceptors()

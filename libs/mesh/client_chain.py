@@ -1,0 +1,215 @@
+"""The mesh's client-side work on every outgoing call: its deadline, its ID token and its trace context.
+
+Deadline capping (mesh.deadlines), the caller's ID token (mesh.tokens) and the CLIENT span with the trace
+headers (mesh.client_spans), worked out by one `ClientChain` per channel. A `MeshChannel` sets them on each
+call directly. grpc.aio runs a channel's client interceptors in a task of their own on every call, which cost
+about 50 us of CPU a call here (BENCHMARKS.md), so the interceptors (`ClientChain.interceptors`) serve only
+the call that must wait for a token to be minted (the first, or one after the token expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from mesh import deadlines
+from mesh.client_spans import ClientSpans, ended, streamed, unary_outcome
+from mesh.tokens import IdTokens
+
+_UNBOUNDED = float("inf")
+
+
+class ClientChain:
+    """What every call through a channel gets: its timeout capped by the call being served (or by
+    `default_timeout`; bidi streams by the call being served only), `authorization` with the ID token for
+    `audience` (when `id_tokens` is given), and the trace context (with a CLIENT span when sampled)."""
+
+    def __init__(
+        self,
+        provider: trace.TracerProvider | None = None,
+        *,
+        default_timeout: float | None = None,
+        id_tokens: IdTokens | None = None,
+        audience: str | None = None,
+    ) -> None:
+        if id_tokens is not None and not audience:
+            raise ValueError("an ID-token audience is required")
+        self._spans = None if provider is None else ClientSpans(provider)
+        self._default = _UNBOUNDED if default_timeout is None else default_timeout
+        self._tokens = id_tokens
+        self._audience = audience or ""
+
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        # One class per call kind: grpc.aio files an interceptor under the first kind it implements only.
+        return [kind(self) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+
+    def ready(
+        self, method: str | bytes, timeout: float | None, metadata: Any, bounded: bool = True
+    ) -> tuple[Span | None, float | None, tuple[tuple[str, str], ...]] | None:
+        """(span, timeout, metadata) for a call made now, or None while the token is still to be minted."""
+        token: tuple[tuple[str, str], ...] = ()
+        if self._tokens is not None:
+            cached = self._tokens.cached(self._audience)
+            if cached is None:
+                return None
+            token = cached
+        span, carrier = (None, {}) if self._spans is None else self._spans.start(method)
+        return span, self._timeout(timeout, bounded), (*(metadata or ()), *token, *carrier.items())
+
+    async def prepare(self, details: Any, bounded: bool = True) -> tuple[Span | None, Any]:
+        """As `ready`, for an interceptor's call details, waiting for the token when it must be minted."""
+        timeout = self._timeout(details.timeout, bounded)
+        token = () if self._tokens is None else await self._token(timeout)
+        span, carrier = (None, {}) if self._spans is None else self._spans.start(details.method)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *token, *carrier.items())
+        return span, details._replace(timeout=timeout, metadata=metadata)
+
+    def _timeout(self, timeout: float | None, bounded: bool) -> float | None:
+        limit = deadlines.remaining(self._default if bounded else _UNBOUNDED)
+        if limit != _UNBOUNDED and (timeout is None or timeout > limit):
+            return limit
+        return timeout
+
+    async def _token(self, timeout: float | None) -> tuple[tuple[str, str], ...]:
+        assert self._tokens is not None
+        cached = self._tokens.cached(self._audience)
+        if cached is not None:
+            return cached
+        # A mint may hang on an unreachable metadata server (google-auth retries for ~15 s): give up while
+        # the caller still has time to hear why, instead of letting its deadline pass in silence.
+        try:
+            return await self._tokens.metadata(self._audience, None if timeout is None else 0.9 * timeout)
+        except asyncio.TimeoutError:
+            raise _unavailable(
+                f"cannot mint an ID token for {self._audience} within the call's deadline"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - google-auth's messages name the endpoint, never a token
+            raise _unavailable(
+                f"cannot mint an ID token for {self._audience}: {type(exc).__name__}: {exc}"
+            ) from None
+
+
+def _unavailable(details: str) -> grpc.aio.AioRpcError:
+    """How a call fails when its token cannot be had (as a failing gRPC metadata plugin fails it)."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
+
+
+class _Interceptor:
+    def __init__(self, chain: ClientChain) -> None:
+        self._chain = chain
+
+
+class _UnaryUnary(_Interceptor, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        span, details = await self._chain.prepare(client_call_details)
+        call = await continuation(details, request)
+        return call if span is None else await unary_outcome(span, call)
+
+
+class _UnaryStream(_Interceptor, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        span, details = await self._chain.prepare(client_call_details)
+        call = await continuation(details, request)
+        return call if span is None else streamed(span, call)
+
+
+class _StreamUnary(_Interceptor, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, requests: Any) -> Any:
+        span, details = await self._chain.prepare(client_call_details)
+        call = await continuation(details, requests)
+        return call if span is None else await unary_outcome(span, call)
+
+
+class _StreamStream(_Interceptor, grpc.aio.StreamStreamClientInterceptor):
+    # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it, and
+    # cancellation of the incoming call cancels it.
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, requests: Any) -> Any:
+        span, details = await self._chain.prepare(client_call_details, bounded=False)
+        call = await continuation(details, requests)
+        return call if span is None else streamed(span, call)
+
+
+Opener = Callable[[Sequence[grpc.aio.ClientInterceptor]], grpc.aio.Channel]
+
+
+class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
+    """A channel whose calls go out through `chain`: made directly on a channel without interceptors, or,
+    while the token is being minted, on a second channel with the chain's interceptors. Both are opened by
+    `open` with the same target and arguments, so gRPC gives them the same connection (subchannel)."""
+
+    def __init__(self, open: Opener, chain: ClientChain) -> None:
+        self._open = open
+        self._chain = chain
+        self._direct = open(())
+        self._intercepted: grpc.aio.Channel | None = None
+
+    def _waiting(self) -> grpc.aio.Channel:
+        if self._intercepted is None:
+            self._intercepted = self._open(self._chain.interceptors())
+        return self._intercepted
+
+    def _method(self, kind: str, method: str, *how: Any, bounded: bool = True) -> _Method:
+        return _Method(getattr(self._direct, kind)(method, *how), lambda: getattr(self._waiting(), kind)(method, *how), method, self._chain, bounded)
+
+    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, _registered_method: bool = False) -> Any:
+        return self._method("unary_unary", method, request_serializer, response_deserializer, _registered_method)
+
+    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, _registered_method: bool = False) -> Any:
+        return self._method("unary_stream", method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, _registered_method: bool = False) -> Any:
+        return self._method("stream_unary", method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, _registered_method: bool = False) -> Any:
+        # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it.
+        return self._method("stream_stream", method, request_serializer, response_deserializer, _registered_method, bounded=False)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._direct.close(grace)
+        if self._intercepted is not None:
+            await self._intercepted.close(grace)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._direct.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._direct.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._direct.channel_ready()
+
+    async def __aenter__(self) -> MeshChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close(None)
+
+
+class _Method:
+    """One method of a MeshChannel, for every kind of call (a request, or a request iterator, first)."""
+
+    __slots__ = ("_direct", "_waiting", "_method", "_chain", "_bounded")
+
+    def __init__(self, direct: Any, waiting: Callable[[], Any], method: str, chain: ClientChain, bounded: bool) -> None:
+        self._direct = direct
+        self._waiting = waiting
+        self._method = method
+        self._chain = chain
+        self._bounded = bounded
+
+    def __call__(self, request: Any = None, *, timeout: float | None = None, metadata: Any = None, **options: Any) -> Any:
+        ready = self._chain.ready(self._method, timeout, metadata, self._bounded)
+        if ready is None:  # no token at hand: the chain's interceptor waits for the mint
+            return self._waiting()(request, timeout=timeout, metadata=metadata, **options)
+        span, timeout, metadata = ready
+        call = self._direct(request, timeout=timeout, metadata=metadata, **options)
+        if span is not None:
+            call.add_done_callback(lambda done: asyncio.ensure_future(ended(span, done)))
+        return call
