@@ -130,7 +130,9 @@ class _StreamUnary(_Interceptor, grpc.aio.StreamUnaryClientInterceptor):
 class _StreamStream(_Interceptor, grpc.aio.StreamStreamClientInterceptor):
     # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it, and
     # cancellation of the incoming call cancels it.
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, requests: Any) -> Any:
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, requests: Any
+    ) -> Any:
         span, details = await self._chain.prepare(client_call_details, bounded=False)
         call = await continuation(details, requests)
         return call if span is None else streamed(span, call)
@@ -156,20 +158,63 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         return self._intercepted
 
     def _method(self, kind: str, method: str, *how: Any, bounded: bool = True) -> _Method:
-        return _Method(getattr(self._direct, kind)(method, *how), lambda: getattr(self._waiting(), kind)(method, *how), method, self._chain, bounded)
+        return _Method(
+            getattr(self._direct, kind)(method, *how),
+            lambda: getattr(self._waiting(), kind)(method, *how),
+            method,
+            self._chain,
+            bounded,
+        )
 
-    def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, _registered_method: bool = False) -> Any:
-        return self._method("unary_unary", method, request_serializer, response_deserializer, _registered_method)
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return self._method(
+            "unary_unary", method, request_serializer, response_deserializer, _registered_method
+        )
 
-    def unary_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, _registered_method: bool = False) -> Any:
-        return self._method("unary_stream", method, request_serializer, response_deserializer, _registered_method)
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return self._method(
+            "unary_stream", method, request_serializer, response_deserializer, _registered_method
+        )
 
-    def stream_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, _registered_method: bool = False) -> Any:
-        return self._method("stream_unary", method, request_serializer, response_deserializer, _registered_method)
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
+        return self._method(
+            "stream_unary", method, request_serializer, response_deserializer, _registered_method
+        )
 
-    def stream_stream(self, method: str, request_serializer: Any = None, response_deserializer: Any = None, _registered_method: bool = False) -> Any:
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> Any:
         # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it.
-        return self._method("stream_stream", method, request_serializer, response_deserializer, _registered_method, bounded=False)
+        return self._method(
+            "stream_stream",
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+            bounded=False,
+        )
 
     async def close(self, grace: float | None = None) -> None:
         await self._direct.close(grace)
@@ -197,14 +242,18 @@ class _Method:
 
     __slots__ = ("_direct", "_waiting", "_method", "_chain", "_bounded")
 
-    def __init__(self, direct: Any, waiting: Callable[[], Any], method: str, chain: ClientChain, bounded: bool) -> None:
+    def __init__(
+        self, direct: Any, waiting: Callable[[], Any], method: str, chain: ClientChain, bounded: bool
+    ) -> None:
         self._direct = direct
         self._waiting = waiting
         self._method = method
         self._chain = chain
         self._bounded = bounded
 
-    def __call__(self, request: Any = None, *, timeout: float | None = None, metadata: Any = None, **options: Any) -> Any:
+    def __call__(
+        self, request: Any = None, *, timeout: float | None = None, metadata: Any = None, **options: Any
+    ) -> Any:
         ready = self._chain.ready(self._method, timeout, metadata, self._bounded)
         if ready is None:  # no token at hand: the chain's interceptor waits for the mint
             return self._waiting()(request, timeout=timeout, metadata=metadata, **options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar, Token
+
 import grpc
 
 # Absolute time.monotonic() by which the call being served must finish; None when it has no deadline.

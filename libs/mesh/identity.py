@@ -15,8 +15,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -255,7 +255,9 @@ def exempt(method: str, exempt_services: frozenset[str]) -> bool:
     return method[1:].rpartition("/")[0] in exempt_services
 
 
-def admitter(verifier: TokenVerifier, method: str) -> Callable[[grpc.aio.ServicerContext], Awaitable[None] | None]:
+def admitter(
+    verifier: TokenVerifier, method: str
+) -> Callable[[grpc.aio.ServicerContext], Awaitable[None] | None]:
     """What admits a call of `method` (mesh.handlers.Admit): makes its verified caller current, or aborts the
     call with the AuthError's status (logged, without token material).
 

@@ -68,5 +68,7 @@ def traceparent_decides(textmap: TextMapPropagator) -> bool:
     formats = [p for p in parts if not isinstance(p, W3CBaggagePropagator)]
     if len(formats) != 1:
         return False  # several formats, each overriding the one before: the last found wins
-    first = formats[0]._propagators[0] if isinstance(formats[0], FirstTraceFormat) else formats[0]  # noqa: SLF001
+    first = (
+        formats[0]._propagators[0] if isinstance(formats[0], FirstTraceFormat) else formats[0]
+    )  # noqa: SLF001
     return type(first) is TraceContextTextMapPropagator

@@ -21,9 +21,9 @@ from urllib.parse import unquote
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
-from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
@@ -121,7 +121,10 @@ class ServerSpans:
         }
         tracer, ids = self._tracer, self._ids
 
-        def unsampled_child(trace_id: int, flags: int, state: TraceState, parent: Context) -> tuple[Span, object]:
+        def unsampled_child(
+            trace_id: int, flags: int, state: TraceState, parent: Context
+        ) -> tuple[Span, object]:
+            assert ids is not None  # only called when the sampler drops such children
             child = SpanContext(
                 trace_id, ids.generate_span_id(), False, _UNSAMPLED[1 if flags & 2 else 0], state
             )

@@ -107,7 +107,16 @@ async def test_status_codes_the_caller_sees_are_recorded() -> None:
     assert "nowhere" in (unavailable.status.description or "")
 
 
-async def test_unsampled_calls_record_nothing_but_carry_the_trace_downstream() -> None:
+@pytest.mark.parametrize(
+    "more",
+    [
+        (),  # Cloud Run's case: a lone traceparent, read without the propagator chain
+        (("tracestate", "vendor=opaque"),),  # read by the propagator, the trace state carried on
+    ],
+)
+async def test_unsampled_calls_record_nothing_but_carry_the_trace_downstream(
+    more: tuple[tuple[str, str], ...],
+) -> None:
     relay_traced, relay_spans = provider(ParentBased(ALWAYS_ON))
     upstream_traced, upstream_spans = provider(ALWAYS_ON)  # records whatever arrives, to show what arrived
     upstream, upstream_port = await serve(
@@ -122,7 +131,7 @@ async def test_unsampled_calls_record_nothing_but_carry_the_trace_downstream() -
         ping_pb2_grpc.add_PingServiceServicer_to_server,
     )
     channel, stub = ping(relay_port)
-    unsampled = (("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-00"),)
+    unsampled = (("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-00"), *more)
     await stub.SendUpstream(ping_pb2.Request(message="x"), metadata=unsampled, timeout=5)
     for closing in (channel, out):
         await closing.close()
@@ -132,6 +141,8 @@ async def test_unsampled_calls_record_nothing_but_carry_the_trace_downstream() -
     (arrived,) = server_spans(upstream_spans)
     assert arrived.context.trace_id == int(TRACE_ID, 16)
     assert arrived.parent is not None and arrived.parent.is_remote and not arrived.parent.trace_flags.sampled
+    assert arrived.parent.span_id != 0x00F067AA0BA902B7  # the relay's own (unrecorded) span in between
+    assert dict(arrived.parent.trace_state) == dict(more and {"vendor": "opaque"})
 
 
 async def test_a_stream_is_one_span_ended_when_the_stream_ends() -> None:
@@ -168,6 +179,23 @@ def test_trace_formats_are_read_from_the_first_found_and_all_written() -> None:
     assert written["traceparent"].split("-")[1] == TRACE_ID
     assert written["x-cloud-trace-context"].startswith(TRACE_ID + "/")
     assert written["baggage"] == "k=v"
+
+
+@pytest.mark.parametrize(
+    ("configured", "decides"),
+    [
+        ("tracecontext", True),
+        ("tracecontext,baggage", True),  # a baggage header takes the propagator's path
+        ("tracecontext,gcp_trace", True),  # the first format found wins, and a valid traceparent is first
+        ("gcp_trace,tracecontext", False),
+        ("gcp_trace", False),
+        ("none", False),
+    ],
+)
+def test_a_lone_traceparent_decides_only_where_the_propagators_let_it(configured: str, decides: bool) -> None:
+    textmap = propagation.propagator_from_env({"OTEL_PROPAGATORS": configured})
+    assert propagation.traceparent_decides(textmap) is decides
+    assert propagation.traceparent_decides(TraceContextTextMapPropagator())
 
 
 async def test_a_sampled_outgoing_stream_is_a_client_span_parenting_the_server_span() -> None:
