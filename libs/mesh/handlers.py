@@ -1,7 +1,8 @@
 """Wrapping a gRPC method handler of any of the four kinds with code that runs inside the call.
 
-Server interceptors see only the method name and metadata; what needs the ServicerContext (the deadline) or
-must run in the handler's own context (a ContextVar the handler reads) is done by wrapping its behavior.
+mesh.server_chain wraps each method's handler once, when the service is added: the wrapper runs inside the
+call, with its ServicerContext (metadata, deadline) and in the handler's own context (the ContextVars the
+handler reads: caller, deadline, span).
 
 The wrapper also answers a request that does not parse with INVALID_ARGUMENT and a fixed message. grpcio's
 aio server would answer UNKNOWN "Unexpected <class DecodeError>" and log a traceback per call: a lever for any

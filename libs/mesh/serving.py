@@ -153,8 +153,9 @@ async def start(
     return RunningServer(server, port, health_servicer)
 
 
-def server_chain(provider: trace.TracerProvider, auth: AuthSettings) -> ServerChain:
-    """Tracing, identity (when an audience is set) and the deadline, around every handler."""
+def server_chain(provider: trace.TracerProvider | None, auth: AuthSettings) -> ServerChain:
+    """Tracing (when a provider is given), identity (when an audience is set) and the deadline, around every
+    handler."""
     verifier = None
     if auth.audience:
         verifier = TokenVerifier(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tests.bench import h2load
 from tests.bench.fixture import Fixture, service_argv
+from tests.bench.layered_server import LAYERS
 from tests.bench.load import Generator
 from tests.bench.processes import cores, pin
 from tests.bench.scenarios import Bench, Plan, Throughput, pex_env, pex_forms, source_argv
@@ -26,6 +27,7 @@ from tests.bench.stats import median, table
 
 RAW_PING = service_argv("tests.bench.raw_server") + ["ping"]
 RAW_ROUTES = service_argv("tests.bench.raw_server") + ["routeguide"]
+LAYERED = service_argv("tests.bench.layered_server")
 
 
 def machine() -> str:
@@ -206,6 +208,69 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def layers(args: argparse.Namespace) -> int:
+    """ping.Send with the mesh's layers added one at a time: what each costs per call, in one run."""
+    plan = Plan.of(args.quick)
+    server_core, load_core = cores()
+    pin(load_core)
+    found = None if args.python_load else h2load.find_or_install()
+    generator = Generator(found, load_core)
+    print(f"machine: {machine()}")
+    print(f"server core {server_core}, load core {load_core}, load generator {generator.name}", flush=True)
+    fx = Fixture()
+    await fx.start()
+    bench = Bench(fx, generator, plan, (server_core, load_core))
+    h2c = fx.h2c(fx.featured_env("ping"))
+    steps: list[tuple[str, list[str], dict[str, str], bool, str | None]] = [
+        ("raw grpc.aio (h2c, no interceptors)", RAW_PING, fx.base_env(), False, None)
+    ]
+    for layer, what in LAYERS.items():
+        token = "ping" if list(LAYERS).index(layer) >= list(LAYERS).index("token") else None
+        steps.append((what, LAYERED + [layer], h2c, False, token))
+    steps.append(
+        (
+            "the ping service process, h2c (+ OTLP exporter, logging)",
+            service_argv("services.ping.main"),
+            h2c,
+            False,
+            "ping",
+        )
+    )
+    steps.append(
+        (
+            "the ping service process, TLS",
+            service_argv("services.ping.main"),
+            fx.featured_env("ping"),
+            True,
+            "ping",
+        )
+    )
+    rows: list[list[str]] = []
+    results: list[Throughput] = []
+    try:
+        for name, argv, env, tls, service in steps:
+            step(name)
+            result = await bench.ping_send(argv, env, tls, service)
+            base = results[0] if results else result
+            added = result.cpu_us - results[-1].cpu_us if results else 0.0
+            results.append(result)
+            rows.append(
+                [
+                    name,
+                    f"{result.rate:,.0f}",
+                    ratio(result.rate, base.rate),
+                    f"{result.cpu_us:.0f}",
+                    f"{added:+.0f}" if len(results) > 1 else "",
+                    " / ".join(f"{r:,.0f}" for r in result.runs),
+                ]
+            )
+    finally:
+        await fx.stop()
+    print()
+    print(table(["ping.Send server", "calls/s", "vs raw", "CPU us/call", "added", "runs (calls/s)"], rows))
+    return 0
+
+
 def step(name: str) -> None:
     print(f"... {name}", flush=True)
 
@@ -219,7 +284,11 @@ def main() -> None:
     parser.add_argument(
         "--python-load", action="store_true", help="use the Python load generator, not h2load"
     )
-    sys.exit(asyncio.run(run(parser.parse_args())))
+    parser.add_argument(
+        "--layers", action="store_true", help="only ping.Send, the mesh's layers added one at a time"
+    )
+    args = parser.parse_args()
+    sys.exit(asyncio.run(layers(args) if args.layers else run(args)))
 
 
 if __name__ == "__main__":
