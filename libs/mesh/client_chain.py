@@ -260,5 +260,15 @@ class _Method:
         span, timeout, metadata = ready
         call = self._direct(request, timeout=timeout, metadata=metadata, **options)
         if span is not None:
-            call.add_done_callback(lambda done: asyncio.ensure_future(ended(span, done)))
+            call.add_done_callback(lambda done: _end_soon(span, done))
         return call
+
+
+_ending: set[asyncio.Task[None]] = set()  # held until done: the loop keeps only weak references to tasks
+
+
+def _end_soon(span: Span, call: Any) -> None:
+    """End a CLIENT span with its call's outcome (read through the call's coroutines, hence a task)."""
+    task = asyncio.ensure_future(ended(span, call))
+    _ending.add(task)
+    task.add_done_callback(_ending.discard)
