@@ -17,13 +17,12 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-# Runs first inside every call with the call's context; returns a token for `after` (e.g. a ContextVar token).
-Before = Callable[[grpc.aio.ServicerContext], Any]
+# Runs first inside every call, with the call's context: returns a token for `after` and, when the call must
+# wait before its handler runs (e.g. for its caller to be verified), what to await; None in the common case,
+# so that case costs no coroutine.
+Enter = Callable[[grpc.aio.ServicerContext], tuple[Any, Awaitable[None] | None]]
 # Runs last inside every call: the token, the call's context, and what the handler raised (None if nothing).
 After = Callable[[Any, grpc.aio.ServicerContext, BaseException | None], None]
-# Runs inside every call after `before`: admits the call at once (None) or returns what finishes admitting it
-# (or refuses it, by aborting the call). Two-phase so the common case, a caller seen before, costs no coroutine.
-Admit = Callable[[grpc.aio.ServicerContext], Awaitable[None] | None]
 UNDECODABLE = object()  # what a request that does not parse deserializes to
 
 
@@ -54,14 +53,10 @@ async def _parsed(
 
 
 def wrap(
-    handler: grpc.RpcMethodHandler,
-    before: Before,
-    after: After,
-    method: str = "this method",
-    admit: Admit | None = None,
+    handler: grpc.RpcMethodHandler, enter: Enter, after: After, method: str = "this method"
 ) -> grpc.RpcMethodHandler:
-    """`handler` with `before`/`after` around each call, `admit` checked first inside them, and unparsable
-    requests refused (after `admit`: a refused caller learns nothing about its request)."""
+    """`handler` with `enter`/`after` around each call (what `enter` returns to await, awaited first), and
+    unparsable requests refused after that (a caller refused by `enter` learns nothing about its request)."""
     deserializer = _tolerant(handler.request_deserializer)
 
     streaming_requests = handler.request_streaming
@@ -85,11 +80,11 @@ def wrap(
         if inspect.iscoroutinefunction(behavior):
             # A handler that sends with `await context.write()` (grpc's own health Watch): keep it a coroutine.
             async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
-                token = before(context)
+                token, pending = enter(context)
                 error: BaseException | None = None
                 try:
-                    if admit is not None and (admitting := admit(context)) is not None:
-                        await admitting
+                    if pending is not None:
+                        await pending
                     await behavior((request if ready(request) else await checked(request, context)), context)
                 except BaseException as exc:
                     error = exc
@@ -104,7 +99,7 @@ def wrap(
             )
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            token = before(context)
+            token, pending = enter(context)
             ended = False
 
             def end(error: BaseException | None) -> None:
@@ -117,8 +112,8 @@ def wrap(
             # it is finalized whenever the garbage collector gets to it. End the call's work when the RPC ends.
             context.add_done_callback(lambda _: end(None))
             try:
-                if admit is not None and (admitting := admit(context)) is not None:
-                    await admitting
+                if pending is not None:
+                    await pending
                 async for response in behavior(
                     (request if ready(request) else await checked(request, context)), context
                 ):
@@ -137,11 +132,11 @@ def wrap(
     unary_behavior = handler.unary_unary if not handler.request_streaming else handler.stream_unary
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        token = before(context)
+        token, pending = enter(context)
         error: BaseException | None = None
         try:
-            if admit is not None and (admitting := admit(context)) is not None:
-                await admitting
+            if pending is not None:
+                await pending
             return await unary_behavior(
                 (request if ready(request) else await checked(request, context)), context
             )

@@ -255,19 +255,23 @@ def exempt(method: str, exempt_services: frozenset[str]) -> bool:
     return method[1:].rpartition("/")[0] in exempt_services
 
 
-def admitter(
-    verifier: TokenVerifier, method: str
-) -> Callable[[grpc.aio.ServicerContext], Awaitable[None] | None]:
-    """What admits a call of `method` (mesh.handlers.Admit): makes its verified caller current, or aborts the
-    call with the AuthError's status (logged, without token material).
+# Admits a call from its context and metadata: None when done at once, else what to await.
+Admit = Callable[[grpc.aio.ServicerContext, Iterable[tuple[str, str | bytes]]], Awaitable[None] | None]
+
+
+def admitter(verifier: TokenVerifier, method: str) -> Admit:
+    """What admits a call of `method`, from its context and metadata: makes its verified caller current, or
+    aborts the call with the AuthError's status (logged, without token material).
 
     It runs inside the handler's own task, so the caller is visible to the handler and to nothing else. A
     token verified before is admitted at once; a new one returns the coroutine that verifies it.
     """
 
-    def admit(context: grpc.aio.ServicerContext) -> Awaitable[None] | None:
+    def admit(
+        context: grpc.aio.ServicerContext, metadata: Iterable[tuple[str, str | bytes]]
+    ) -> Awaitable[None] | None:
         try:
-            token = bearer_token(context.invocation_metadata())
+            token = bearer_token(metadata)
             caller = verifier.known(token)
         except AuthError as error:
             return _refuse(context, method, error)

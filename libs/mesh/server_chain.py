@@ -3,14 +3,14 @@
 Tracing (mesh.server_spans), ID-token verification (mesh.identity) and deadline recording (mesh.deadlines)
 run in one wrapper around each method handler, made once, when the service is added to the server:
 `ServerChain(...).wrapping(grpc.aio.server(...))` is the server to add services to. Not a grpc.aio
-interceptor: once a server has any interceptor, grpc.aio runs an interceptor pipeline of coroutines in
-Python on every call, which measured 20-25 us a call against 3-4 us for the work itself (BENCHMARKS.md).
+interceptor, which sees only the method and metadata: in the wrapper the token is checked inside the call's
+span and task, and a token seen before costs no coroutine (BENCHMARKS.md, items 7 to 9).
 Order inside a call, outermost first: span, deadline, identity, the request's parse check, the handler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -18,11 +18,7 @@ from opentelemetry import trace
 
 from mesh import deadlines, handlers, identity
 from mesh.identity import EXEMPT_SERVICES, TokenVerifier
-from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, Start, end_span
-
-
-def _forget_deadline(token: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-    deadlines.forget(token)
+from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, end_span
 
 
 class ServerChain:
@@ -51,11 +47,25 @@ class ServerChain:
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         start = None if self._spans is None else self._spans.starter(method)
-        before, after = (deadlines.record, _forget_deadline) if start is None else _traced(start)
         admit = None
         if self._verifier is not None and not identity.exempt(method, self._exempt):
             admit = identity.admitter(self._verifier, method)
-        return handlers.wrap(handler, before, after, method, admit)
+
+        def enter(context: grpc.aio.ServicerContext) -> tuple[Any, Awaitable[None] | None]:
+            # The metadata is read once for the span and the token: gRPC converts it anew on every read.
+            metadata = (context.invocation_metadata() or ()) if start or admit else ()
+            span = None if start is None else start(context, metadata)
+            deadline = deadlines.record(context)
+            return (span, deadline), None if admit is None else admit(context, metadata)
+
+        def after(token: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+            span, deadline = token
+            deadlines.forget(deadline)
+            if span is not None:
+                opened, attached = span
+                end_span(opened, attached, context, error)
+
+        return handlers.wrap(handler, enter, after, method)
 
 
 class _WrappingServer(grpc.aio.Server):  # type: ignore[misc]
@@ -102,18 +112,3 @@ class _Wrapped(grpc.GenericRpcHandler):
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = self._inner.service(handler_call_details)
         return None if handler is None else self._chain.wrap(handler_call_details.method, handler)
-
-
-def _traced(start: Start) -> tuple[handlers.Before, handlers.After]:
-    """The span opened around the deadline's record, closed after it is forgotten."""
-
-    def before(context: grpc.aio.ServicerContext) -> Any:
-        span, attached = start(context)
-        return span, attached, deadlines.record(context)
-
-    def after(token: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-        span, attached, deadline = token
-        deadlines.forget(deadline)
-        end_span(span, attached, context, error)
-
-    return before, after

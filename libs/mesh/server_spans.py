@@ -66,7 +66,7 @@ _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _OTHER_TRACE_HEADERS = ("tracestate", "baggage")
 
 
-def _unsampled_traceparent(metadata: Sequence[tuple[str, Any]]) -> tuple[int, int] | None:
+def _unsampled_traceparent(metadata: Metadata) -> tuple[int, int] | None:
     """(trace id, trace flags) when the call's trace context is a lone, valid, unsampled traceparent: what
     Cloud Run's front end sends with nearly every request. None for anything else."""
     traceparent = None
@@ -84,7 +84,8 @@ def _unsampled_traceparent(metadata: Sequence[tuple[str, Any]]) -> tuple[int, in
     return trace_id, flags
 
 
-Start = Callable[[grpc.aio.ServicerContext], tuple[Span, object]]
+Metadata = Sequence[tuple[str, Any]]
+Start = Callable[[grpc.aio.ServicerContext, Metadata], tuple[Span, object]]
 
 
 class ServerSpans:
@@ -108,8 +109,8 @@ class ServerSpans:
         return self._fast
 
     def starter(self, method: str) -> Start | None:
-        """What opens a call's span and makes it current (the span and the token for `end_span`); None for
-        an untraced method."""
+        """What opens a call's span from its context and metadata and makes it current (the span and the
+        token for `end_span`); None for an untraced method."""
         if method[1:].startswith(self._untraced):
             return None
         service, _, name = method[1:].partition("/")
@@ -131,8 +132,7 @@ class ServerSpans:
             skipped = NonRecordingSpan(child)
             return skipped, otel_context.attach(trace.set_span_in_context(skipped, parent))
 
-        def start(context: grpc.aio.ServicerContext) -> tuple[Span, object]:
-            metadata = context.invocation_metadata() or ()
+        def start(context: grpc.aio.ServicerContext, metadata: Metadata) -> tuple[Span, object]:
             if ids is not None and self._traceparent_decides():
                 # The hot path: no carrier, no propagator chain; what extract + the sampler would decide.
                 lone = _unsampled_traceparent(metadata)
