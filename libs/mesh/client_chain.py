@@ -2,9 +2,10 @@
 
 Deadline capping (mesh.deadlines), the caller's ID token (mesh.tokens) and the CLIENT span with the trace
 headers (mesh.client_spans), worked out by one `ClientChain` per channel. A `MeshChannel` sets them on each
-call directly. grpc.aio runs a channel's client interceptors in a task of their own on every call, which cost
-about 50 us of CPU a call here (BENCHMARKS.md), so the interceptors (`ClientChain.interceptors`) serve only
-the call that must wait for a token to be minted (the first, or one after the token expired).
+call directly: grpc.aio runs a channel's client interceptors in a task of their own on every call (a no-op
+interceptor alone cost 13-20 us of client CPU a call, BENCHMARKS.md item 10), so the interceptors
+(`ClientChain.interceptors`) serve only a call that must wait for its token to be minted (the first one, or
+one after the token expired).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from mesh import deadlines
-from mesh.client_spans import ClientSpans, ended, streamed, unary_outcome
+from mesh.client_spans import ClientSpans, ended
 from mesh.tokens import IdTokens
 
 _UNBOUNDED = float("inf")
@@ -110,21 +111,21 @@ class _UnaryUnary(_Interceptor, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         span, details = await self._chain.prepare(client_call_details)
         call = await continuation(details, request)
-        return call if span is None else await unary_outcome(span, call)
+        return _ending_with(span, call)
 
 
 class _UnaryStream(_Interceptor, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         span, details = await self._chain.prepare(client_call_details)
         call = await continuation(details, request)
-        return call if span is None else streamed(span, call)
+        return _ending_with(span, call)
 
 
 class _StreamUnary(_Interceptor, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, requests: Any) -> Any:
         span, details = await self._chain.prepare(client_call_details)
         call = await continuation(details, requests)
-        return call if span is None else await unary_outcome(span, call)
+        return _ending_with(span, call)
 
 
 class _StreamStream(_Interceptor, grpc.aio.StreamStreamClientInterceptor):
@@ -135,7 +136,7 @@ class _StreamStream(_Interceptor, grpc.aio.StreamStreamClientInterceptor):
     ) -> Any:
         span, details = await self._chain.prepare(client_call_details, bounded=False)
         call = await continuation(details, requests)
-        return call if span is None else streamed(span, call)
+        return _ending_with(span, call)
 
 
 Opener = Callable[[Sequence[grpc.aio.ClientInterceptor]], grpc.aio.Channel]
@@ -258,17 +259,21 @@ class _Method:
         if ready is None:  # no token at hand: the chain's interceptor waits for the mint
             return self._waiting()(request, timeout=timeout, metadata=metadata, **options)
         span, timeout, metadata = ready
-        call = self._direct(request, timeout=timeout, metadata=metadata, **options)
-        if span is not None:
-            call.add_done_callback(lambda done: _end_soon(span, done))
-        return call
+        return _ending_with(span, self._direct(request, timeout=timeout, metadata=metadata, **options))
 
 
 _ending: set[asyncio.Task[None]] = set()  # held until done: the loop keeps only weak references to tasks
 
 
+def _ending_with(span: Span | None, call: Any) -> Any:
+    """`call`, whose CLIENT span (if any) is ended with its outcome when it is done."""
+    if span is not None:
+        call.add_done_callback(lambda done: _end_soon(span, done))
+    return call
+
+
 def _end_soon(span: Span, call: Any) -> None:
-    """End a CLIENT span with its call's outcome (read through the call's coroutines, hence a task)."""
+    # The outcome is read through the call's coroutines, hence a task.
     task = asyncio.ensure_future(ended(span, call))
     _ending.add(task)
     task.add_done_callback(_ending.discard)

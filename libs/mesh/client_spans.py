@@ -9,7 +9,6 @@ span is made. A relayed call measured 60% more expensive through the instrumenta
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -73,26 +72,3 @@ async def ended(span: Span, call: Any) -> None:
     """End `span` with the outcome of `call`, which is done."""
     code = await call.code()
     _end(span, code, None if code is grpc.StatusCode.OK else await call.details())
-
-
-async def unary_outcome(span: Span, call: Any) -> Any:
-    """`call`, once its outcome is on `span` (ended)."""
-    code = await call.code()
-    _end(span, code, None if code is grpc.StatusCode.OK else await call.details())
-    return call
-
-
-async def streamed(span: Span, call: Any) -> AsyncIterator[Any]:
-    """The responses of `call`, `span` ended with its outcome when the stream ends."""
-    code, details = grpc.StatusCode.OK, None
-    try:
-        async for response in call:
-            yield response
-    except grpc.aio.AioRpcError as error:
-        code, details = error.code(), error.details()
-        raise
-    except BaseException as error:
-        code, details = grpc.StatusCode.CANCELLED, f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        _end(span, code, details)
