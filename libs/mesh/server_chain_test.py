@@ -104,7 +104,7 @@ async def test_a_refused_call_has_its_span_and_no_caller(
     assert codes(exporter) == [(SEND, grpc.StatusCode.UNAUTHENTICATED.value[0], StatusCode.UNSET)]
 
 
-async def test_the_token_is_checked_before_the_request_is_parsed(
+async def test_the_token_is_checked_before_the_parse_check(
     channel: grpc.aio.Channel, emulator: IdentityEmulator, exporter: InMemorySpanExporter
 ) -> None:
     send_bytes = channel.unary_unary(SEND, None, None)
