@@ -142,6 +142,22 @@ class _StreamStream(_Interceptor, grpc.aio.StreamStreamClientInterceptor):
 Opener = Callable[[Sequence[grpc.aio.ClientInterceptor]], grpc.aio.Channel]
 
 
+def _kind(kind: str, bounded: bool = True) -> Callable[..., _Method]:
+    """A MeshChannel's `unary_unary` (etc.): the channel's method of that kind, made through the chain."""
+
+    def method(
+        channel: MeshChannel,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool = False,
+    ) -> _Method:
+        how = (request_serializer, response_deserializer, _registered_method)
+        return channel._method(kind, method, *how, bounded=bounded)  # noqa: SLF001
+
+    return method
+
+
 class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
     """A channel whose calls go out through `chain`: made directly on a channel without interceptors, or,
     while the token is being minted, on a second channel with the chain's interceptors. Both are opened by
@@ -167,55 +183,11 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
             bounded,
         )
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> Any:
-        return self._method(
-            "unary_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> Any:
-        return self._method(
-            "unary_stream", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> Any:
-        return self._method(
-            "stream_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> Any:
-        # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it.
-        return self._method(
-            "stream_stream",
-            method,
-            request_serializer,
-            response_deserializer,
-            _registered_method,
-            bounded=False,
-        )
+    unary_unary = _kind("unary_unary")
+    unary_stream = _kind("unary_stream")
+    stream_unary = _kind("stream_unary")
+    # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it.
+    stream_stream = _kind("stream_stream", bounded=False)
 
     async def close(self, grace: float | None = None) -> None:
         await self._direct.close(grace)
