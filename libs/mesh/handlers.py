@@ -163,7 +163,7 @@ Made = TypeVar("Made")
 
 class HandlerCache(Generic[Made]):
     """What is made from a method's handler (its wrapped form), made once per method instead of once per
-    call (a server interceptor's hot path).
+    call (a generic handler is asked for the method's handler on every call).
 
     A service's method handler is the same object on every call, so what is made from it is kept beside it
     and reused while the server returns that same object. Bounded, because method names come from
