@@ -20,7 +20,7 @@ from opentelemetry.trace import Span
 
 from mesh import deadlines
 from mesh.client_spans import ClientSpans, ended
-from mesh.tokens import IdTokens
+from mesh.tokens import IdTokens, Metadata
 
 _UNBOUNDED = float("inf")
 
@@ -51,24 +51,28 @@ class ClientChain:
 
     def ready(
         self, method: str | bytes, timeout: float | None, metadata: Any, bounded: bool = True
-    ) -> tuple[Span | None, float | None, tuple[tuple[str, str], ...]] | None:
+    ) -> tuple[Span | None, float | None, Metadata] | None:
         """(span, timeout, metadata) for a call made now, or None while the token is still to be minted."""
-        token: tuple[tuple[str, str], ...] = ()
+        token: Metadata = ()
         if self._tokens is not None:
             cached = self._tokens.cached(self._audience)
             if cached is None:
                 return None
             token = cached
-        span, carrier = (None, {}) if self._spans is None else self._spans.start(method)
-        return span, self._timeout(timeout, bounded), (*(metadata or ()), *token, *carrier.items())
+        return self._outgoing(method, self._timeout(timeout, bounded), metadata, token)
 
     async def prepare(self, details: Any, bounded: bool = True) -> tuple[Span | None, Any]:
         """As `ready`, for an interceptor's call details, waiting for the token when it must be minted."""
         timeout = self._timeout(details.timeout, bounded)
         token = () if self._tokens is None else await self._token(timeout)
-        span, carrier = (None, {}) if self._spans is None else self._spans.start(details.method)
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *token, *carrier.items())
-        return span, details._replace(timeout=timeout, metadata=metadata)
+        span, timeout, metadata = self._outgoing(details.method, timeout, details.metadata, token)
+        return span, details._replace(timeout=timeout, metadata=grpc.aio.Metadata(*metadata))
+
+    def _outgoing(
+        self, method: str | bytes, timeout: float | None, metadata: Any, token: Metadata
+    ) -> tuple[Span | None, float | None, Metadata]:
+        span, carrier = (None, {}) if self._spans is None else self._spans.start(method)
+        return span, timeout, (*(metadata or ()), *token, *carrier.items())
 
     def _timeout(self, timeout: float | None, bounded: bool) -> float | None:
         limit = deadlines.remaining(self._default if bounded else _UNBOUNDED)
@@ -76,7 +80,7 @@ class ClientChain:
             return limit
         return timeout
 
-    async def _token(self, timeout: float | None) -> tuple[tuple[str, str], ...]:
+    async def _token(self, timeout: float | None) -> Metadata:
         assert self._tokens is not None
         cached = self._tokens.cached(self._audience)
         if cached is not None:
@@ -106,26 +110,25 @@ class _Interceptor:
     def __init__(self, chain: ClientChain) -> None:
         self._chain = chain
 
+    async def _call(self, continuation: Any, details: Any, request: Any, bounded: bool = True) -> Any:
+        span, details = await self._chain.prepare(details, bounded)
+        return _ending_with(span, await continuation(details, request))
 
+
+# One class per call kind, as grpc.aio requires; the request is a message or an iterator of them.
 class _UnaryUnary(_Interceptor, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        span, details = await self._chain.prepare(client_call_details)
-        call = await continuation(details, request)
-        return _ending_with(span, call)
+        return await self._call(continuation, client_call_details, request)
 
 
 class _UnaryStream(_Interceptor, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        span, details = await self._chain.prepare(client_call_details)
-        call = await continuation(details, request)
-        return _ending_with(span, call)
+        return await self._call(continuation, client_call_details, request)
 
 
 class _StreamUnary(_Interceptor, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, requests: Any) -> Any:
-        span, details = await self._chain.prepare(client_call_details)
-        call = await continuation(details, requests)
-        return _ending_with(span, call)
+        return await self._call(continuation, client_call_details, requests)
 
 
 class _StreamStream(_Interceptor, grpc.aio.StreamStreamClientInterceptor):
@@ -134,9 +137,7 @@ class _StreamStream(_Interceptor, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self, continuation: Any, client_call_details: Any, requests: Any
     ) -> Any:
-        span, details = await self._chain.prepare(client_call_details, bounded=False)
-        call = await continuation(details, requests)
-        return _ending_with(span, call)
+        return await self._call(continuation, client_call_details, requests, bounded=False)
 
 
 Opener = Callable[[Sequence[grpc.aio.ClientInterceptor]], grpc.aio.Channel]

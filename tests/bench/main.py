@@ -67,7 +67,8 @@ def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}"
 
 
-async def run(args: argparse.Namespace) -> int:
+async def started(args: argparse.Namespace) -> Bench:
+    """The harness, ready: the load generator chosen and pinned off the server's core, the fixture started."""
     plan = Plan.of(args.quick)
     server_core, load_core = cores()
     pin(load_core)  # the harness (emulator, span sink, survey client) stays off the server's core
@@ -82,9 +83,13 @@ async def run(args: argparse.Namespace) -> int:
     )
     fx = Fixture()
     await fx.start()
-    bench = Bench(fx, generator, plan, (server_core, load_core))
+    return Bench(fx, generator, plan, (server_core, load_core))
+
+
+async def run(args: argparse.Namespace) -> int:
+    bench = await started(args)
+    fx = bench.fx
     rows: list[list[str]] = []
-    targets: list[tuple[str, bool, str]] = []
     ping_main = service_argv("services.ping.main")
     routes_main = service_argv("services.routeguide.main")
 
@@ -210,16 +215,8 @@ async def run(args: argparse.Namespace) -> int:
 
 async def layers(args: argparse.Namespace) -> int:
     """ping.Send with the mesh's layers added one at a time: what each costs per call, in one run."""
-    plan = Plan.of(args.quick)
-    server_core, load_core = cores()
-    pin(load_core)
-    found = None if args.python_load else h2load.find_or_install()
-    generator = Generator(found, load_core)
-    print(f"machine: {machine()}")
-    print(f"server core {server_core}, load core {load_core}, load generator {generator.name}", flush=True)
-    fx = Fixture()
-    await fx.start()
-    bench = Bench(fx, generator, plan, (server_core, load_core))
+    bench = await started(args)
+    fx = bench.fx
     h2c = fx.h2c(fx.featured_env("ping"))
     steps: list[tuple[str, list[str], dict[str, str], bool, str | None]] = [
         ("raw grpc.aio (h2c, no interceptors)", RAW_PING, fx.base_env(), False, None)
