@@ -73,7 +73,7 @@ async def run(mesh: Mesh, say: Print) -> None:
     try:
         await _relayed_ping(mesh, client, say)
         features = await _survey(mesh, client, say)
-        await _tour(mesh, client, [f.location for f in features[:2]], say)
+        await _tour(mesh, client, [f.location for f in features if f.name][:2], say)
     finally:
         await client.close()
 

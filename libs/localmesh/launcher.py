@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,21 @@ class Endpoint:
         return f"localhost:{self.port}"
 
 
+def write_cli(path: Path, env: Mapping[str, str]) -> None:
+    """An executable at `path` that runs the CLI (services.cli.main) with this interpreter, this import path and
+    `env`: commands that use it answer in a second terminal while the mesh runs, where `./pants run` would
+    wait on the lock that the running mesh holds."""
+    settings = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "#!/bin/sh\n"
+        "# Written by the local mesh when it started, removed when it stops: the CLI, as the mesh's developer.\n"
+        f"{settings} exec {shlex.quote(sys.executable)} -m services.cli.main \"$@\"\n",
+        encoding="utf-8",
+    )
+    path.chmod(0o755)
+
+
 class Mesh:
     """Owner of everything the local mesh runs; `async with Mesh(...) as mesh:` stops it all on exit."""
 
@@ -44,6 +61,7 @@ class Mesh:
         self.spans = SpanStore()
         self.identity = IdentityEmulator(project_id=topology.PROJECT)
         self.certs: DevCerts | None = None
+        self.cli = state_dir / "cli"  # the CLI as the developer, while the mesh runs (write_cli)
         self.processes: dict[str, ServiceProcess] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self._receiver: grpc.aio.Server | None = None
@@ -74,6 +92,8 @@ class Mesh:
             self.processes[spec.name] = process
             port = await process.start()
             self.endpoints[spec.name] = Endpoint(spec.name, port)
+        cli_env = {"PYTHONPATH": child_env({})["PYTHONPATH"], **self.identity.env_for(topology.DEVELOPER)}
+        await asyncio.to_thread(write_cli, self.cli, cli_env)
 
     def env_for(self, spec: topology.Spec) -> dict[str, str]:
         assert self.certs is not None
@@ -116,4 +136,5 @@ class Mesh:
             await self._receiver.stop(None)
             self._receiver = None
         self.identity.stop()
+        self.cli.unlink(missing_ok=True)
         return codes

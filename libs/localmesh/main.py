@@ -46,9 +46,7 @@ def print_endpoints(mesh: Mesh) -> None:
     )
     for name, endpoint in mesh.endpoints.items():
         say(f"  {name:<14} {endpoint.address:<16} audience {topology.audience(name)}")
-    identity = mesh.identity.env_for(topology.DEVELOPER)
-    env = " ".join(f"{k}={v}" for k, v in identity.items())
-    say("\nCall it as the developer with the CLI, for example:")
+    say("\nCall it as the developer with the CLI, for example (in another terminal, while the mesh runs):")
     examples = {
         "ping": "ping send --message hi --relay",
         "aggregator": "aggregator survey --message hi --area 400000000,-750000000,420000000,-730000000",
@@ -60,7 +58,7 @@ def print_endpoints(mesh: Mesh) -> None:
                 f"--server {mesh.endpoints[name].address} --ca {shlex.quote(str(mesh.certs.ca_cert))} "
                 f"--audience {topology.audience(name)}"
             )
-            say(f"  {env} ./pants run services/cli:cli -- {flags} {command}")
+            say(f"  {shlex.quote(str(mesh.cli))} {flags} {command}")
     say("")
 
 

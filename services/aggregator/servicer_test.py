@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,7 +14,6 @@ from services.aggregator.main import build as build_aggregator
 from services.ping.main import build as build_ping
 from services.routeguide.main import build as build_routeguide
 
-CANONICAL_DB = os.environ.get("ROUTEGUIDE_CANONICAL_DB", "/work/shared/data/route_guide_db.json")
 BERKSHIRE = route_guide_pb2.Point(latitude=409146138, longitude=-746188906)
 AREA = route_guide_pb2.Rectangle(
     lo=route_guide_pb2.Point(latitude=400000000, longitude=-750000000),
@@ -44,7 +42,7 @@ def survey_request() -> aggregator_pb2.SurveyRequest:
 async def test_survey_combines_all_three_downstream_calls() -> None:
     async with (
         running("ping", build_ping) as ping,
-        running("routeguide", build_routeguide, {"ROUTEGUIDE_DB": CANONICAL_DB}) as routes,
+        running("routeguide", build_routeguide) as routes,
         running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
     ):
         channel, client = stub(aggregator.port)
@@ -97,7 +95,7 @@ async def test_survey_with_every_downstream_stopped_fails() -> None:
 async def test_tour_streams_an_arrival_per_stop_and_earlier_notes() -> None:
     async with (
         running("ping", build_ping) as ping,
-        running("routeguide", build_routeguide, {"ROUTEGUIDE_DB": CANONICAL_DB}) as routes,
+        running("routeguide", build_routeguide) as routes,
         running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
     ):
         channel, client = stub(aggregator.port)
@@ -121,7 +119,7 @@ async def test_cancelling_a_tour_cancels_the_downstream_chat() -> None:
     spans = InMemorySpanExporter()
     async with (
         running("ping", build_ping) as ping,
-        running("routeguide", build_routeguide, {"ROUTEGUIDE_DB": CANONICAL_DB}, exporters=[spans]) as routes,
+        running("routeguide", build_routeguide, exporters=[spans]) as routes,
         running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
     ):
         channel, client = stub(aggregator.port)

@@ -9,7 +9,7 @@ import pytest
 from mesh.serving import RunningServer
 from mesh.testing import running
 from services.aggregator.main import build as build_aggregator
-from services.cli.testing import CANONICAL_DB, cli
+from services.cli.testing import cli
 from services.ping.main import build as build_ping
 from services.routeguide.main import build as build_routeguide
 
@@ -31,7 +31,7 @@ def aggregator_env(ping_port: int, routes_port: int) -> dict[str, str]:
 async def aggregator() -> AsyncIterator[RunningServer]:
     async with (
         running("ping", build_ping) as ping,
-        running("routeguide", build_routeguide, {"ROUTEGUIDE_DB": CANONICAL_DB}) as routes,
+        running("routeguide", build_routeguide) as routes,
         running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as server,
     ):
         yield server

@@ -1,12 +1,15 @@
 """The mesh's command-line client: `cli --server HOST:PORT [flags] SERVICE RPC [args]`.
 
-Exit status: 0 on success, 1 when the call fails (`error: CODE: message` on stderr), 2 for bad arguments.
+Exit status: 0 on success, 1 when the call fails (`error: CODE: message` on stderr), 2 for bad arguments,
+141 (as if killed by SIGPIPE) when the reader of its output goes away, as with `| head`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -75,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (`| head`): end quietly, like a Unix tool. Python flushes stdout again at exit,
+        # which would raise once more, so stdout now points at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

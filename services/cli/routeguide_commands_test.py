@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
 
 from mesh.serving import RunningServer
 from mesh.testing import running
-from services.cli.testing import CANONICAL_DB, cli
+from services.cli.testing import cli
 from services.routeguide.main import build
 
 BERKSHIRE = ("409146138", "-746188906")
@@ -16,7 +21,7 @@ BERKSHIRE_NAME = "Berkshire Valley Management Area Trail, Jefferson, NJ, USA"
 
 @pytest.fixture
 async def routes() -> AsyncIterator[RunningServer]:
-    async with running("routeguide", build, {"ROUTEGUIDE_DB": CANONICAL_DB}) as server:
+    async with running("routeguide", build) as server:
         yield server
 
 
@@ -79,3 +84,20 @@ async def test_chat_prints_earlier_notes_at_the_same_place(
         "note at 1,1: first",
         "note at 1,1: second: with a colon",
     ]
+
+
+async def test_a_reader_that_goes_away_ends_the_cli_quietly(routes: RunningServer) -> None:
+    # As `cli ... | head -2` once head has left: stdout is a pipe whose reader is gone before the first line.
+    command = [sys.executable, "-m", "services.cli.main", "--server", f"127.0.0.1:{routes.port}", "--insecure"]
+    command += ["routeguide", "list", "420000000", "-730000000", "400000000", "-750000000"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run, command, env=env, stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    finally:
+        os.close(writer)
+    assert done.returncode == 128 + signal.SIGPIPE
+    assert done.stderr == ""  # no BrokenPipeError traceback, no "Exception ignored" from the exit flush

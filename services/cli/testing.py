@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -11,8 +10,6 @@ from services.cli.main import main
 
 if TYPE_CHECKING:
     import pytest
-
-CANONICAL_DB = os.environ.get("ROUTEGUIDE_CANONICAL_DB", "/work/shared/data/route_guide_db.json")
 
 
 @dataclass(frozen=True)

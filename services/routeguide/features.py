@@ -1,16 +1,21 @@
-"""The feature database: the canonical JSON format, validated on load, or a built-in generated dataset."""
+"""The feature database: the canonical JSON format, validated on load. Built in: gRPC's canonical RouteGuide
+features (route_guide_db.json, packaged as a resource). A generated dataset of any size, for tests and
+benchmarks that need more features than the canonical 100, is chosen explicitly with generated_database()."""
 
 from __future__ import annotations
 
 import json
 import random
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from services.routeguide.geo import E7, InvalidCoordinate, check_point
 
-BUILTIN_SEED = 20240607
-BUILTIN_COUNT = 500
+BUILTIN_RESOURCE = "route_guide_db.json"  # beside this module; a resource of the PEX and the image
+BUILTIN_SOURCE = "built-in (gRPC's canonical RouteGuide features)"
+GENERATED_SEED = 20240607
+GENERATED_COUNT = 500
 
 # Named regions (approximate centres in degrees) the built-in features are scattered around.
 _REGIONS = (
@@ -56,23 +61,35 @@ class FeatureDatabase:
 
 
 def load_database(path: str | None) -> FeatureDatabase:
-    """The features in the JSON file at `path`, or the built-in dataset when `path` is None or empty."""
+    """The features in the JSON file at `path`, or the built-in canonical ones when `path` is None or empty."""
     if not path:
         return builtin_database()
     try:
         with open(path, encoding="utf-8") as file:
-            document = json.load(file)
+            text = file.read()
     except OSError as error:
         raise FeatureDatabaseError(
             f"feature database {path}: cannot read: {error.strerror or error}"
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
         raise FeatureDatabaseError(f"feature database {path}: not valid JSON: {error}") from None
+    return _decode(text, path)
+
+
+def builtin_database() -> FeatureDatabase:
+    """gRPC's canonical RouteGuide features, read from the package (so from the PEX and the image too)."""
+    text = resources.files("services.routeguide").joinpath(BUILTIN_RESOURCE).read_text(encoding="utf-8")
+    return _decode(text, BUILTIN_SOURCE)
+
+
+def _decode(text: str, source: str) -> FeatureDatabase:
     try:
-        features = parse_features(document)
+        features = parse_features(json.loads(text))
+    except json.JSONDecodeError as error:
+        raise FeatureDatabaseError(f"feature database {source}: not valid JSON: {error}") from None
     except ValueError as error:
-        raise FeatureDatabaseError(f"feature database {path}: {error}") from None
-    return FeatureDatabase(features=features, source=path)
+        raise FeatureDatabaseError(f"feature database {source}: {error}") from None
+    return FeatureDatabase(features=features, source=source)
 
 
 def parse_features(document: Any) -> tuple[Feature, ...]:
@@ -131,11 +148,20 @@ def _int_field(location: dict[str, Any], field: str) -> int:
     return value
 
 
-def builtin_database() -> FeatureDatabase:
-    features = generate_features(BUILTIN_COUNT, BUILTIN_SEED)
-    return FeatureDatabase(
-        features=features, source=f"built-in ({BUILTIN_COUNT} features, seed {BUILTIN_SEED})"
-    )
+def write_database(database: FeatureDatabase, path: str) -> None:
+    """Writes `database` in the canonical JSON format (what ROUTEGUIDE_DB reads)."""
+    document = [
+        {"location": {"latitude": f.latitude, "longitude": f.longitude}, "name": f.name}
+        for f in database.features
+    ]
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(document, file)
+
+
+def generated_database(count: int = GENERATED_COUNT, seed: int = GENERATED_SEED) -> FeatureDatabase:
+    """A deterministic generated dataset, for tests and benchmarks that need size (never served by default)."""
+    features = generate_features(count, seed)
+    return FeatureDatabase(features=features, source=f"generated ({count} features, seed {seed})")
 
 
 def generate_features(count: int, seed: int) -> tuple[Feature, ...]:

@@ -1,19 +1,19 @@
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from services.routeguide.features import (
-    BUILTIN_COUNT,
+    BUILTIN_SOURCE,
+    GENERATED_COUNT,
     FeatureDatabaseError,
     builtin_database,
     generate_features,
+    generated_database,
     load_database,
+    write_database,
 )
-
-CANONICAL_DB = os.environ.get("ROUTEGUIDE_CANONICAL_DB", "/work/shared/data/route_guide_db.json")
 
 
 def _write(tmp_path: Path, document: Any) -> str:
@@ -26,10 +26,10 @@ def _entry(latitude: Any = 1, longitude: Any = 2, name: Any = "x") -> dict[str, 
     return {"location": {"latitude": latitude, "longitude": longitude}, "name": name}
 
 
-def test_loads_the_canonical_database() -> None:
-    database = load_database(CANONICAL_DB)
+def test_the_builtin_database_is_the_canonical_routeguide_set() -> None:
+    database = builtin_database()
     assert len(database) == 100
-    assert database.source == CANONICAL_DB
+    assert database.source == BUILTIN_SOURCE
     berkshire = [f for f in database.features if (f.latitude, f.longitude) == (409146138, -746188906)]
     assert [f.name for f in berkshire] == ["Berkshire Valley Management Area Trail, Jefferson, NJ, USA"]
     assert sum(1 for f in database.features if f.name == "") == 36  # canonical entries with no name
@@ -73,29 +73,38 @@ def test_a_bad_file_gives_one_error_naming_file_and_entry(
     assert expected in str(raised.value)
 
 
+def test_a_file_that_is_not_utf8_is_not_valid_json(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[{"name": "Caf\xe9"}]')
+    with pytest.raises(FeatureDatabaseError, match=f"feature database {path}: not valid JSON"):
+        load_database(str(path))
+
+
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     path = str(tmp_path / "absent.json")
     with pytest.raises(FeatureDatabaseError, match=f"feature database {path}: cannot read: No such file"):
         load_database(path)
 
 
-def test_no_path_gives_the_builtin_dataset() -> None:
+def test_no_path_gives_the_builtin_canonical_set() -> None:
     for path in (None, ""):
-        database = load_database(path)
-        assert database.source.startswith("built-in")
-        assert database == builtin_database()
+        assert load_database(path) == builtin_database()
 
 
-def test_builtin_dataset_is_deterministic_named_and_valid(tmp_path: Path) -> None:
-    database = builtin_database()
-    assert len(database) == BUILTIN_COUNT
+def test_the_builtin_set_written_out_loads_back_unchanged(tmp_path: Path) -> None:
+    path = str(tmp_path / "canonical.json")
+    write_database(builtin_database(), path)
+    assert load_database(path).features == builtin_database().features
+
+
+def test_generated_dataset_is_deterministic_named_and_valid(tmp_path: Path) -> None:
+    database = generated_database()
+    assert len(database) == GENERATED_COUNT
     assert all(f.name for f in database.features)
-    assert len({(f.latitude, f.longitude) for f in database.features}) == BUILTIN_COUNT
+    assert len({(f.latitude, f.longitude) for f in database.features}) == GENERATED_COUNT
     # Written out in the canonical format, it loads back unchanged (so it passes the same validation).
-    document = [
-        {"location": {"latitude": f.latitude, "longitude": f.longitude}, "name": f.name}
-        for f in database.features
-    ]
-    assert load_database(_write(tmp_path, document)).features == database.features
+    path = str(tmp_path / "generated.json")
+    write_database(database, path)
+    assert load_database(path).features == database.features
     assert generate_features(50, seed=1) == generate_features(50, seed=1)
     assert generate_features(50, seed=1) != generate_features(50, seed=2)

@@ -1,5 +1,5 @@
 """The routeguide service's process: ROUTEGUIDE_DB names a feature database (canonical JSON format); unset, the
-built-in generated dataset is served."""
+built-in canonical RouteGuide features are served."""
 
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
+from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -19,13 +19,18 @@ import pytest
 from routeguide import route_guide_pb2_grpc
 from routeguide.route_guide_pb2 import Feature, Point, Rectangle, RouteNote, RouteSummary
 from services.routeguide.chat import NoteBoard
-from services.routeguide.features import FeatureDatabase, generate_features, load_database
+from services.routeguide.features import (
+    BUILTIN_RESOURCE,
+    FeatureDatabase,
+    builtin_database,
+    generate_features,
+    generated_database,
+)
 from services.routeguide.servicer import RouteGuideServicer
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from routeguide.route_guide_pb2_grpc import RouteGuideAsyncStub as Stub
 
-CANONICAL_DB = os.environ.get("ROUTEGUIDE_CANONICAL_DB", "/work/shared/data/route_guide_db.json")
 OPTIONS = [("grpc.so_reuseport", 0)]
 BERKSHIRE = Point(latitude=409146138, longitude=-746188906)
 CANONICAL_RECT = Rectangle(
@@ -37,9 +42,9 @@ WAIT = 10.0  # seconds any single read may take before the test fails instead of
 
 
 def _canonical_entries() -> list[dict[str, Any]]:
-    assert os.path.exists(CANONICAL_DB), f"canonical RouteGuide db not found at {CANONICAL_DB}"
-    with open(CANONICAL_DB, encoding="utf-8") as file:
-        return cast(list[dict[str, Any]], json.load(file))
+    """The packaged JSON file itself, decoded here without the service's loader."""
+    text = resources.files("services.routeguide").joinpath(BUILTIN_RESOURCE).read_text(encoding="utf-8")
+    return cast(list[dict[str, Any]], json.loads(text))
 
 
 @contextlib.asynccontextmanager
@@ -59,7 +64,7 @@ async def serving(servicer: RouteGuideServicer, *channel_options: tuple[str, Any
 
 @pytest.fixture
 async def canonical() -> AsyncIterator[Stub]:
-    async with serving(RouteGuideServicer(load_database(CANONICAL_DB))) as stub:
+    async with serving(RouteGuideServicer(builtin_database())) as stub:
         yield stub
 
 
@@ -196,7 +201,7 @@ async def test_record_route_summarises_the_route(canonical: Stub) -> None:
 
 async def test_record_route_elapsed_time_runs_from_first_to_last_point() -> None:
     ticks = itertools.count(100.0, 1.5)  # a clock that moves 1.5 s for each point the server reads
-    servicer = RouteGuideServicer(load_database(CANONICAL_DB), clock=lambda: next(ticks))
+    servicer = RouteGuideServicer(builtin_database(), clock=lambda: next(ticks))
     route = [BERKSHIRE, Point(latitude=1, longitude=1), Point(latitude=2, longitude=2), BERKSHIRE]
     async with serving(servicer) as stub:
         summary = await stub.RecordRoute(iter(route), timeout=WAIT)
@@ -263,7 +268,7 @@ async def test_route_chat_shares_earlier_notes_across_concurrent_streams(canonic
 
 
 async def test_route_chat_many_concurrent_streams_lose_no_note() -> None:
-    servicer = RouteGuideServicer(load_database(CANONICAL_DB))
+    servicer = RouteGuideServicer(builtin_database())
     async with serving(servicer) as stub:
 
         async def chatter(name: str) -> list[str]:
@@ -288,7 +293,7 @@ async def test_route_chat_many_concurrent_streams_lose_no_note() -> None:
 
 async def test_route_chat_note_caps_hold() -> None:
     board: NoteBoard[RouteNote] = NoteBoard(notes_per_location=3, max_notes=5)
-    async with serving(RouteGuideServicer(load_database(None), notes=board)) as stub:
+    async with serving(RouteGuideServicer(builtin_database(), notes=board)) as stub:
         call = stub.RouteChat(None, timeout=WAIT)
         for number in range(6):
             await call.write(_note(1, 1, f"n{number}"))
@@ -309,7 +314,7 @@ async def test_route_chat_note_caps_hold() -> None:
 
 async def test_route_chat_rejects_an_oversized_note() -> None:
     board: NoteBoard[RouteNote] = NoteBoard(max_note_bytes=64)
-    async with serving(RouteGuideServicer(load_database(None), notes=board)) as stub:
+    async with serving(RouteGuideServicer(builtin_database(), notes=board)) as stub:
         call = stub.RouteChat(None, timeout=WAIT)
         await call.write(_note(1, 1, "fine"))
         await call.write(_note(1, 1, "x" * 100))

@@ -12,6 +12,7 @@ import grpc
 
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
+from services.routeguide.features import generated_database, write_database
 from tests.bench.processes import python_path
 from tests.bench.span_sink import SpanSink
 
@@ -53,11 +54,14 @@ class Fixture:
     def __init__(self) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="bench-")
         self.dir = Path(self._dir.name)
+        # The benchmark's routeguide serves the generated 500 features (chosen here: ListFeatures needs size).
+        self.features_file = self.dir / "features.json"
         self.certs: DevCerts = ensure_dev_certs(self.dir / "certs")
         self.identity = IdentityEmulator(project_id=PROJECT)
         self.sink = SpanSink()
 
     async def start(self) -> None:
+        write_database(generated_database(), str(self.features_file))
         self.identity.start()
         self.identity.add_account(CLIENT)
         await self.sink.start()
@@ -78,6 +82,7 @@ class Fixture:
             "PYTHONPATH": python_path(),
             "PYTHONUNBUFFERED": "1",
             "LOG_LEVEL": "INFO",
+            "ROUTEGUIDE_DB": str(self.features_file),
         }  # the "serving" line is INFO
 
     def featured_env(self, service: str, callers: tuple[str, ...] = ()) -> dict[str, str]:

@@ -14,7 +14,7 @@ import grpc
 from ping import ping_pb2_grpc
 from routeguide import route_guide_pb2_grpc
 from services.ping.servicer import PingServicer
-from services.routeguide.features import builtin_database
+from services.routeguide.features import generated_database
 from services.routeguide.servicer import RouteGuideServicer
 
 
@@ -23,7 +23,7 @@ async def serve(kind: str) -> None:
     if kind == "ping":
         ping_pb2_grpc.add_PingServiceServicer_to_server(PingServicer(), server)
     elif kind == "routeguide":
-        route_guide_pb2_grpc.add_RouteGuideServicer_to_server(RouteGuideServicer(builtin_database()), server)
+        route_guide_pb2_grpc.add_RouteGuideServicer_to_server(RouteGuideServicer(generated_database()), server)
     else:
         raise SystemExit(f"unknown raw server {kind!r}; use ping or routeguide")
     port = server.add_insecure_port("127.0.0.1:0")

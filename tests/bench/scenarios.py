@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
-from services.routeguide.features import builtin_database
+from services.routeguide.features import generated_database
 from tests.bench.fixture import CLOUD_RUN_UNSAMPLED, Fixture, account, audience, service_argv
 from tests.bench.load import Generator, Load, Target
 from tests.bench.processes import Server
@@ -183,7 +183,7 @@ class Bench:
                         WORLD, metadata=self._metadata(service), timeout=10
                     )
                 ]
-            if len(features) != len(builtin_database().features):
+            if len(features) != len(generated_database().features):
                 raise AssertionError(f"ListFeatures sent {len(features)} features, not the whole database")
             target = Target(
                 f"127.0.0.1:{server.port}",
@@ -222,7 +222,7 @@ class Bench:
                 return await self._survey_rounds(agg.port, ping.port, routes.port)
 
     async def _survey_rounds(self, agg_port: int, ping_port: int, routes_port: int) -> dict[str, float]:
-        first = builtin_database().features[0]
+        first = generated_database().features[0]
         span = 2_000_000  # 0.2 degrees each way: a handful of features
         area = route_guide_pb2.Rectangle(
             lo=route_guide_pb2.Point(latitude=first.latitude - span, longitude=first.longitude - span),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,42 @@ def test_the_demo_command_reports_a_service_that_cannot_start_and_exits_1(tmp_pa
     assert "ROUTEGUIDE_DB" in output
     assert "The mesh is up" not in output
     assert _children_of(launcher.pid) == []
+
+
+def test_the_printed_cli_commands_answer_as_pasted_while_the_mesh_serves(tmp_path: Path) -> None:
+    # As a person runs it: `./pants run :mesh` in a folder (state in ./.mesh), commands pasted in a second shell.
+    env = {k: v for k, v in _launcher_env(tmp_path).items() if k != "MESH_STATE_DIR"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", main.__name__, "--no-demo"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert launcher.stdout is not None
+    output: list[str] = []
+    try:
+        for line in launcher.stdout:  # bounded: the launcher gives up on a service after 30 s
+            output.append(line)
+            if line.startswith("Serving until Ctrl-C."):
+                break
+        printed = [line.strip() for line in output if line.startswith("  .mesh/cli ")]
+        assert len(printed) == 3, "".join(output)
+        shell = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PEX", "GCE_METADATA"))}
+        answers = {  # by the service the command calls: `... --audience AUD SERVICE RPC ...`
+            command.split(" --audience ")[1].split()[1]: subprocess.run(
+                ["bash", "-c", command], cwd=tmp_path, env=shell, capture_output=True, text=True, timeout=60
+            )
+            for command in printed
+        }
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        rest, _ = launcher.communicate(timeout=60)
+    for answer in answers.values():
+        assert answer.returncode == 0, answer.stderr
+    assert answers["routeguide"].stdout.startswith("Berkshire Valley Management Area Trail, Jefferson, NJ")
+    assert re.match(r"pong \d+: 'hi \(relayed\)'", answers["ping"].stdout), answers["ping"].stdout
+    assert re.search(r"^features: [1-9]\d* in the area", answers["aggregator"].stdout, re.M)
+    assert "mesh: every service stopped cleanly" in rest
+    assert not (tmp_path / ".mesh" / "cli").exists()  # a stale script would point at a mesh that is gone
