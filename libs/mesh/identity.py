@@ -9,7 +9,6 @@ mesh.server_chain applies it (`admitter`) to every RPC of a grpc.aio server exce
 
 from __future__ import annotations
 
-import binascii
 import contextvars
 import json
 import logging
@@ -74,7 +73,8 @@ def _unauthenticated(message: str) -> AuthError:
 def _json_segment(segment: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(b64decode(segment))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    # ValueError covers binascii.Error and UnicodeDecodeError; RecursionError is JSON nested too deep.
+    except (ValueError, RecursionError):
         raise _unauthenticated(f"malformed token: {what} is not base64url JSON") from None
     if not isinstance(value, dict):
         raise _unauthenticated(f"malformed token: {what} is not a JSON object")
@@ -152,6 +152,8 @@ class TokenVerifier:
     async def _verify_uncached(self, token: str) -> Caller:
         if len(token) > self._max_token_bytes:
             raise _unauthenticated(f"token too large (over {self._max_token_bytes} bytes)")
+        if not token.isascii():  # a header value may carry any byte; base64url is ASCII
+            raise _unauthenticated("malformed token: not ASCII")
         parts = token.split(".")
         if len(parts) != 3 or not parts[0] or not parts[1]:
             raise _unauthenticated("malformed token: expected header.payload.signature")
@@ -161,13 +163,13 @@ class TokenVerifier:
         claims = _json_segment(parts[1], "payload")  # parsed for well-formedness; trusted only once signed
         try:
             signature = b64decode(parts[2])
-        except binascii.Error:
+        except ValueError:
             raise _unauthenticated("malformed token: signature is not base64url") from None
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _unauthenticated("malformed token: kid is not a string")
         keys = await self._keys_for(kid)
-        signed = (parts[0] + "." + parts[1]).encode("ascii", "replace")
+        signed = (parts[0] + "." + parts[1]).encode("ascii")
         if not any(_signature_ok(key, signature, signed) for key in keys):
             raise _unauthenticated("invalid token signature")
         return self._check_claims(claims)
@@ -192,7 +194,7 @@ class TokenVerifier:
 
     def _check_claims(self, claims: Mapping[str, Any]) -> Caller:
         issuer = claims.get("iss")
-        if issuer not in self.issuers:
+        if not isinstance(issuer, str) or issuer not in self.issuers:  # a list is not hashable
             raise _unauthenticated(f"issuer mismatch: expected one of {', '.join(sorted(self.issuers))}")
         audience = claims.get("aud")
         if audience != self.audience and not (isinstance(audience, list) and self.audience in audience):

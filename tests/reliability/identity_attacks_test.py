@@ -5,6 +5,8 @@ neither the error messages nor the service's own log lines (its stdout) carry an
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from emulators.identity import IdentityEmulator, SigningKey
 from routeguide.route_guide_pb2 import Point, Rectangle, RouteNote
-from tests.reliability import calls
+from tests.reliability import calls, h2c
 from tests.reliability.processes import Service
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -63,12 +65,21 @@ def _now() -> int:
 
 STRANGER = SigningKey.generate()  # a well-formed key the issuer never published
 
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+# A header of JSON nested deeper than Python's recursion limit, within the 8 KiB token cap.
+DEEP_TOKEN = f"{b64url(b'[' * 2000 + b']' * 2000)}.{b64url(b'{}')}.c2ln"
+
 ATTACKS: dict[str, Attack] = {
     "no token": Attack(lambda e: (), Code.UNAUTHENTICATED, "missing credentials"),
     "empty token": Attack(lambda e: (("authorization", "Bearer "),), Code.UNAUTHENTICATED, "malformed token"),
     "empty header": Attack(lambda e: (("authorization", ""),), Code.UNAUTHENTICATED, "missing credentials"),
     "malformed": Attack(lambda e: bearer("abc.def"), Code.UNAUTHENTICATED, "malformed token"),
     "garbage segments": Attack(lambda e: bearer("eyJ!!.eyJ!!.sig"), Code.UNAUTHENTICATED, "malformed token"),
+    "header nested too deep": Attack(lambda e: bearer(DEEP_TOKEN), Code.UNAUTHENTICATED, "malformed token"),
     "alg none": Attack(
         lambda e: bearer(e.mint(ALICE, AUDIENCE, header={"alg": "none"})), Code.UNAUTHENTICATED, "RS256"
     ),
@@ -189,6 +200,10 @@ async def attack(channel: grpc.aio.Channel, method: str, metadata: Metadata) -> 
             for payload in REQUESTS[method]:
                 await call.write(payload)
             await call.done_writing()
+            if response_streaming:  # the replies (earlier notes) must be read for the call to end
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    async for _ in call:
+                        pass
             code = await call.code()
         return None if code == Code.OK else Rejected(code, await call.details() or "")
     try:
@@ -251,3 +266,40 @@ async def test_no_token_or_key_appears_in_any_error_message_or_log_line(
         assert secret not in output
         assert not any(secret in detail for detail in details)
     assert "eyJ" not in output and "PRIVATE KEY" not in output
+
+
+def _segments_with_a_non_ascii_byte(e: IdentityEmulator) -> list[str]:
+    """A valid token with one byte outside ASCII put in its header, payload or signature segment."""
+    token = e.mint(ALICE, AUDIENCE)
+    header, payload, signature = token.split(".")
+    return [
+        f"{header}\u00e9.{payload}.{signature}",
+        f"{header}.{payload}\u00e9.{signature}",
+        f"{token}\u00e9",
+    ]
+
+
+async def test_a_token_with_non_ascii_bytes_is_malformed_on_the_wire_with_no_traceback(
+    routeguide: Service, emulator: IdentityEmulator
+) -> None:
+    # Raw HTTP/2: a gRPC client will not send a header value outside ASCII, a raw one can (UTF-8 bytes here).
+    before = len(routeguide.lines)
+    for token in _segments_with_a_non_ascii_byte(emulator):
+        for method in METHODS:
+            frames = [(b"".join(h2c.grpc_message(r) for r in REQUESTS[method]), True)]
+            outcome = await h2c.exchange(
+                "127.0.0.1", routeguide.port, method, frames, metadata=(("authorization", f"Bearer {token}"),)
+            )
+            assert outcome.grpc_status == Code.UNAUTHENTICATED.value[0], (method, outcome)
+            assert "malformed token" in (outcome.value("grpc-message") or ""), (method, outcome)
+    assert not any("Traceback" in line for line in routeguide.lines[before:]), routeguide.lines[before:][-5:]
+
+
+async def test_a_token_nested_too_deep_logs_no_traceback(
+    channel: grpc.aio.Channel, routeguide: Service
+) -> None:
+    before = len(routeguide.lines)
+    for method in METHODS:
+        error = await attack(channel, method, bearer(DEEP_TOKEN))
+        assert error is not None and error.code == Code.UNAUTHENTICATED, error
+    assert not any("Traceback" in line for line in routeguide.lines[before:]), routeguide.lines[before:][-5:]
