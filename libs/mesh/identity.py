@@ -110,7 +110,10 @@ class TokenVerifier:
             raise ValueError("an audience is required to verify ID tokens")
         self.audience = audience
         self.issuers = frozenset(issuers)
-        self.allowed_callers = allowed_callers
+        # Email addresses are case-insensitive (Google's are lower-cased); compared lower-cased.
+        self.allowed_callers = (
+            None if allowed_callers is None else frozenset(email.lower() for email in allowed_callers)
+        )
         self._skew = clock_skew_s
         self._certs = IssuerKeys(
             certs_url, certs_timeout_s, default_certs_max_age_s, refetch_interval_s, failure_backoff_s
@@ -144,7 +147,7 @@ class TokenVerifier:
         return caller
 
     def _check_allowed(self, caller: Caller) -> None:
-        if self.allowed_callers is not None and caller.email not in self.allowed_callers:
+        if self.allowed_callers is not None and (caller.email or "").lower() not in self.allowed_callers:
             raise AuthError(
                 grpc.StatusCode.PERMISSION_DENIED, f"caller not allowed: {caller.email or caller.subject}"
             )
@@ -236,20 +239,26 @@ def _signature_ok(key: rsa.RSAPublicKey, signature: bytes, signed: bytes) -> boo
 
 
 _MISSING = "missing credentials: send 'authorization: Bearer <ID token>' (or 'x-serverless-authorization')"
+_CREDENTIAL_HEADERS = ("x-serverless-authorization", "authorization")
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """The token from x-serverless-authorization (Cloud Run leaves `authorization` to the app) or authorization."""
-    found: str | bytes | None = None
+    """The token from x-serverless-authorization (Cloud Run leaves `authorization` to the app) or authorization.
+
+    A header sent more than once is refused: which copy counts would otherwise depend on who reads it (a proxy
+    and this server could each see another caller)."""
+    found: dict[str, str | bytes] = {}
     for key, value in metadata or ():
-        if key == "x-serverless-authorization":
-            found = value
-            break
-        if key == "authorization":
-            found = value
-    if not isinstance(found, str) or found[:7].lower() != "bearer ":
+        if key in _CREDENTIAL_HEADERS:
+            if key in found:
+                raise _unauthenticated(f"malformed credentials: more than one {key!r} header")
+            found[key] = value
+    credentials = found.get("x-serverless-authorization")
+    if credentials is None:
+        credentials = found.get("authorization")
+    if not isinstance(credentials, str) or credentials[:7].lower() != "bearer ":
         raise _unauthenticated(_MISSING)
-    return found[7:].strip()
+    return credentials[7:].strip()
 
 
 def exempt(method: str, exempt_services: frozenset[str]) -> bool:

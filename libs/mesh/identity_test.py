@@ -439,3 +439,11 @@ async def test_exempt_calls_never_see_an_earlier_callers_identity(emulator: Iden
     finally:
         await m.channel.close(None)
         await m.server.stop(None)
+
+
+async def test_an_allow_list_in_any_case_admits_its_callers(emulator: IdentityEmulator) -> None:
+    verifier = TokenVerifier(AUDIENCE, emulator.certs_url, allowed_callers=frozenset({ALICE.title()}))
+    assert (await verifier.verify(emulator.mint(ALICE, AUDIENCE))).email == ALICE
+    with pytest.raises(AuthError) as info:
+        await verifier.verify(emulator.mint(MALLORY, AUDIENCE))
+    assert info.value.code == Code.PERMISSION_DENIED

@@ -303,3 +303,23 @@ async def test_a_token_nested_too_deep_logs_no_traceback(
         error = await attack(channel, method, bearer(DEEP_TOKEN))
         assert error is not None and error.code == Code.UNAUTHENTICATED, error
     assert not any("Traceback" in line for line in routeguide.lines[before:]), routeguide.lines[before:][-5:]
+
+
+@pytest.mark.parametrize("header", ["authorization", "x-serverless-authorization"])
+async def test_a_credential_header_sent_twice_is_refused(
+    channel: grpc.aio.Channel, emulator: IdentityEmulator, header: str
+) -> None:
+    # One valid and one forged value, in both orders: whichever copy a reader takes, the call must not pass.
+    valid, forged = f"Bearer {emulator.mint(ALICE, AUDIENCE)}", "Bearer forged.token.value"
+    for values in ((valid, forged), (forged, valid), (valid, valid)):
+        for method in METHODS:
+            error = await attack(channel, method, tuple((header, value) for value in values))
+            assert error is not None, (header, values, method)
+            assert error.code == Code.UNAUTHENTICATED and f"more than one '{header}'" in error.details, error
+
+
+async def test_allow_listed_emails_match_whatever_their_case(
+    channel: grpc.aio.Channel, emulator: IdentityEmulator
+) -> None:
+    for method in METHODS:
+        assert await attack(channel, method, bearer(emulator.mint(ALICE.upper(), AUDIENCE))) is None, method
