@@ -9,6 +9,7 @@ mesh.server_chain applies it (`admitter`) to every RPC of a grpc.aio server exce
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import json
 import logging
@@ -70,10 +71,24 @@ def _unauthenticated(message: str) -> AuthError:
     return AuthError(grpc.StatusCode.UNAUTHENTICATED, message)
 
 
-def _json_segment(segment: str, what: str) -> dict[str, Any]:
+def _segment(segment: str, what: str) -> bytes:
+    """A JWT segment's bytes, from its canonical base64url only (RFC 7515: no padding, `-_` not `+/`, zero
+    trailing bits): any other spelling of the same bytes is refused, so one token has exactly one string, and
+    one caller cannot fill the verified-token cache with variants of a single token."""
     try:
-        value = json.loads(b64decode(segment))
-    # ValueError covers binascii.Error and UnicodeDecodeError; RecursionError is JSON nested too deep.
+        data = b64decode(segment)
+    except ValueError:  # binascii.Error
+        raise _unauthenticated(f"malformed token: {what} is not base64url") from None
+    if base64.urlsafe_b64encode(data).rstrip(b"=") != segment.encode("ascii"):
+        raise _unauthenticated(f"malformed token: {what} is not canonical base64url")
+    return data
+
+
+def _json_segment(segment: str, what: str) -> dict[str, Any]:
+    data = _segment(segment, what)
+    try:
+        value = json.loads(data)
+    # ValueError covers UnicodeDecodeError; RecursionError is JSON nested too deep.
     except (ValueError, RecursionError):
         raise _unauthenticated(f"malformed token: {what} is not base64url JSON") from None
     if not isinstance(value, dict):
@@ -164,10 +179,7 @@ class TokenVerifier:
         if header.get("alg") != "RS256":
             raise _unauthenticated("unsupported token algorithm: only RS256 is accepted")
         claims = _json_segment(parts[1], "payload")  # parsed for well-formedness; trusted only once signed
-        try:
-            signature = b64decode(parts[2])
-        except ValueError:
-            raise _unauthenticated("malformed token: signature is not base64url") from None
+        signature = _segment(parts[2], "signature")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _unauthenticated("malformed token: kid is not a string")

@@ -323,3 +323,39 @@ async def test_allow_listed_emails_match_whatever_their_case(
 ) -> None:
     for method in METHODS:
         assert await attack(channel, method, bearer(emulator.mint(ALICE.upper(), AUDIENCE))) is None, method
+
+
+def spellings(token: str) -> dict[str, str]:
+    """Other base64url spellings of the same token bytes, which a lenient decoder accepts as the same token."""
+    segments = token.split(".")
+    found: dict[str, str] = {}
+    for at, segment in enumerate(segments):
+
+        def variant(new: str) -> str:
+            return ".".join([*segments[:at], new, *segments[at + 1 :]])
+
+        if "-" in segment or "_" in segment:
+            found["+/ alphabet"] = variant(segment.replace("-", "+").replace("_", "/"))
+        if len(segment) % 4:
+            found["= padding"] = variant(segment + "=" * (-len(segment) % 4))
+            alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+            last = alphabet[alphabet.index(segment[-1]) ^ 1]  # a low bit past the data's last byte
+            found["non-zero trailing bits"] = variant(segment[:-1] + last)
+    return found
+
+
+async def test_only_the_canonical_spelling_of_a_token_is_accepted(
+    channel: grpc.aio.Channel, emulator: IdentityEmulator
+) -> None:
+    for sub in range(20):  # until a token's segments hold '-' or '_' (almost always the first)
+        token = emulator.mint(ALICE, AUDIENCE, sub=f"canonical-{sub}")
+        variants = spellings(token)
+        if len(variants) == 3:
+            break
+    assert len(variants) == 3, variants
+    for method in METHODS:
+        assert await attack(channel, method, bearer(token)) is None, method
+        for name, variant in variants.items():
+            error = await attack(channel, method, bearer(variant))
+            assert error is not None, f"{name} accepted by {method}"
+            assert error.code == Code.UNAUTHENTICATED and "not canonical base64url" in error.details, error
