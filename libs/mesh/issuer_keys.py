@@ -21,6 +21,20 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 _log = logging.getLogger("mesh.identity")
 
 
+class RedirectRefused(Exception):
+    """The certs endpoint answered with a redirect: keys come from the configured URL or from nowhere."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # A redirect could take the fetch to another host or from https to http, where anyone on the path could
+    # serve keys of their own.
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise RedirectRefused(f"HTTP {code} redirect refused")
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
 def b64decode(segment: str) -> bytes:
     """Strict base64url: the padding JWTs strip is restored; any other character is an error."""
     return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
@@ -90,7 +104,7 @@ class IssuerKeys:
 
     def _fetch(self) -> tuple[dict[str, rsa.RSAPublicKey], float]:
         request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        with urllib.request.urlopen(request, timeout=self._timeout_s) as response:  # noqa: S310 - config URL
+        with _opener.open(request, timeout=self._timeout_s) as response:  # noqa: S310 - config URL
             body = json.loads(response.read(1 << 20))
             max_age = _max_age(response.headers.get("Cache-Control"), self._default_max_age_s)
         return _parse_keys(body), max_age

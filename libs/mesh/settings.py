@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 Env = Mapping[str, str]
 
@@ -130,11 +131,23 @@ def log_level(env: Env, name: str = "LOG_LEVEL") -> str:
     return raw.upper()
 
 
-def url(env: Env, name: str, default: str) -> str:
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def https_url(env: Env, name: str, default: str) -> str:
+    """An https URL; plain http only to a loopback host (a local emulator), where no one can read the wire."""
     value = text(env, name, default) or default
-    if not value.startswith(("https://", "http://")):
-        raise ConfigError(f"{name}={value!r} is not valid; set {name} to an http(s) URL")
-    return value
+    parts = urlsplit(value)
+    try:
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if host and (parts.scheme == "https" or (parts.scheme == "http" and host in LOOPBACK_HOSTS)):
+        return value
+    raise ConfigError(
+        f"{name}={value!r} is not valid; set {name} to an https:// URL (http:// only for localhost, "
+        "127.0.0.1 or [::1])"
+    )
 
 
 @dataclass(frozen=True)
@@ -190,7 +203,7 @@ class AuthSettings:
             )
         return cls(
             audience=audience,
-            certs_url=url(env, "AUTH_CERTS_URL", GOOGLE_CERTS_URL),
+            certs_url=https_url(env, "AUTH_CERTS_URL", GOOGLE_CERTS_URL),
             issuers=tuple(i.strip() for i in issuers.split(",") if i.strip()) if issuers else GOOGLE_ISSUERS,
             allowed_callers=emails(env, "AUTH_ALLOWED_CALLERS"),
         )

@@ -70,6 +70,19 @@ def test_values_are_read() -> None:
     assert log_level({"LOG_LEVEL": "debug"}) == "DEBUG"
 
 
+@pytest.mark.parametrize(
+    "certs_url",
+    [
+        "https://www.googleapis.com/oauth2/v3/certs",
+        "http://127.0.0.1:8123/certs",
+        "http://[::1]:80/c",
+        "http://localhost/c",
+    ],
+)
+def test_certs_come_over_https_or_from_loopback(certs_url: str) -> None:
+    assert auth({"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": certs_url}).certs_url == certs_url
+
+
 @pytest.fixture
 def tls_files(tmp_path: Path) -> dict[str, str]:
     certs = ensure_dev_certs(tmp_path / "certs")
@@ -93,6 +106,10 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": " , "}, "AUTH_ALLOWED_CALLERS"),
     (auth, {"AUTH_ALLOWED_CALLERS": "a@x.com"}, "AUTH_AUDIENCE"),  # an allow-list that nothing would enforce
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "ftp://certs"}, "AUTH_CERTS_URL"),
+    # Keys over plain http could be swapped by anyone on the path: http only to a loopback emulator.
+    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "http://certs.example/v1"}, "AUTH_CERTS_URL"),
+    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "http://127.0.0.1.nip.io/"}, "AUTH_CERTS_URL"),
+    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "https:///certs"}, "AUTH_CERTS_URL"),
     (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "0"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
     (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "5m"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
     (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "7200"}, "DOWNSTREAM_TIMEOUT_SECONDS"),

@@ -5,7 +5,9 @@ verifying; rotated, tokens signed with the new key verify and tokens of a withdr
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
@@ -14,7 +16,7 @@ from emulators.identity import IdentityEmulator
 from routeguide.route_guide_pb2 import Point, RouteNote
 from tests.reliability import calls
 from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, bearer
-from tests.reliability.processes import Service
+from tests.reliability.processes import Service, StartError
 
 HERE = Point(latitude=409146138, longitude=-746188906)
 Call = Callable[[grpc.aio.Channel, str], Awaitable[object]]
@@ -138,3 +140,47 @@ async def test_rotated_keys_verify_and_withdrawn_keys_do_not() -> None:
                 assert await outcome(call, channel, emulator.mint(ALICE, AUDIENCE)) == grpc.StatusCode.OK
         finally:
             assert await service.stop() == 0
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    target = ""
+
+    def do_GET(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", self.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+async def test_a_certs_url_that_redirects_is_not_followed() -> None:
+    # Both ends on loopback, so the only thing refused is the redirect itself (in production it could lead from
+    # https to http, or to another host).
+    with IdentityEmulator() as emulator:
+        handler = type("Redirect", (_Redirect,), {"target": emulator.certs_url})
+        with ThreadingHTTPServer(("127.0.0.1", 0), handler) as redirector:
+            threading.Thread(target=redirector.serve_forever, daemon=True).start()
+            url = f"http://127.0.0.1:{redirector.server_address[1]}/certs"
+            service = await Service("routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": url}).start()
+            try:
+                async with calls.insecure(service.address) as channel:
+                    token = emulator.mint(ALICE, AUDIENCE)
+                    assert await outcome(unary, channel, token) == grpc.StatusCode.UNAVAILABLE
+                    assert await outcome(streaming_unsent, channel, token) == grpc.StatusCode.UNAVAILABLE
+                assert emulator.certs_requests == 0  # the redirect's target was never asked
+                warnings = [m for m in service.messages() if "identity certs unreachable" in m]
+                assert warnings and "RedirectRefused" in warnings[0], warnings
+            finally:
+                assert await service.stop() == 0
+                redirector.shutdown()
+
+
+async def test_a_plain_http_certs_url_off_loopback_stops_start_up() -> None:
+    service = Service("routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": "http://certs.example/v1"})
+    with pytest.raises(StartError):
+        await service.start(timeout=20)
+    assert service.returncode == 2
+    errors = [line for line in service.lines if line.startswith("config error:")]
+    assert len(errors) == 1 and "AUTH_CERTS_URL" in errors[0] and "https://" in errors[0], service.lines
