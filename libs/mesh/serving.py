@@ -185,6 +185,8 @@ async def serve(
         running = await start(services, settings, chain=server_chain(provider, auth))
         tls = "TLS" if settings.tls_cert_file else "h2c"
         verified = f"ID tokens verified for {auth.audience}" if auth.audience else "no token verification"
+        if auth.iam_only and not auth.audience:
+            verified += " (AUTH_IAM_ONLY: Cloud Run's IAM alone guards it)"
         log.info(
             "%s serving %s on port %d (%s, %s)",
             settings.service,

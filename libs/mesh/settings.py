@@ -184,12 +184,14 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    """Verification of incoming ID tokens; off unless AUTH_AUDIENCE is set."""
+    """Verification of incoming ID tokens; off unless AUTH_AUDIENCE is set, which on Cloud Run (K_SERVICE set)
+    takes AUTH_IAM_ONLY=true: there a forgotten variable must stop the revision, not open the service."""
 
     audience: str | None = None
     certs_url: str = GOOGLE_CERTS_URL
     issuers: tuple[str, ...] = GOOGLE_ISSUERS
     allowed_callers: frozenset[str] | None = None
+    iam_only: bool = False  # Cloud Run's IAM (roles/run.invoker) alone guards the service
 
     @classmethod
     def from_env(cls, env: Env) -> AuthSettings:
@@ -201,12 +203,25 @@ class AuthSettings:
                 "AUTH_ALLOWED_CALLERS is set but AUTH_AUDIENCE is not; set AUTH_AUDIENCE to turn on token "
                 "verification, or unset AUTH_ALLOWED_CALLERS"
             )
-        return cls(
+        settings = cls(
             audience=audience,
             certs_url=https_url(env, "AUTH_CERTS_URL", GOOGLE_CERTS_URL),
             issuers=tuple(i.strip() for i in issuers.split(",") if i.strip()) if issuers else GOOGLE_ISSUERS,
             allowed_callers=emails(env, "AUTH_ALLOWED_CALLERS"),
+            iam_only=flag(env, "AUTH_IAM_ONLY"),
         )
+        on_cloud_run = text(env, "K_SERVICE")
+        if on_cloud_run and not settings.iam_only:
+            missing = "AUTH_AUDIENCE" if audience is None else None
+            if missing is None and settings.allowed_callers is None:
+                missing = "AUTH_ALLOWED_CALLERS"
+            if missing:
+                raise ConfigError(
+                    f"{missing} is not set on Cloud Run (K_SERVICE={on_cloud_run}); set AUTH_AUDIENCE to the "
+                    "service's URL and AUTH_ALLOWED_CALLERS to its callers' emails, or set AUTH_IAM_ONLY=true "
+                    "if Cloud Run's IAM alone is meant to guard it"
+                )
+        return settings
 
 
 @dataclass(frozen=True)

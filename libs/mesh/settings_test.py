@@ -83,6 +83,13 @@ def test_certs_come_over_https_or_from_loopback(certs_url: str) -> None:
     assert auth({"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": certs_url}).certs_url == certs_url
 
 
+def test_on_cloud_run_iam_alone_is_an_explicit_choice() -> None:
+    assert auth({"K_SERVICE": "ping", "AUTH_IAM_ONLY": "true"}).audience is None
+    verified = auth({"K_SERVICE": "ping", "AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "a@x.com"})
+    assert verified.allowed_callers == {"a@x.com"} and not verified.iam_only
+    assert auth({}).audience is None  # off Cloud Run, no verification is still the default
+
+
 @pytest.fixture
 def tls_files(tmp_path: Path) -> dict[str, str]:
     certs = ensure_dev_certs(tmp_path / "certs")
@@ -110,6 +117,11 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "http://certs.example/v1"}, "AUTH_CERTS_URL"),
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "http://127.0.0.1.nip.io/"}, "AUTH_CERTS_URL"),
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "https:///certs"}, "AUTH_CERTS_URL"),
+    # On Cloud Run (K_SERVICE set) a missing verification setting stops start-up, unless AUTH_IAM_ONLY says so.
+    (auth, {"K_SERVICE": "ping"}, "AUTH_AUDIENCE"),
+    (auth, {"K_SERVICE": "ping", "AUTH_IAM_ONLY": "false"}, "AUTH_AUDIENCE"),
+    (auth, {"K_SERVICE": "ping", "AUTH_AUDIENCE": "https://ping"}, "AUTH_ALLOWED_CALLERS"),
+    (auth, {"K_SERVICE": "ping", "AUTH_IAM_ONLY": "sure"}, "AUTH_IAM_ONLY"),
     (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "0"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
     (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "5m"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
     (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "7200"}, "DOWNSTREAM_TIMEOUT_SECONDS"),

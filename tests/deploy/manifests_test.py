@@ -13,6 +13,7 @@ import yaml
 from deploy.invokers import load_invokers
 from deploy.layout import cloud_run_name, deployable_services, manifests
 from deploy.render import render
+from mesh.settings import AuthSettings
 from tests.deploy.repo import ROOT
 
 HEALTH_SERVICE = {
@@ -113,6 +114,16 @@ def test_streaming_and_background_export_settings(manifest: Path) -> None:
 def test_verifies_tokens_for_its_own_url(manifest: Path) -> None:
     name = cloud_run_name(manifest)
     assert env(manifest)["AUTH_AUDIENCE"] == f"https://{name}-${{PROJECT_NUMBER}}.${{REGION}}.run.app"
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=by_name)
+def test_starts_on_cloud_run_with_its_callers_checked(manifest: Path) -> None:
+    # The settings code itself, with K_SERVICE as Cloud Run sets it: a manifest that forgot AUTH_AUDIENCE or
+    # AUTH_ALLOWED_CALLERS would not start. None of ours leaves its callers to Cloud Run's IAM alone.
+    variables = env(manifest)
+    auth = AuthSettings.from_env({**variables, "K_SERVICE": cloud_run_name(manifest)})
+    assert auth.audience and auth.allowed_callers and not auth.iam_only
+    assert "AUTH_IAM_ONLY" not in variables
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=by_name)

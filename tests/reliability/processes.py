@@ -40,7 +40,9 @@ class Service:
     def __init__(self, name: str, env: Mapping[str, str], *, kind: str | None = None) -> None:
         self.name = name
         self.module = MODULES[kind or name]
-        self.env = {"K_SERVICE": name, **env}
+        # K_SERVICE says "on Cloud Run" (where verification settings are required): set only for a role running
+        # under another name than its module's (ping-upstream), as Cloud Run would name it.
+        self.env = {**({"K_SERVICE": name} if kind else {}), **env}
         self.lines: list[str] = []
         self.port = 0
         self._process: asyncio.subprocess.Process | None = None
