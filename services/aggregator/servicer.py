@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
+from mesh.downstream import reported
 from ping import ping_pb2_grpc
 from routeguide import route_guide_pb2_grpc
 from services.aggregator.survey import Survey, all_failed
@@ -35,4 +36,4 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
             async for update in self._tour(request_iterator):
                 yield update
         except grpc.aio.AioRpcError as err:
-            await context.abort(err.code(), f"routeguide: {err.details()}")
+            await context.abort(err.code(), f"routeguide: {reported('routeguide', err)}")

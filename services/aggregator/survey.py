@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from aggregator.v1 import aggregator_pb2
+from mesh.downstream import reported
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
@@ -37,7 +38,7 @@ async def timed(method: str, call: Callable[[], Awaitable[T]]) -> Outcome[T]:
         result = await call()
         code, message = grpc.StatusCode.OK, ""
     except grpc.aio.AioRpcError as err:
-        code, message = err.code(), err.details() or ""
+        code, message = err.code(), reported(method, err)
     latency = Duration()
     latency.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
     report = aggregator_pb2.DownstreamCall(
@@ -83,5 +84,9 @@ def all_failed(response: aggregator_pb2.SurveyResponse) -> tuple[grpc.StatusCode
     by_value = {code.value[0]: code for code in grpc.StatusCode}
     # One shared cause keeps its code (e.g. DEADLINE_EXCEEDED); mixed causes mean the backends are unavailable.
     code = by_value[codes.pop()] if len(codes) == 1 else grpc.StatusCode.UNAVAILABLE
-    details = "; ".join(f"{c.method}: {by_value[c.code].name} {c.message}".strip() for c in response.calls)
+    details = "; ".join(_described(c.method, by_value[c.code].name, c.message) for c in response.calls)
     return code, f"every downstream call failed: {details}"
+
+
+def _described(method: str, code: str, message: str) -> str:
+    return f"{method}: {code}" if message in ("", code) else f"{method}: {code} {message}"

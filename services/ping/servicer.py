@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mesh.downstream import reported
 from ping import ping_pb2, ping_pb2_grpc
 
 NO_UPSTREAM = "no upstream configured: set GRPC_PING_HOST to the upstream's host:port to use SendUpstream"
@@ -32,5 +33,7 @@ class PingServicer(ping_pb2_grpc.PingServiceServicer):
             reply = await self._upstream.Send(ping_pb2.Request(message=f"{request.message} (relayed)"))
         except grpc.aio.AioRpcError as err:
             # Keep the upstream's code so callers can tell "upstream unavailable" from "upstream said no".
-            await context.abort(err.code(), f"upstream {self._upstream_name}: {err.details()}")
+            await context.abort(
+                err.code(), f"upstream {self._upstream_name}: {reported(self._upstream_name, err)}"
+            )
         return ping_pb2.Response(pong=reply.pong)
