@@ -118,6 +118,7 @@ class TokenVerifier:
         default_certs_max_age_s: float = 300.0,
         refetch_interval_s: float = 5.0,
         failure_backoff_s: float = 1.0,
+        certs_max_stale_s: float = 3600.0,
         cache_size: int = 4096,
         max_token_bytes: int = MAX_TOKEN_BYTES,
     ) -> None:
@@ -131,7 +132,12 @@ class TokenVerifier:
         )
         self._skew = clock_skew_s
         self._certs = IssuerKeys(
-            certs_url, certs_timeout_s, default_certs_max_age_s, refetch_interval_s, failure_backoff_s
+            certs_url,
+            certs_timeout_s,
+            default_certs_max_age_s,
+            refetch_interval_s,
+            failure_backoff_s,
+            certs_max_stale_s,
         )
         self._cache: OrderedDict[str, Caller] = OrderedDict()
         self._cache_size = cache_size
@@ -191,15 +197,12 @@ class TokenVerifier:
 
     async def _keys_for(self, kid: str | None) -> list[rsa.RSAPublicKey]:
         certs = self._certs
-        if not certs.fresh():
-            await certs.refresh()
-            if not certs.keys:
-                raise AuthError(
-                    grpc.StatusCode.UNAVAILABLE, "cannot verify tokens: identity certs unavailable"
-                )
+        keys = await certs.current()
+        if not keys:
+            raise AuthError(grpc.StatusCode.UNAVAILABLE, "cannot verify tokens: identity certs unavailable")
         if kid is None:
-            return list(certs.keys.values())
-        key = certs.keys.get(kid)
+            return list(keys.values())
+        key = keys.get(kid)
         if key is None and certs.may_refetch_for_unknown_kid():  # the issuer may have rotated its keys
             await certs.refresh(unknown_kid=True)
             key = certs.keys.get(kid)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,8 +15,10 @@ import grpc
 import pytest
 
 from emulators.identity import IdentityEmulator
+from mesh.identity import AuthError, TokenVerifier
 from routeguide.route_guide_pb2 import Point, RouteNote
 from tests.reliability import calls
+from tests.reliability.figures import record
 from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, bearer
 from tests.reliability.processes import Service, StartError
 
@@ -184,3 +188,115 @@ async def test_a_plain_http_certs_url_off_loopback_stops_start_up() -> None:
     assert service.returncode == 2
     errors = [line for line in service.lines if line.startswith("config error:")]
     assert len(errors) == 1 and "AUTH_CERTS_URL" in errors[0] and "https://" in errors[0], service.lines
+
+
+class CertsRelay:
+    """A certs endpoint in front of the emulator's that can be made to hang: it accepts the request, then
+    answers nothing until released (or 30 s have passed). Counts the requests it received."""
+
+    def __init__(self, upstream: str) -> None:
+        self.hanging = threading.Event()
+        self.released = threading.Event()
+        self.requests = 0
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                relay.requests += 1
+                if relay.hanging.is_set():
+                    relay.released.wait(30)
+                    return
+                with urllib.request.urlopen(upstream, timeout=5) as answer:  # noqa: S310 - loopback
+                    body, cache_control = answer.read(), answer.headers.get("Cache-Control", "")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Cache-Control", cache_control)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/certs"
+
+    def __enter__(self) -> CertsRelay:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.released.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+async def test_callers_queued_behind_a_hanging_certs_fetch_share_its_deadline() -> None:
+    # Five new tokens, sent 0.5 s apart, while the certs endpoint hangs (the service has no key yet): one fetch,
+    # and every call answered when its 5 s timeout ends, not one timeout after another (5, 10 ... 25 s).
+    with IdentityEmulator() as emulator, CertsRelay(emulator.certs_url) as relay:
+        relay.hanging.set()
+        service = await Service(
+            "routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": relay.url}
+        ).start()
+        try:
+            async with calls.insecure(service.address) as channel:
+                started = time.monotonic()
+
+                async def new_token(index: int) -> tuple[grpc.StatusCode, float, float]:
+                    await asyncio.sleep(0.5 * index)
+                    sent = time.monotonic()
+                    code = await outcome(
+                        unary, channel, emulator.mint(ALICE, AUDIENCE, sub=f"queued-{index}")
+                    )
+                    return code, round(sent - started, 2), round(time.monotonic() - started, 2)
+
+                answers = await asyncio.gather(*(new_token(i) for i in range(5)))
+                fetches = relay.requests
+        finally:
+            relay.released.set()
+            assert await service.stop() == 0
+    record("certs endpoint hanging, five new tokens", {"sent_answered_s": [a[1:] for a in answers]})
+    assert [code for code, _, _ in answers] == [grpc.StatusCode.UNAVAILABLE] * 5, answers
+    assert fetches == 1, answers
+
+
+async def test_stale_keys_verify_at_once_while_a_hanging_fetch_refreshes_them() -> None:
+    with IdentityEmulator(certs_max_age_s=1) as emulator, CertsRelay(emulator.certs_url) as relay:
+        service = await Service(
+            "routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": relay.url}
+        ).start()
+        try:
+            async with calls.insecure(service.address) as channel:
+                assert await outcome(unary, channel, emulator.mint(ALICE, AUDIENCE)) == grpc.StatusCode.OK
+                relay.hanging.set()
+                await asyncio.sleep(1.3)  # past max-age: the keys are stale
+                # A deadline shorter than the fetch's 5 s timeout: met only if nothing waits for the fetch.
+                codes = []
+                for index in range(4):
+                    token = emulator.mint(ALICE, AUDIENCE, sub=f"stale-{index}")
+                    try:
+                        await calls.routeguide(channel).GetFeature(HERE, metadata=bearer(token), timeout=2)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as err:
+                        codes.append(err.code())
+                fetches = relay.requests
+        finally:
+            relay.released.set()
+            assert await service.stop() == 0
+    assert codes == [grpc.StatusCode.OK] * 4, codes
+    assert fetches == 2  # the first, then one background refresh for all four calls
+
+
+async def test_keys_stale_past_the_bound_are_not_used() -> None:
+    with IdentityEmulator(certs_max_age_s=1) as emulator, CertsRelay(emulator.certs_url) as relay:
+        verifier = TokenVerifier(AUDIENCE, relay.url, certs_timeout_s=0.5, certs_max_stale_s=1.0)
+        assert (await verifier.verify(emulator.mint(ALICE, AUDIENCE))).email == ALICE
+        relay.hanging.set()
+        await asyncio.sleep(1.3)  # stale, within the bound: still verifying
+        assert (await verifier.verify(emulator.mint(ALICE, AUDIENCE, sub="within"))).subject == "within"
+        await asyncio.sleep(1.0)  # 2.3 s after the fetch: past max-age (1 s) + bound (1 s)
+        with pytest.raises(AuthError) as info:
+            await verifier.verify(emulator.mint(ALICE, AUDIENCE, sub="past"))
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
