@@ -52,11 +52,63 @@ async def _parsed(
         yield request
 
 
+async def _one(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str) -> Any:
+    async for request in requests:
+        return request
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no request message for {method}")
+
+
+def _reading_after_entry(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """A unary-request handler served as a request-streaming one, which reads its one request itself.
+
+    grpc reads a unary request whole (up to the message size limit) before its handler, and so `enter`, runs;
+    a request-streaming handler runs before any message is read. Served this way, `enter` decides from the
+    call's headers alone, and a call it refuses is answered at once, its request never read."""
+    inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    if not handler.response_streaming:
+
+        async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            return await inner(await _one(requests, context, method), context)
+
+        behavior: Callable[..., Any] = unary
+        factory = grpc.stream_unary_rpc_method_handler
+    elif inspect.iscoroutinefunction(inner):
+
+        async def writing(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            await inner(await _one(requests, context, method), context)
+
+        behavior, factory = writing, grpc.stream_stream_rpc_method_handler
+    else:
+
+        async def streaming(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            async for response in inner(await _one(requests, context, method), context):
+                yield response
+
+        behavior, factory = streaming, grpc.stream_stream_rpc_method_handler
+    return factory(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 def wrap(
-    handler: grpc.RpcMethodHandler, enter: Enter, after: After, method: str = "this method"
+    handler: grpc.RpcMethodHandler,
+    enter: Enter,
+    after: After,
+    method: str = "this method",
+    *,
+    headers_first: bool = False,
 ) -> grpc.RpcMethodHandler:
     """`handler` with `enter`/`after` around each call (what `enter` returns to await, awaited first), and
-    unparsable requests refused after that (a caller refused by `enter` learns nothing about its request)."""
+    unparsable requests refused after that (a caller refused by `enter` learns nothing about its request).
+
+    With `headers_first`, `enter` runs before a unary request is read too (see `_reading_after_entry`), as it
+    always does for request streams."""
+    if headers_first and not handler.request_streaming:
+        handler = _reading_after_entry(handler, method)
     deserializer = _tolerant(handler.request_deserializer)
 
     streaming_requests = handler.request_streaming

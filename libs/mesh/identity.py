@@ -4,7 +4,7 @@
 Cache-Control max-age, refetched once on an unknown key id), its audience, issuer and times, then the
 caller's email against an optional allow-list. Verified tokens are cached until they expire, so a caller
 that reuses its token (as mesh.tokens does) pays a dict lookup per call, not an RSA verification.
-mesh.server_chain applies it (`admitter`) to every RPC of a grpc.aio server except the exempt services.
+mesh.server_chain applies it (`admitter`) to every RPC of a grpc.aio server except the exempt methods.
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from mesh.issuer_keys import IssuerKeys, b64decode
 from mesh.settings import GOOGLE_CERTS_URL, GOOGLE_ISSUERS
 
-EXEMPT_SERVICES = (
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1alpha.ServerReflection",
-    "grpc.reflection.v1.ServerReflection",
-)
+# With verification on, only what probes call takes no token: Cloud Run's gRPC startup and liveness probes
+# call Check. Watch holds a stream open and reflection describes every method: both need a token.
+EXEMPT_METHODS = ("/grpc.health.v1.Health/Check",)
 MAX_TOKEN_BYTES = 8192
 
 _log = logging.getLogger(__name__)
@@ -274,11 +272,6 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     if not isinstance(credentials, str) or credentials[:7].lower() != "bearer ":
         raise _unauthenticated(_MISSING)
     return credentials[7:].strip()
-
-
-def exempt(method: str, exempt_services: frozenset[str]) -> bool:
-    """Whether a method ("/package.Service/Method") belongs to a service that takes calls without a token."""
-    return method[1:].rpartition("/")[0] in exempt_services
 
 
 # Admits a call from its context and metadata: None when done at once, else what to await.

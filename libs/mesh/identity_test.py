@@ -421,7 +421,7 @@ def test_verifier_refuses_an_empty_audience() -> None:
 
 async def test_exempt_calls_never_see_an_earlier_callers_identity(emulator: IdentityEmulator) -> None:
     verifier = TokenVerifier(AUDIENCE, emulator.certs_url)
-    server = ServerChain(verifier=verifier, exempt_services=("ping.PingService",)).wrapping(
+    server = ServerChain(verifier=verifier, exempt_methods=("/ping.PingService/Send",)).wrapping(
         grpc.aio.server(options=OPTIONS)
     )
     ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)

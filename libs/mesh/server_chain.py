@@ -17,24 +17,50 @@ import grpc
 from opentelemetry import trace
 
 from mesh import deadlines, handlers, identity
-from mesh.identity import EXEMPT_SERVICES, TokenVerifier
+from mesh.identity import EXEMPT_METHODS, TokenVerifier
 from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, end_span
+
+# Calls that take no token, in flight at once: enough for Cloud Run's probes (one a second at most), too few
+# to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates.
+EXEMPT_CONCURRENCY = 16
+
+
+class _Gate:
+    """At most `limit` calls inside at once; the others are refused at once (one event loop: no lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inside = 0
+
+    def admit(self, context: grpc.aio.ServicerContext, method: str) -> Awaitable[None] | None:
+        if self.inside >= self.limit:
+            return context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many calls without a token in flight (at most {self.limit}); retry later",
+            )
+        self.inside += 1
+        return None
 
 
 class ServerChain:
-    """Spans (when `provider` is given), token verification (when `verifier` is) and the incoming deadline."""
+    """Spans (when `provider` is given), token verification (when `verifier` is) and the incoming deadline.
+
+    With a verifier, the exempt methods (health Check) take no token, and at most `exempt_concurrency` of them
+    run at once (counted before their request is read); every other method wants a token."""
 
     def __init__(
         self,
         provider: trace.TracerProvider | None = None,
         verifier: TokenVerifier | None = None,
         *,
-        exempt_services: Iterable[str] = EXEMPT_SERVICES,
+        exempt_methods: Iterable[str] = EXEMPT_METHODS,
+        exempt_concurrency: int = EXEMPT_CONCURRENCY,
         untraced_services: Iterable[str] = UNTRACED_SERVICES,
     ) -> None:
         self._spans = None if provider is None else ServerSpans(provider, untraced_services)
         self._verifier = verifier
-        self._exempt = frozenset(exempt_services)
+        self._exempt = frozenset(exempt_methods)
+        self._exempt_gate = _Gate(exempt_concurrency)
         self._wrapped: handlers.HandlerCache[grpc.RpcMethodHandler] = handlers.HandlerCache()
 
     def wrapping(self, server: grpc.aio.Server) -> grpc.aio.Server:
@@ -47,25 +73,35 @@ class ServerChain:
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         start = None if self._spans is None else self._spans.starter(method)
-        admit = None
-        if self._verifier is not None and not identity.exempt(method, self._exempt):
-            admit = identity.admitter(self._verifier, method)
+        admit = gate = None
+        if self._verifier is not None:
+            if method in self._exempt:
+                gate = self._exempt_gate
+            else:
+                admit = identity.admitter(self._verifier, method)
 
         def enter(context: grpc.aio.ServicerContext) -> tuple[Any, Awaitable[None] | None]:
             # The metadata is read once for the span and the token: gRPC converts it anew on every read.
             metadata = (context.invocation_metadata() or ()) if start or admit else ()
             span = None if start is None else start(context, metadata)
             deadline = deadlines.record(context)
-            return (span, deadline), None if admit is None else admit(context, metadata)
+            if gate is not None:
+                refused = gate.admit(context, method)
+                return (span, deadline, refused is None), refused
+            return (span, deadline, False), None if admit is None else admit(context, metadata)
 
         def after(token: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-            span, deadline = token
+            span, deadline, gated = token
+            if gated:
+                self._exempt_gate.inside -= 1
             deadlines.forget(deadline)
             if span is not None:
                 opened, attached = span
                 end_span(opened, attached, context, error)
 
-        return handlers.wrap(handler, enter, after, method)
+        # The exempt methods' gate applies before their request is read, or callers holding a request open
+        # could each keep one of the server's slots.
+        return handlers.wrap(handler, enter, after, method, headers_first=gate is not None)
 
 
 class _WrappingServer(grpc.aio.Server):  # type: ignore[misc]

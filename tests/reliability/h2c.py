@@ -5,13 +5,23 @@ that ends mid-message, this speaks HTTP/2 on a raw socket: the connection prefac
 (HPACK literals, no Huffman, no indexing), DATA frames as given, then reads frames until the stream ends.
 Responses are decoded with a minimal HPACK decoder (static and dynamic tables; Huffman-coded strings are
 reported as such, not decoded: the tests need only grpc-status, which is a plain literal or an index).
+
+`Streams` does the same for many streams on one connection, on the `h2` library (with its `hpack`): requests
+held open mid-message, as many as the server lets in, each stream's answer recorded as it comes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
@@ -245,3 +255,122 @@ def _unpad(payload: bytes, flags: int) -> bytes:
         pad = payload[0]
         return payload[1 : len(payload) - pad]
     return payload
+
+
+class Streams:
+    """One h2c connection carrying many gRPC requests, each sent as far as the server's flow control allows.
+
+    `start` opens a stream (headers, then `body` as DATA, END_STREAM only if `end`); `pump` reads the server's
+    frames and sends more of each pending body as windows open, until a condition holds or time runs out.
+    `outcomes[stream]` holds what came back: headers, trailers, reset.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authority: str) -> None:
+        self._reader, self._writer, self._authority = reader, writer, authority
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,  # send what a careful client would not
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._pending: dict[int, tuple[memoryview, bool]] = {}  # body still to send, END_STREAM after it
+        self.outcomes: dict[int, Outcome] = {}
+        self.closed = False
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Streams:
+        reader, writer = await asyncio.open_connection(host, port)
+        streams = cls(reader, writer, f"{host}:{port}")
+        streams._h2.initiate_connection()
+        streams._flush()
+        return streams
+
+    def start(
+        self, path: str, metadata: tuple[tuple[str, str], ...] = (), body: bytes = b"", *, end: bool = False
+    ) -> int:
+        stream = self._h2.get_next_available_stream_id()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", path.encode()),
+            (b":authority", self._authority.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            *((name.encode(), value.encode()) for name, value in metadata),
+        ]
+        self._h2.send_headers(stream, headers, end_stream=end and not body)
+        self.outcomes[stream] = Outcome()
+        if body:
+            self._pending[stream] = (memoryview(body), end)
+        self._send_pending()
+        return stream
+
+    def done(self, stream: int) -> bool:
+        outcome = self.outcomes[stream]
+        return outcome.grpc_status is not None or outcome.reset is not None or self.closed
+
+    def sent_everything(self) -> bool:
+        return not self._pending
+
+    async def pump(self, until: Callable[[], bool], timeout: float) -> bool:
+        """Reads and sends until `until()` holds (True), or `timeout` passes or the connection closes (False)."""
+        deadline = time.monotonic() + timeout
+        while not until():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.closed:
+                return until()
+            try:
+                data = await asyncio.wait_for(self._reader.read(1 << 16), remaining)
+            except asyncio.TimeoutError:
+                return until()
+            if not data:
+                self.closed = True
+                continue
+            for event in self._h2.receive_data(data):
+                self._on(event)
+            self._send_pending()
+        return True
+
+    def _on(self, event: h2.events.Event) -> None:
+        stream = getattr(event, "stream_id", 0)
+        outcome = self.outcomes.get(stream)
+        if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)) and outcome:
+            outcome.headers += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+        elif isinstance(event, h2.events.DataReceived):
+            if outcome:
+                outcome.data += event.data
+            self._h2.acknowledge_received_data(event.flow_controlled_length, stream)
+        elif isinstance(event, h2.events.StreamReset) and outcome:
+            outcome.reset = event.error_code
+            self._pending.pop(stream, None)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.closed = True
+
+    def _send_pending(self) -> None:
+        for stream, (body, end) in list(self._pending.items()):
+            del self._pending[stream]
+            if self.done(stream):  # answered: the rest of its body would only be discarded
+                continue
+            try:
+                while body and (window := self._h2.local_flow_control_window(stream)) > 0:
+                    size = min(len(body), window, self._h2.max_outbound_frame_size)
+                    self._h2.send_data(stream, bytes(body[:size]), end_stream=end and size == len(body))
+                    body = body[size:]
+            except h2.exceptions.StreamClosedError:
+                continue
+            if body:
+                self._pending[stream] = (body, end)
+        self._flush()
+
+    def _flush(self) -> None:
+        if data := self._h2.data_to_send():
+            self._writer.write(data)
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except ConnectionError:
+            pass
