@@ -5,10 +5,10 @@ from services.routeguide.chat import NoteBoard, NoteTooLarge
 
 def test_returns_earlier_notes_at_the_same_location_then_stores() -> None:
     board: NoteBoard[str] = NoteBoard()
-    assert board.exchange((1, 1), "a", 1) == []
-    assert board.exchange((2, 2), "elsewhere", 9) == []
-    assert board.exchange((1, 1), "b", 1) == ["a"]
-    assert board.exchange((1, 1), "c", 1) == ["a", "b"]
+    assert board.exchange((1, 1), "a", 1).notes == []
+    assert board.exchange((2, 2), "elsewhere", 9).notes == []
+    assert board.exchange((1, 1), "b", 1).notes == ["a"]
+    assert board.exchange((1, 1), "c", 1).notes == ["a", "b"]
     assert board.notes_at((2, 2)) == ["elsewhere"]
     assert len(board) == 4 and board.total_bytes == 12
 
@@ -59,12 +59,21 @@ def test_byte_cap_and_note_size_limit() -> None:
 
 def test_cap_of_one_per_location() -> None:
     board: NoteBoard[str] = NoteBoard(notes_per_location=1)
-    assert board.exchange((1, 1), "a", 1) == []
-    assert board.exchange((1, 1), "b", 1) == ["a"]
-    assert board.exchange((1, 1), "c", 1) == ["b"]
+    assert board.exchange((1, 1), "a", 1).notes == []
+    assert board.exchange((1, 1), "b", 1).notes == ["a"]
+    assert board.exchange((1, 1), "c", 1).notes == ["b"]
     assert len(board) == 1
 
 
 def test_caps_must_be_positive() -> None:
     with pytest.raises(ValueError):
         NoteBoard(max_notes=0)
+
+
+def test_a_reply_is_the_newest_earlier_notes_that_fit_oldest_first() -> None:
+    board: NoteBoard[str] = NoteBoard(max_reply_bytes=25)
+    for number in range(5):
+        board.exchange((1, 1), f"n{number}", 10)
+    reply = board.exchange((1, 1), "probe", 1)
+    assert reply.notes == ["n3", "n4"] and reply.size == 20  # a third 10-byte note would pass 25 bytes
+    assert board.exchange((1, 1), "again", 1).notes == ["n3", "n4", "probe"]  # 21 bytes

@@ -110,7 +110,7 @@ class RouteGuideServicer(route_guide_pb2_grpc.RouteGuideServicer):
     ) -> AsyncIterator[RouteNote]:
         self._open_streams += 1
         try:
-            number = 0
+            number = sent = 0
             async for note in request_iterator:
                 where = f"notes[{number}]"
                 latitude, longitude = note.location.latitude, note.location.longitude
@@ -122,7 +122,14 @@ class RouteGuideServicer(route_guide_pb2_grpc.RouteGuideServicer):
                 except NoteTooLarge as error:
                     await _invalid_argument(context, f"{where}: {error}")
                 number += 1
-                for stored in earlier:
+                sent += earlier.size
+                if sent > self._notes.max_stream_reply_bytes:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{where}: RouteChat sends at most {self._notes.max_stream_reply_bytes} bytes of earlier "
+                        "notes on one stream; open another stream",
+                    )
+                for stored in earlier.notes:
                     yield stored
         finally:
             self._open_streams -= 1

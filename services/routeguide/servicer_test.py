@@ -312,6 +312,22 @@ async def test_route_chat_note_caps_hold() -> None:
     assert board.notes_at((1, 1))[0].message == "probe"
 
 
+async def test_route_chat_ends_a_stream_past_its_reply_bound() -> None:
+    board: NoteBoard[RouteNote] = NoteBoard(max_stream_reply_bytes=100)
+    async with serving(RouteGuideServicer(builtin_database(), notes=board)) as stub:
+        call = stub.RouteChat(None, timeout=WAIT)
+        for number in range(5):  # the fifth is the one refused: no write races the refusal
+            await call.write(_note(1, 1, f"note {number:02d}"))  # 15 bytes each: 0, 15, 30, 45 ... back
+        replies = []
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for reply in call:
+                replies.append(reply.message)
+        assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at most 100 bytes of earlier notes on one stream" in (ended.value.details() or "")
+    # Notes 1 to 3 were answered with 1, 2 and 3 earlier notes (90 bytes); note 4's 4 more would pass 100.
+    assert replies == ["note 00", "note 00", "note 01", "note 00", "note 01", "note 02"]
+
+
 async def test_route_chat_rejects_an_oversized_note() -> None:
     board: NoteBoard[RouteNote] = NoteBoard(max_note_bytes=64)
     async with serving(RouteGuideServicer(builtin_database(), notes=board)) as stub:

@@ -8,9 +8,19 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import grpc
+import pytest
+
 from routeguide.route_guide_pb2 import Point, RouteNote
-from services.routeguide.chat import DEFAULT_MAX_NOTES, DEFAULT_MAX_TOTAL_BYTES, DEFAULT_NOTES_PER_LOCATION
+from services.routeguide.chat import (
+    DEFAULT_MAX_NOTES,
+    DEFAULT_MAX_REPLY_BYTES,
+    DEFAULT_MAX_STREAM_REPLY_BYTES,
+    DEFAULT_MAX_TOTAL_BYTES,
+    DEFAULT_NOTES_PER_LOCATION,
+)
 from tests.reliability import calls, h2c
+from tests.reliability.figures import record
 from tests.reliability.processes import Service, Usage
 
 log = logging.getLogger(__name__)
@@ -109,3 +119,43 @@ async def test_connection_churn_leaks_no_thread_descriptor_or_memory() -> None:
     assert after.fds <= baseline.fds, (baseline, after)
     assert after.threads <= baseline.threads, (baseline, after)
     assert after.rss_kb - baseline.rss_kb < 4 * MB, (baseline, after)
+
+
+async def test_route_chat_answers_are_bounded_per_note_and_per_stream() -> None:
+    # 4 places, each with 64 notes of ~3.9 KB; then one stream of 20-byte notes visiting the places in turn.
+    # Before the bounds, each small note brought back 64 x 3.9 KB = 250 KB, on every note of the stream.
+    places = [Point(latitude=7, longitude=place) for place in range(1, 5)]
+    service = await Service("routeguide", {}).start()
+    try:
+        async with calls.insecure(service.address) as channel:
+            chat = calls.routeguide(channel)
+            for where in places:  # one stream per place: filling one answers 3.5 MB, under the stream bound
+
+                async def filling(where: Point = where) -> AsyncIterator[RouteNote]:
+                    for number in range(DEFAULT_NOTES_PER_LOCATION):
+                        yield RouteNote(location=where, message=f"{number:02d}".ljust(3900, "."))
+
+                async for _ in chat.RouteChat(filling(), timeout=60):
+                    pass
+
+            async def small() -> AsyncIterator[RouteNote]:
+                for number in range(1_000):
+                    yield RouteNote(location=places[number % len(places)], message=f"small {number:05d}")
+
+            answers: list[RouteNote] = []
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for answer in chat.RouteChat(small(), timeout=60):
+                    answers.append(answer)
+    finally:
+        assert await service.stop() == 0
+    sizes = [answer.ByteSize() for answer in answers]
+    record("RouteChat, one stream of 20-byte notes", {"notes_back": len(answers), "bytes_back": sum(sizes)})
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"at most {DEFAULT_MAX_STREAM_REPLY_BYTES} bytes of earlier notes on one stream" in (
+        ended.value.details() or ""
+    )
+    assert sum(sizes) <= DEFAULT_MAX_STREAM_REPLY_BYTES
+    # The first small note's answer: the newest 16 notes there (what fits in 64 KiB), oldest first.
+    per_note = DEFAULT_MAX_REPLY_BYTES // sizes[0]
+    assert [note.message[:2] for note in answers[:per_note]] == [f"{n:02d}" for n in range(64 - per_note, 64)]
+    assert per_note == 16 and sum(sizes[:per_note]) <= DEFAULT_MAX_REPLY_BYTES
