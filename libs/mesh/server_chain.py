@@ -5,7 +5,8 @@ run in one wrapper around each method handler, made once, when the service is ad
 `ServerChain(...).wrapping(grpc.aio.server(...))` is the server to add services to. Not a grpc.aio
 interceptor, which sees only the method and metadata: in the wrapper the token is checked inside the call's
 span and task, and a token seen before costs no coroutine (BENCHMARKS.md, items 7 to 9).
-Order inside a call, outermost first: span, deadline, identity, the request's parse check, the handler.
+Order inside a call, outermost first: span, deadline, identity, the request's parse check, the handler; with
+verification on, a unary request is read after identity (mesh.handlers, `headers_first`).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class _Gate:
 class ServerChain:
     """Spans (when `provider` is given), token verification (when `verifier` is) and the incoming deadline.
 
-    With a verifier, the exempt methods (health Check) take no token, and at most `exempt_concurrency` of them
-    run at once (counted before their request is read); every other method wants a token."""
+    With a verifier, every call is admitted from its headers before any request message is read; the exempt
+    methods (health Check) take no token, and at most `exempt_concurrency` of them run at once; every other
+    method wants a token."""
 
     def __init__(
         self,
@@ -99,9 +101,10 @@ class ServerChain:
                 opened, attached = span
                 end_span(opened, attached, context, error)
 
-        # The exempt methods' gate applies before their request is read, or callers holding a request open
-        # could each keep one of the server's slots.
-        return handlers.wrap(handler, enter, after, method, headers_first=gate is not None)
+        # With verification on, every call is admitted from its headers alone, before its request is read: a
+        # call refused (no token, a bad one, the exempt gate full) is answered at once and its request never
+        # taken in, whatever its kind.
+        return handlers.wrap(handler, enter, after, method, headers_first=self._verifier is not None)
 
 
 class _WrappingServer(grpc.aio.Server):  # type: ignore[misc]

@@ -41,10 +41,15 @@ from mesh.tokens import IdTokens
 
 log = logging.getLogger("mesh.serving")
 
+# Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; gRPC's default is
+# unbounded): a connection can no longer hold every one of MAX_CONCURRENT_RPCS. Cloud Run's front end spreads
+# its calls over several connections.
+MAX_STREAMS_PER_CONNECTION = 100
+
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not silently share it
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # accept the clients' keepalive pings
@@ -58,11 +63,14 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 @dataclass(frozen=True)
 class Service:
-    """A servicer and how to add it, under its full service name (e.g. "ping.PingService")."""
+    """A servicer and how to add it, under its full service name (e.g. "ping.PingService"), and the largest
+    request message its contract needs: the server takes in no larger message (gRPC answers
+    RESOURCE_EXHAUSTED), so each call of a caller with no token yet costs at most that much."""
 
     name: str
     servicer: Any
     add_to_server: Callable[[Any, grpc.aio.Server], None]
+    max_request_bytes: int = MAX_MESSAGE_BYTES
 
 
 class Runtime:
@@ -137,7 +145,11 @@ async def start(
     chain: ServerChain | None = None,
     host: str = "[::]",
 ) -> RunningServer:
-    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    # One server per process, so one receive limit: the largest its services need (health and reflection
+    # requests are a few bytes).
+    max_request = max((s.max_request_bytes for s in services), default=MAX_MESSAGE_BYTES)
+    options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", max_request)]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     if chain is not None:
         server = chain.wrapping(server)
     health_servicer = health.aio.HealthServicer()

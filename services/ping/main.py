@@ -11,6 +11,7 @@ from ping import ping_pb2_grpc
 from services.ping.servicer import PingServicer
 
 SERVICE_NAME = "ping.PingService"
+MAX_REQUEST = 64 * 1024  # a Request is one message string: a ping, not a payload
 
 
 def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
@@ -26,7 +27,14 @@ def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
         channel = runtime.channel(upstream, idempotent=[f"{SERVICE_NAME}/Send"])
         stub = ping_pb2_grpc.PingServiceStub(channel)
     servicer = PingServicer(stub, upstream.address if upstream else "")  # type: ignore[arg-type]
-    return [serving.Service(SERVICE_NAME, servicer, ping_pb2_grpc.add_PingServiceServicer_to_server)]
+    return [
+        serving.Service(
+            SERVICE_NAME,
+            servicer,
+            ping_pb2_grpc.add_PingServiceServicer_to_server,
+            max_request_bytes=MAX_REQUEST,
+        )
+    ]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from services.routeguide.features import FeatureDatabaseError, load_database
 from services.routeguide.servicer import RouteGuideServicer
 
 SERVICE_NAME = "routeguide.RouteGuide"
+# Each request message is a Point, a Rectangle or a RouteNote (at most 4 KiB of note: chat.py): a few KiB.
+MAX_REQUEST = 64 * 1024
 
 
 def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
@@ -22,7 +24,8 @@ def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
             f"ROUTEGUIDE_DB: {err}; set ROUTEGUIDE_DB to a JSON feature file, or unset it"
         ) from err
     servicer = RouteGuideServicer(database)
-    return [serving.Service(SERVICE_NAME, servicer, route_guide_pb2_grpc.add_RouteGuideServicer_to_server)]
+    add = route_guide_pb2_grpc.add_RouteGuideServicer_to_server
+    return [serving.Service(SERVICE_NAME, servicer, add, max_request_bytes=MAX_REQUEST)]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from aggregator.v1 import aggregator_pb2
 from ping import ping_pb2
 from routeguide import route_guide_pb2
 from routeguide.route_guide_pb2 import Point, Rectangle, RouteNote
+from services.ping.main import MAX_REQUEST as PING_MAX_REQUEST
+from services.routeguide.main import MAX_REQUEST as ROUTEGUIDE_MAX_REQUEST
 from tests.reliability import calls, h2c
 from tests.reliability.calls import METHODS, UNLIMITED, SteadyClient
 from tests.reliability.stack import Stack, start_h2c
@@ -199,9 +201,9 @@ async def test_a_huge_route_is_summarised_in_full(
 
 
 # Size limits --------------------------------------------------------------------------------------------------
-def _oversized() -> bytes:
-    """A message of each type (all fields optional) with an unknown field that takes it past 4 MiB."""
-    body = b"x" * (LIMIT + 16)
+def _oversized(limit: int = LIMIT) -> bytes:
+    """A message of each type (all fields optional) with an unknown field that takes it past `limit`."""
+    body = b"x" * (limit + 16)
     return b"\x7a" + _varint(len(body)) + body  # field 15, length-delimited
 
 
@@ -223,6 +225,28 @@ async def test_a_message_over_the_size_limit_is_resource_exhausted(
     assert (error.value.details() or "").startswith("SERVER: Received message larger than max")
 
 
+# What each service's contract needs: ping and routeguide take small messages, the aggregator a Survey's route.
+SERVICE_LIMITS = {"ping": PING_MAX_REQUEST, "routeguide": ROUTEGUIDE_MAX_REQUEST, "aggregator": LIMIT}
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if SERVICE_LIMITS[calls.service_of(m)] < LIMIT])
+async def test_a_message_over_its_service_limit_is_resource_exhausted(
+    channels: dict[str, grpc.aio.Channel], steady: SteadyClient, method: str
+) -> None:
+    limit = SERVICE_LIMITS[calls.service_of(method)]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await calls.raw_call(channels[calls.service_of(method)], method, [_oversized(limit)], timeout=20)
+    assert error.value.code() == Code.RESOURCE_EXHAUSTED
+    assert (error.value.details() or "").startswith("SERVER: Received message larger than max")
+    # Within the limit, the same kind of message is not refused for its size (some methods refuse it for what
+    # it says: SendUpstream has no upstream here, a RouteNote over 4 KiB is INVALID_ARGUMENT).
+    within = b"\x7a" + _varint(limit - 64) + b"x" * (limit - 64)
+    try:
+        await calls.raw_call(channels[calls.service_of(method)], method, [within], timeout=20)
+    except grpc.aio.AioRpcError as err:
+        assert err.code() != Code.RESOURCE_EXHAUSTED, (method, err.details())
+
+
 async def test_a_survey_route_over_the_limit_is_resource_exhausted(
     channels: dict[str, grpc.aio.Channel], steady: SteadyClient
 ) -> None:
@@ -234,14 +258,14 @@ async def test_a_survey_route_over_the_limit_is_resource_exhausted(
     assert error.value.code() == Code.RESOURCE_EXHAUSTED
 
 
-async def test_a_reply_that_would_pass_the_limit_is_resource_exhausted(
+async def test_a_survey_message_past_pings_limit_is_reported_as_pings_resource_exhausted(
     channels: dict[str, grpc.aio.Channel], steady: SteadyClient
 ) -> None:
-    # The request fits, and so does ping's echo of it; the Survey reply adding the features does not.
-    request = aggregator_pb2.SurveyRequest(message="y" * (LIMIT - 1024), area=calls.WORLD)
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await calls.aggregator(channels["aggregator"]).Survey(request, timeout=20)
-    assert error.value.code() == Code.RESOURCE_EXHAUSTED, error.value.details()
+    # The Survey fits the aggregator's limit; the message it passes on to ping does not fit ping's.
+    request = aggregator_pb2.SurveyRequest(message="y" * (PING_MAX_REQUEST + 1024), area=calls.WORLD)
+    reply = await calls.aggregator(channels["aggregator"]).Survey(request, timeout=20)
+    assert [c.code for c in reply.calls] == [Code.RESOURCE_EXHAUSTED.value[0], 0, 0]
+    assert reply.features and not reply.HasField("pong")
 
 
 # Bytes that are not the method's message ----------------------------------------------------------------------

@@ -314,6 +314,11 @@ class Streams:
     def sent_everything(self) -> bool:
         return not self._pending
 
+    @property
+    def server_max_streams(self) -> int:
+        """SETTINGS_MAX_CONCURRENT_STREAMS as the server announced it (h2's "unbounded" if it did not)."""
+        return int(self._h2.remote_settings.max_concurrent_streams)
+
     async def pump(self, until: Callable[[], bool], timeout: float) -> bool:
         """Reads and sends until `until()` holds (True), or `timeout` passes or the connection closes (False)."""
         deadline = time.monotonic() + timeout
