@@ -12,7 +12,7 @@ verification on, a unary request is read after identity (mesh.handlers, `headers
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from opentelemetry import trace
@@ -26,6 +26,14 @@ from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, end_span
 EXEMPT_CONCURRENCY = 16
 
 
+class _Entered(NamedTuple):
+    """What a call's entry left for its end: its span, its recorded deadline, whether it holds a gate slot."""
+
+    span: Any
+    deadline: Any
+    gated: bool
+
+
 class _Gate:
     """At most `limit` calls inside at once; the others are refused at once (one event loop: no lock)."""
 
@@ -33,7 +41,8 @@ class _Gate:
         self.limit = limit
         self.inside = 0
 
-    def admit(self, context: grpc.aio.ServicerContext, method: str) -> Awaitable[None] | None:
+    def enter(self, context: grpc.aio.ServicerContext) -> Awaitable[None] | None:
+        """None when the call is in (then `leave` when it ends), else the refusal to await."""
         if self.inside >= self.limit:
             return context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -41,6 +50,9 @@ class _Gate:
             )
         self.inside += 1
         return None
+
+    def leave(self) -> None:
+        self.inside -= 1
 
 
 class ServerChain:
@@ -88,17 +100,16 @@ class ServerChain:
             span = None if start is None else start(context, metadata)
             deadline = deadlines.record(context)
             if gate is not None:
-                refused = gate.admit(context, method)
-                return (span, deadline, refused is None), refused
-            return (span, deadline, False), None if admit is None else admit(context, metadata)
+                refused = gate.enter(context)
+                return _Entered(span, deadline, refused is None), refused
+            return _Entered(span, deadline, False), None if admit is None else admit(context, metadata)
 
-        def after(token: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-            span, deadline, gated = token
-            if gated:
-                self._exempt_gate.inside -= 1
-            deadlines.forget(deadline)
-            if span is not None:
-                opened, attached = span
+        def after(entered: _Entered, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+            if entered.gated:
+                self._exempt_gate.leave()
+            deadlines.forget(entered.deadline)
+            if entered.span is not None:
+                opened, attached = entered.span
                 end_span(opened, attached, context, error)
 
         # With verification on, every call is admitted from its headers alone, before its request is read: a
