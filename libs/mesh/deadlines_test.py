@@ -98,4 +98,6 @@ async def test_a_slow_upstream_fails_the_call_with_deadline_exceeded_naming_it(
             await send_upstream(relay.port, "hang", timeout=1)
     # The relay's own answer, in the margin before the caller's deadline: not the caller's local timeout.
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert (err.value.details() or "").startswith(f"upstream 127.0.0.1:{upstream_port}: "), err.value.details()
+    assert (err.value.details() or "").startswith(
+        f"upstream 127.0.0.1:{upstream_port}: "
+    ), err.value.details()

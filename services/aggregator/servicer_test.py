@@ -164,7 +164,11 @@ STALL = route_guide_pb2.Point(latitude=1, longitude=1)
 
 def build_stalling(runtime: serving.Runtime) -> Sequence[serving.Service]:
     servicer = StallingRouteGuide(load_database(None))
-    return [serving.Service("routeguide.RouteGuide", servicer, route_guide_pb2_grpc.add_RouteGuideServicer_to_server)]
+    return [
+        serving.Service(
+            "routeguide.RouteGuide", servicer, route_guide_pb2_grpc.add_RouteGuideServicer_to_server
+        )
+    ]
 
 
 async def test_a_tour_reports_a_stop_whose_lookup_hung_and_goes_on() -> None:
@@ -173,7 +177,9 @@ async def test_a_tour_reports_a_stop_whose_lookup_hung_and_goes_on() -> None:
     async with (
         running("ping", build_ping) as ping,
         running("routeguide", build_stalling) as routes,
-        running("aggregator", build_aggregator, {**aggregator_env(ping.port, routes.port), **env}) as aggregator,
+        running(
+            "aggregator", build_aggregator, {**aggregator_env(ping.port, routes.port), **env}
+        ) as aggregator,
     ):
         channel, client = stub(aggregator.port)
 

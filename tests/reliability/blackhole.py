@@ -10,7 +10,9 @@ from types import TracebackType
 class BlackHole:
     """`async with BlackHole() as hole:` listens on 127.0.0.1:`hole.port` until the block ends."""
 
-    MAX_HELD = 64  # connections kept open at once; beyond that they are closed (callers reconnect with backoff)
+    MAX_HELD = (
+        64  # connections kept open at once; beyond that they are closed (callers reconnect with backoff)
+    )
 
     def __init__(self) -> None:
         self.port = 0

@@ -96,7 +96,9 @@ async def stack() -> AsyncIterator[Stack]:
     await kill_all(started.all)
 
 
-async def test_survey_answers_in_part_within_its_deadline_when_routeguide_freezes_mid_call(stack: Stack) -> None:
+async def test_survey_answers_in_part_within_its_deadline_when_routeguide_freezes_mid_call(
+    stack: Stack,
+) -> None:
     aggregator = stack.aggregator
     pid = aggregator.pid
     async with calls.insecure(aggregator.address) as channel:
@@ -119,7 +121,12 @@ async def test_survey_answers_in_part_within_its_deadline_when_routeguide_freeze
     assert aggregator.pid == pid and aggregator.returncode is None  # the caller was never restarted
     report(
         "survey, routeguide frozen mid-call",
-        {"deadline_s": DEADLINE, "answered_s": answered, "codes": codes(reply), "healed_after_sigcont_s": healing},
+        {
+            "deadline_s": DEADLINE,
+            "answered_s": answered,
+            "codes": codes(reply),
+            "healed_after_sigcont_s": healing,
+        },
     )
 
 
@@ -158,7 +165,9 @@ async def test_routeguide_frozen_between_calls_is_dropped_by_keepalive_then_fail
 
 async def test_the_relay_answers_within_its_deadline_naming_a_frozen_upstream_and_recovers() -> None:
     upstream = await Service("ping-upstream", FAST, kind="ping").start()
-    relay = await Service("ping", {"GRPC_PING_HOST": upstream.address, "GRPC_PING_INSECURE": "1", **FAST}).start()
+    relay = await Service(
+        "ping", {"GRPC_PING_HOST": upstream.address, "GRPC_PING_INSECURE": "1", **FAST}
+    ).start()
     try:
         pid = relay.pid
         async with calls.insecure(relay.address) as channel:
@@ -188,7 +197,12 @@ async def test_the_relay_answers_within_its_deadline_naming_a_frozen_upstream_an
         await kill_all([relay, upstream])
     report(
         "relay, upstream frozen",
-        {"deadline_s": 2, "answered_s": answered, "code": failed.value.code().name, "healed_after_sigcont_s": healing},
+        {
+            "deadline_s": 2,
+            "answered_s": answered,
+            "code": failed.value.code().name,
+            "healed_after_sigcont_s": healing,
+        },
     )
 
 
