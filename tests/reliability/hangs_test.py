@@ -114,7 +114,9 @@ async def test_survey_answers_in_part_within_its_deadline_when_routeguide_freeze
             reply = await survey  # an answer, not DEADLINE_EXCEEDED: the margin left time to give it
             answered = timer.seconds
         assert reply.pong.message == "frozen" and codes(reply)[0] == "OK"
-        assert codes(reply)[2] in DEGRADED, reply.calls
+        # Out of time, or cut off by keepalive mid-upload; a client stream whose connection breaks while it
+        # writes may be ended by gRPC core with INTERNAL "Internal error from Core" instead (as in faults_test).
+        assert codes(reply)[2] in {*DEGRADED, "INTERNAL"}, reply.calls
         assert not reply.HasField("route_summary")
         after, healing = await healed(stub)
         assert after == ["OK"] * 3

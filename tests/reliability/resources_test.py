@@ -194,7 +194,7 @@ async def test_slow_readers_of_list_features_leave_the_servers_memory_flat(tmp_p
     # Every stream was ended by its deadline, none finished: the server held each at gRPC's flow-control window.
     assert ended == [grpc.StatusCode.DEADLINE_EXCEEDED] * len(streams), ended
     assert all(0 < n < 20_000 for n in read[:readers]), read
-    # What the server would hold if it queued what the readers have not read: about 8 x 4.3 MiB.
+    # What the server would hold if it queued what the readers have not read: 8 x 4.0 MiB.
     assert total_mb > 30
     assert peak - before.rss_kb < 4 * MB, (before, peak)
     assert after.rss_kb - before.rss_kb < 4 * MB, (before, after)
