@@ -252,3 +252,38 @@ async def test_an_address_that_accepts_and_never_answers_degrades_survey_and_rel
             "relay_answered_s": relayed_s,
         },
     )
+
+
+async def test_a_tour_whose_routeguide_freezes_ends_within_its_deadline_naming_routeguide(
+    stack: Stack,
+) -> None:
+    next_stop = asyncio.Event()
+
+    async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
+        yield aggregator_pb2.TourStop(location=Point(latitude=5, longitude=5), note="before")
+        await next_stop.wait()
+        yield aggregator_pb2.TourStop(location=Point(latitude=6, longitude=6), note="frozen")
+        await asyncio.sleep(DEADLINE)  # the tour stays open: only the failure (or the deadline) can end it
+
+    async with calls.insecure(stack.aggregator.address) as channel:
+        tour = calls.aggregator(channel).Tour(stops(), timeout=DEADLINE)
+        first = await asyncio.wait_for(tour.read(), 5)
+        assert first.arrival.stop == 0 and not first.arrival.HasField("failure")
+        later: list[aggregator_pb2.TourUpdate] = []
+        with frozen(stack.routeguide):
+            timer = Timer()
+            next_stop.set()
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while (update := await tour.read()) is not calls.EOF_:
+                    later.append(update)
+            answered = timer.seconds
+    # The aggregator's own status, in the margin or sooner (keepalive): not the caller's local deadline.
+    assert ended.value.code().name in DEGRADED
+    assert (ended.value.details() or "").startswith("routeguide: "), ended.value
+    # A stop looked up meanwhile is reported as failed, never as found.
+    for update in later:
+        assert not update.HasField("arrival") or update.arrival.HasField("failure"), update
+    report(
+        "tour, routeguide frozen",
+        {"deadline_s": DEADLINE, "ended_s": answered, "code": ended.value.code().name},
+    )
