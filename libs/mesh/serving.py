@@ -57,10 +57,12 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 def keepalive_policy(keepalive: Keepalive) -> list[tuple[str, int]]:
     """What the server accepts from its callers' keepalive (mesh.channels.connection_options): pings on idle
-    connections, and pings twice as often as they are sent, so that no caller with the same settings collects
-    the ping strikes that end in GOAWAY "too_many_pings"."""
+    connections, and pings twice as often as they are sent (every 10 s at least, for callers outside the
+    mesh), so that no caller with the same settings collects the ping strikes that end in GOAWAY
+    "too_many_pings"."""
+    interval = min(10.0, keepalive.time / 2)
     return [
-        ("grpc.http2.min_ping_interval_without_data_ms", max(1, round(keepalive.time * 500))),
+        ("grpc.http2.min_ping_interval_without_data_ms", max(1, round(interval * 1000))),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 

@@ -227,7 +227,7 @@ class Upstream:
 class Keepalive:
     """HTTP/2 keepalive on the mesh's connections, both ways: a caller pings every `time` seconds and drops a
     connection whose ping is not answered within `timeout` (a frozen or black-holed peer is noticed within
-    time + timeout); a server accepts pings twice as often as that, so its own callers are never told
+    time + timeout); a server accepts pings at least twice as often as that, so its own callers are never told
     GOAWAY "too_many_pings". The 30 s default is the interval Google's own client libraries use towards
     Google's front end (which Cloud Run callers reach), a front end that answers faster pings with GOAWAY."""
 

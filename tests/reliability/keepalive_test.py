@@ -35,7 +35,7 @@ async def left_ready(channel: grpc.aio.Channel, within: float) -> float | None:
 async def test_pings_every_second_draw_no_goaway_and_a_frozen_server_is_noticed_within_the_bound() -> None:
     env = {"KEEPALIVE_TIME_SECONDS": str(KEEPALIVE.time), "KEEPALIVE_TIMEOUT_SECONDS": str(KEEPALIVE.timeout)}
     matching = Service("routeguide", env)
-    default = Service("routeguide-default-policy", {}, kind="routeguide")  # accepts a ping every 15 s at most
+    default = Service("routeguide-default-policy", {}, kind="routeguide")  # accepts a ping every 10 s at most
     owner = Channels(None, calls=CallSettings(keepalive=KEEPALIVE, connect_timeout=1.0))
     try:
         await asyncio.gather(matching.start(), default.start())
