@@ -26,8 +26,8 @@ _UNBOUNDED = float("inf")
 
 
 class ClientChain:
-    """What every call through a channel gets: its timeout capped by the call being served (or by
-    `default_timeout`; bidi streams by the call being served only), `authorization` with the ID token for
+    """What every call through a channel gets: its timeout capped by the call being served less `margin` (or
+    by `default_timeout`; bidi streams by the call being served only), `authorization` with the ID token for
     `audience` (when `id_tokens` is given), and the trace context (with a CLIENT span when sampled)."""
 
     def __init__(
@@ -35,6 +35,7 @@ class ClientChain:
         provider: trace.TracerProvider | None = None,
         *,
         default_timeout: float | None = None,
+        margin: float = 0.0,
         id_tokens: IdTokens | None = None,
         audience: str | None = None,
     ) -> None:
@@ -42,6 +43,7 @@ class ClientChain:
             raise ValueError("an ID-token audience is required")
         self._spans = None if provider is None else ClientSpans(provider)
         self._default = _UNBOUNDED if default_timeout is None else default_timeout
+        self._margin = margin
         self._tokens = id_tokens
         self._audience = audience or ""
 
@@ -75,7 +77,7 @@ class ClientChain:
         return span, timeout, (*(metadata or ()), *token, *carrier.items())
 
     def _timeout(self, timeout: float | None, bounded: bool) -> float | None:
-        limit = deadlines.remaining(self._default if bounded else _UNBOUNDED)
+        limit = deadlines.remaining(self._default if bounded else _UNBOUNDED, self._margin)
         if limit != _UNBOUNDED and (timeout is None or timeout > limit):
             return limit
         return timeout

@@ -32,6 +32,7 @@ from mesh.settings import (
     CallSettings,
     ConfigError,
     Env,
+    Keepalive,
     ServerSettings,
     Upstream,
     log_level,
@@ -47,13 +48,23 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # accept the clients' keepalive pings
-    ("grpc.keepalive_permit_without_calls", 1),
     # Close connections after a while so clients re-resolve and spread over instances added by scale-out;
     # the grace lets a stream run out its Cloud Run request timeout.
     ("grpc.max_connection_age_ms", 10 * 60_000),
     ("grpc.max_connection_age_grace_ms", 60 * 60_000),
 ]
+
+
+def keepalive_policy(keepalive: Keepalive) -> list[tuple[str, int]]:
+    """What the server accepts from its callers' keepalive (mesh.channels.connection_options): pings on idle
+    connections, and pings twice as often as they are sent (every 10 s at least, for callers outside the
+    mesh), so that no caller with the same settings collects the ping strikes that end in GOAWAY
+    "too_many_pings"."""
+    interval = min(10.0, keepalive.time / 2)
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", max(1, round(interval * 1000))),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,7 @@ class Runtime:
         self.env = env
         self.provider = provider
         self._id_tokens = id_tokens
-        self._channels = Channels(id_tokens, provider, default_timeout=calls.default_timeout)
+        self._channels = Channels(id_tokens, provider, calls=calls)
 
     def channel(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
         return self._channels.open(upstream, idempotent=idempotent)
@@ -136,8 +147,12 @@ async def start(
     *,
     chain: ServerChain | None = None,
     host: str = "[::]",
+    keepalive: Keepalive = Keepalive(),
 ) -> RunningServer:
-    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    server = grpc.aio.server(
+        options=[*SERVER_OPTIONS, *keepalive_policy(keepalive)],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     if chain is not None:
         server = chain.wrapping(server)
     health_servicer = health.aio.HealthServicer()
@@ -179,10 +194,13 @@ async def serve(
     """Serve until `stop` is set, then drain. Raises ConfigError before serving if a setting is wrong."""
     settings = ServerSettings.from_env(env, default_service)
     auth = AuthSettings.from_env(env)
-    runtime = Runtime(settings.service, env, provider, CallSettings.from_env(env), IdTokens())
+    calls = CallSettings.from_env(env)
+    runtime = Runtime(settings.service, env, provider, calls, IdTokens())
     try:
         services = factory(runtime)
-        running = await start(services, settings, chain=server_chain(provider, auth))
+        running = await start(
+            services, settings, chain=server_chain(provider, auth), keepalive=calls.keepalive
+        )
         tls = "TLS" if settings.tls_cert_file else "h2c"
         verified = f"ID tokens verified for {auth.audience}" if auth.audience else "no token verification"
         log.info(

@@ -224,12 +224,48 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive on the mesh's connections, both ways: a caller pings every `time` seconds and drops a
+    connection whose ping is not answered within `timeout` (a frozen or black-holed peer is noticed within
+    time + timeout); a server accepts pings at least twice as often as that, so its own callers are never told
+    GOAWAY "too_many_pings". The 30 s default is the interval Google's own client libraries use towards
+    Google's front end (which Cloud Run callers reach), a front end that answers faster pings with GOAWAY."""
+
+    time: float = 30.0
+    timeout: float = 10.0
+
+    @property
+    def detection_bound(self) -> float:
+        """The longest a frozen peer goes unnoticed on an established connection."""
+        return self.time + self.timeout
+
+    @classmethod
+    def from_env(cls, env: Env) -> Keepalive:
+        return cls(
+            time=seconds(env, "KEEPALIVE_TIME_SECONDS", 30.0, low=0.5),
+            timeout=seconds(env, "KEEPALIVE_TIMEOUT_SECONDS", 10.0, low=0.5, high=600.0),
+        )
+
+
+@dataclass(frozen=True)
 class CallSettings:
     """Defaults for outgoing calls."""
 
     # Deadline for a downstream call when the incoming call has none (or there is no incoming call).
     default_timeout: float = 30.0
+    # Time kept back from the incoming deadline for answering with what the downstream calls gave (a partial
+    # Survey, a relay's status naming its upstream); never more than half of what is left.
+    margin: float = 0.25
+    # A connection attempt (TCP, TLS, the peer's HTTP/2 SETTINGS) that takes longer fails; the channel then
+    # fails calls fast (TRANSIENT_FAILURE) until a later attempt succeeds.
+    connect_timeout: float = 5.0
+    keepalive: Keepalive = Keepalive()
 
     @classmethod
     def from_env(cls, env: Env) -> CallSettings:
-        return cls(default_timeout=seconds(env, "DOWNSTREAM_TIMEOUT_SECONDS", 30.0, low=0.001))
+        return cls(
+            default_timeout=seconds(env, "DOWNSTREAM_TIMEOUT_SECONDS", 30.0, low=0.001),
+            margin=seconds(env, "DOWNSTREAM_DEADLINE_MARGIN_SECONDS", 0.25, high=60.0),
+            connect_timeout=seconds(env, "DOWNSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, low=0.1, high=120.0),
+            keepalive=Keepalive.from_env(env),
+        )
