@@ -3,7 +3,8 @@
 `main("ping", factory)` reads the settings, configures logging and tracing, builds the service's servicers
 through `factory(runtime)`, serves them on $PORT (h2c, or TLS when TLS_CERT_FILE/TLS_KEY_FILE are set) with
 health and reflection, and on SIGTERM/SIGINT drains: health NOT_SERVING first, new calls refused, in-flight
-calls given the grace period, spans flushed, exit 0.
+calls given the grace period, spans flushed, exit 0. With WORKER_PROCESSES above 1 (default: the container's
+CPU quota), the process supervises that many such servers on one port instead (mesh.workers).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from mesh import logs, propagation, tracing
+from mesh import logs, propagation, tracing, workers
 from mesh.channels import MAX_MESSAGE_BYTES, Channels
 from mesh.identity import TokenVerifier
 from mesh.server_chain import ServerChain
@@ -42,7 +43,9 @@ from mesh.tokens import IdTokens
 log = logging.getLogger("mesh.serving")
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not silently share it
+    # A second server on the same port must fail, not silently share it; only the workers of one instance
+    # share theirs (mesh.workers), on purpose.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 60_000),
@@ -137,7 +140,8 @@ async def start(
     chain: ServerChain | None = None,
     host: str = "[::]",
 ) -> RunningServer:
-    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    options = list({**dict(SERVER_OPTIONS), "grpc.so_reuseport": int(settings.share_port)}.items())
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     if chain is not None:
         server = chain.wrapping(server)
     health_servicer = health.aio.HealthServicer()
@@ -208,6 +212,15 @@ async def serve(
     log.info("%s stopped", settings.service)
 
 
+def _main_module(factory: ServiceFactory) -> str | None:
+    """The module the service runs as (`python -m services.ping.main`, or the PEX's entry point, which runs
+    it as __main__ too)."""
+    if factory.__module__ != "__main__":
+        return factory.__module__
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None else None
+
+
 def main(default_service: str, factory: ServiceFactory) -> None:
     """Entry point of a service's process."""
     env = dict(os.environ)
@@ -224,7 +237,15 @@ def main(default_service: str, factory: ServiceFactory) -> None:
         await serve(default_service, factory, env, provider=provider, stop=stop)
 
     try:
-        logs.configure(name, level=log_level(env), project=text(env, "GOOGLE_CLOUD_PROJECT"))
+        worker = workers.worker_index(env)
+        logs.configure(name, level=log_level(env), project=text(env, "GOOGLE_CLOUD_PROJECT"), worker=worker)
+        count = workers.worker_count(env) if worker is None else 1
+        if count > 1:
+            grace = ServerSettings.from_env(env, default_service).grace_seconds  # wrong settings: said once
+            command = workers.command_of(_main_module(factory))
+            raise SystemExit(workers.supervise(command, count, env, grace))
+        if worker is not None:
+            workers.become_worker(env)
         asyncio.run(run())
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr, flush=True)
