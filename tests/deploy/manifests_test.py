@@ -3,6 +3,7 @@ wired to upstreams that exist and that grant them roles/run.invoker (services/in
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,9 @@ def test_renders_for_a_project(manifest: Path) -> None:
     assert document["spec"]["template"]["spec"]["serviceAccountName"].endswith(
         "@demo-project.iam.gserviceaccount.com"
     )
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=[cloud_run_name(m) for m in MANIFESTS])
+def test_one_worker_process_per_vcpu_of_the_cpu_limit(manifest: Path) -> None:
+    cpu = container(manifest)["resources"]["limits"]["cpu"]
+    assert env(manifest)["WORKER_PROCESSES"] == str(math.ceil(float(cpu)))
