@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from mesh.client_chain import ClientChain, MeshChannel
 from mesh.settings import Upstream
@@ -54,10 +54,12 @@ class Channels:
         provider: trace.TracerProvider | None = None,
         *,
         default_timeout: float | None = None,
+        meters: metrics.MeterProvider | None = None,
     ) -> None:
         self._id_tokens = id_tokens
         self._provider = provider
         self._default_timeout = default_timeout
+        self._meters = meters
         self._open: dict[tuple[Upstream, tuple[str, ...]], grpc.aio.Channel] = {}
 
     def open(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
@@ -72,7 +74,7 @@ class Channels:
             options += [("grpc.default_authority", upstream.authority)]
             if not upstream.insecure:
                 options += [("grpc.ssl_target_name_override", upstream.authority)]
-        chain = ClientChain(self._provider, default_timeout=self._default_timeout)
+        chain = ClientChain(self._provider, default_timeout=self._default_timeout, meters=self._meters)
         if upstream.insecure:
             # Plaintext is for local development only: a bearer token is never sent in the clear.
             return MeshChannel(
@@ -95,6 +97,7 @@ class Channels:
                 default_timeout=self._default_timeout,
                 id_tokens=self._id_tokens,
                 audience=audience,
+                meters=self._meters,
             )
         return MeshChannel(
             lambda interceptors: grpc.aio.secure_channel(

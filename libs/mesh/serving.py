@@ -22,9 +22,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from mesh import logs, propagation, tracing, workers
+from mesh import logs, metrics, propagation, tracing, workers
 from mesh.channels import MAX_MESSAGE_BYTES, Channels
 from mesh.identity import TokenVerifier
 from mesh.server_chain import ServerChain
@@ -78,12 +79,14 @@ class Runtime:
         provider: trace.TracerProvider,
         calls: CallSettings,
         id_tokens: IdTokens | None,
+        meters: MeterProvider | None = None,
     ) -> None:
         self.name = name
         self.env = env
         self.provider = provider
+        self.meters = meters
         self._id_tokens = id_tokens
-        self._channels = Channels(id_tokens, provider, default_timeout=calls.default_timeout)
+        self._channels = Channels(id_tokens, provider, default_timeout=calls.default_timeout, meters=meters)
 
     def channel(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
         return self._channels.open(upstream, idempotent=idempotent)
@@ -96,6 +99,10 @@ class Runtime:
             # Export what is buffered; bounded, because Cloud Run kills the instance 10 s after SIGTERM.
             await asyncio.to_thread(self.provider.force_flush, 1500)
             await asyncio.to_thread(self.provider.shutdown)
+        if isinstance(self.meters, MeterProvider):
+            # The last points too (the calls of the drain among them), within the same bound.
+            await asyncio.to_thread(self.meters.force_flush, 1500)
+            await asyncio.to_thread(self.meters.shutdown, 1500)
 
 
 ServiceFactory = Callable[[Runtime], Sequence[Service]]
@@ -157,9 +164,13 @@ async def start(
     return RunningServer(server, port, health_servicer)
 
 
-def server_chain(provider: trace.TracerProvider | None, auth: AuthSettings) -> ServerChain:
-    """Tracing (when a provider is given), identity (when an audience is set) and the deadline, around every
-    handler."""
+def server_chain(
+    provider: trace.TracerProvider | None,
+    auth: AuthSettings,
+    meters: MeterProvider | None = None,
+) -> ServerChain:
+    """Tracing (when a provider is given), identity (when an audience is set), the deadline and metrics (when
+    a meter provider is given), around every handler."""
     verifier = None
     if auth.audience:
         verifier = TokenVerifier(
@@ -168,7 +179,7 @@ def server_chain(provider: trace.TracerProvider | None, auth: AuthSettings) -> S
             issuers=auth.issuers,
             allowed_callers=auth.allowed_callers,
         )
-    return ServerChain(provider, verifier)
+    return ServerChain(provider, verifier, meters=meters)
 
 
 async def serve(
@@ -179,14 +190,15 @@ async def serve(
     provider: trace.TracerProvider,
     stop: asyncio.Event,
     on_ready: Callable[[RunningServer], None] | None = None,
+    meters: MeterProvider | None = None,
 ) -> None:
     """Serve until `stop` is set, then drain. Raises ConfigError before serving if a setting is wrong."""
     settings = ServerSettings.from_env(env, default_service)
     auth = AuthSettings.from_env(env)
-    runtime = Runtime(settings.service, env, provider, CallSettings.from_env(env), IdTokens())
+    runtime = Runtime(settings.service, env, provider, CallSettings.from_env(env), IdTokens(), meters)
     try:
         services = factory(runtime)
-        running = await start(services, settings, chain=server_chain(provider, auth))
+        running = await start(services, settings, chain=server_chain(provider, auth, meters))
         tls = "TLS" if settings.tls_cert_file else "h2c"
         verified = f"ID tokens verified for {auth.audience}" if auth.audience else "no token verification"
         log.info(
@@ -234,7 +246,8 @@ def main(default_service: str, factory: ServiceFactory) -> None:
         propagate.set_global_textmap(propagation.propagator_from_env(env))
         provider = tracing.provider_from_env(env, name)
         trace.set_tracer_provider(provider)
-        await serve(default_service, factory, env, provider=provider, stop=stop)
+        meters = metrics.provider_from_env(env, name)
+        await serve(default_service, factory, env, provider=provider, stop=stop, meters=meters)
 
     try:
         worker = workers.worker_index(env)

@@ -93,9 +93,7 @@ def _reserve(port: int) -> socket.socket:
         reserved.bind(("::", port))
     except OSError as error:
         reserved.close()
-        raise ConfigError(
-            f"PORT={port}: cannot bind ({error.strerror}); set PORT to a free port"
-        ) from None
+        raise ConfigError(f"PORT={port}: cannot bind ({error.strerror}); set PORT to a free port") from None
     return reserved
 
 
@@ -131,7 +129,9 @@ def supervise(argv: Sequence[str], count: int, env: Mapping[str, str], grace_sec
         )
         for index in range(count)
     ]
-    log.info("supervising %d workers on port %d (pids %s)", count, port, ", ".join(str(w.pid) for w in workers))
+    log.info(
+        "supervising %d workers on port %d (pids %s)", count, port, ", ".join(str(w.pid) for w in workers)
+    )
     status = 0
     try:
         while not stopping:
