@@ -69,10 +69,15 @@ def _exporter(name: str) -> MetricExporter:
     )
 
 
-def provider_from_env(env: Env, service: str, readers: Sequence[MetricReader] = ()) -> SdkMeterProvider:
-    """A meter provider for `service` exporting periodically to the configured exporters (and `readers`)."""
+def provider_from_env(
+    env: Env, service: str, readers: Sequence[MetricReader] = ()
+) -> SdkMeterProvider | None:
+    """A meter provider for `service` exporting periodically to the configured exporters (and `readers`);
+    None when nothing would read the metrics, so that calls record none (and pay nothing for them)."""
     chosen = [n for n in names(env, "OTEL_METRICS_EXPORTER", "none") if n != "none"]
     periodic = [PeriodicExportingMetricReader(_exporter(n)) for n in chosen]
+    if not periodic and not readers:
+        return None
     views = [
         View(
             instrument_name="rpc.*.duration",
