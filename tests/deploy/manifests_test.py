@@ -178,3 +178,11 @@ def test_renders_for_a_project(manifest: Path) -> None:
 def test_one_worker_process_per_vcpu_of_the_cpu_limit(manifest: Path) -> None:
     cpu = container(manifest)["resources"]["limits"]["cpu"]
     assert env(manifest)["WORKER_PROCESSES"] == str(math.ceil(float(cpu)))
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=[cloud_run_name(m) for m in MANIFESTS])
+def test_call_metrics_go_to_cloud_monitoring(manifest: Path) -> None:
+    settings = env(manifest)
+    assert settings["OTEL_METRICS_EXPORTER"] == "gcp_monitoring"
+    # Cloud Monitoring accepts a point of a time series at most every 5 s; a minute is its usual pace.
+    assert int(settings["OTEL_METRIC_EXPORT_INTERVAL"]) >= 5000
