@@ -27,4 +27,12 @@ def test_the_table_has_a_line_per_method_with_errors_by_code() -> None:
     lines = table(calls)
     assert lines[0].split() == ["SERVICE", "METHOD", "CALLS", "ERRORS", "P50", "MS", "P99", "MS"]
     assert lines[1].split() == ["ping", "/ping.PingService/Send", "1", "-", "3.0", "4.0"]
-    assert lines[2].split() == ["routeguide", "/routeguide.RouteGuide/GetFeature", "5", "INVALID_ARGUMENT", "2", "0.5", "1.0"]
+    assert lines[2].split() == [
+        "routeguide",
+        "/routeguide.RouteGuide/GetFeature",
+        "5",
+        "INVALID_ARGUMENT",
+        "2",
+        "0.5",
+        "1.0",
+    ]
