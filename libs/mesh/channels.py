@@ -17,7 +17,7 @@ import json
 from collections.abc import Sequence
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from mesh.client_chain import ClientChain, MeshChannel
 from mesh.settings import CallSettings, Upstream
@@ -81,6 +81,7 @@ class Channels:
         provider: trace.TracerProvider | None = None,
         *,
         calls: CallSettings | None = None,
+        meters: metrics.MeterProvider | None = None,
     ) -> None:
         """`calls`: a service's settings for downstream calls; without them (a command-line client, whose
         calls have no incoming deadline) calls are bounded by their own timeouts only."""
@@ -88,6 +89,7 @@ class Channels:
         self._provider = provider
         self._calls = calls or CallSettings()
         self._default_timeout = None if calls is None else calls.default_timeout
+        self._meters = meters
         self._open: dict[tuple[Upstream, tuple[str, ...]], grpc.aio.Channel] = {}
 
     def open(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
@@ -107,7 +109,11 @@ class Channels:
             if not upstream.insecure:
                 options += [("grpc.ssl_target_name_override", upstream.authority)]
         chain_of = functools.partial(
-            ClientChain, self._provider, default_timeout=self._default_timeout, margin=self._calls.margin
+            ClientChain,
+            self._provider,
+            default_timeout=self._default_timeout,
+            margin=self._calls.margin,
+            meters=self._meters,
         )
         chain = chain_of()
         if upstream.insecure:

@@ -17,6 +17,8 @@ Env = Mapping[str, str]
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+# Set by mesh.workers in the environment of each worker it starts: its number (0-based).
+WORKER_INDEX_VARIABLE = "MESH_WORKER_INDEX"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -148,6 +150,8 @@ class ServerSettings:
     # Cloud Run sends SIGKILL 10 s after SIGTERM: drain well within that.
     grace_seconds: float = 8.0
     max_concurrent_rpcs: int = 1000
+    # A worker of a multi-process instance (mesh.workers) shares the port with its siblings.
+    share_port: bool = False
 
     @classmethod
     def from_env(cls, env: Env, default_service: str) -> ServerSettings:
@@ -166,6 +170,7 @@ class ServerSettings:
             tls_key_file=key,
             grace_seconds=seconds(env, "SHUTDOWN_GRACE_SECONDS", 8.0, high=9.5),
             max_concurrent_rpcs=integer(env, "MAX_CONCURRENT_RPCS", 1000, low=1, high=100_000),
+            share_port=WORKER_INDEX_VARIABLE in env,
         )
 
 
