@@ -7,8 +7,9 @@ def cloud_run_service(name, **pex_kwargs):
 
     include_tools lets the image build turn the PEX into a venv, so a cold start runs no unpacking. Cloud Build
     sets IMAGE_REGISTRY ($_REGION-docker.pkg.dev/$PROJECT_ID/$_REPOSITORY) and IMAGE_TAG ($SHORT_SHA); without
-    them the image is the local NAME:dev. The image depends on the manifests, so `--changed-since` redeploys a
-    service whose service*.yaml changed.
+    them the image is the local NAME:dev. The image depends on the manifests and on services/invokers.yaml (who
+    may invoke and who can reach each service, rendered into the manifests), so `--changed-since` redeploys a
+    service whose service*.yaml changed, and every service when the invokers file does.
     """
     pex_binary(name=name, entry_point="main.py", execution_mode="venv", include_tools=True, **pex_kwargs)
     docker_image(
@@ -16,7 +17,7 @@ def cloud_run_service(name, **pex_kwargs):
         registries=[env("IMAGE_REGISTRY")] if env("IMAGE_REGISTRY") else [],
         repository=name,
         image_tags=[env("IMAGE_TAG", "dev")],
-        dependencies=[":manifests"],
+        dependencies=[":manifests", "//services:invokers"],
     )
     # Deploy inputs, read by tests/deploy (hadolint, manifest checks) and by build-support/deploy/render.py.
     files(name="manifests", sources=["service*.yaml"])

@@ -14,6 +14,7 @@ import grpc
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
 from localmesh import topology
+from localmesh.calls import CallStore, add_receiver
 from localmesh.processes import COLOURS, ServiceProcess, child_env, python_module
 from localmesh.spans import SpanStore, start_receiver
 
@@ -37,7 +38,7 @@ def write_cli(path: Path, env: Mapping[str, str]) -> None:
     path.write_text(
         "#!/bin/sh\n"
         "# Written by the local mesh when it started, removed when it stops: the CLI, as the mesh's developer.\n"
-        f"{settings} exec {shlex.quote(sys.executable)} -m services.cli.main \"$@\"\n",
+        f'{settings} exec {shlex.quote(sys.executable)} -m services.cli.main "$@"\n',
         encoding="utf-8",
     )
     path.chmod(0o755)
@@ -59,6 +60,7 @@ class Mesh:
         self.echo = echo
         self.colour = colour
         self.spans = SpanStore()
+        self.calls = CallStore()
         self.identity = IdentityEmulator(project_id=topology.PROJECT)
         self.certs: DevCerts | None = None
         self.cli = state_dir / "cli"  # the CLI as the developer, while the mesh runs (write_cli)
@@ -83,7 +85,9 @@ class Mesh:
         self.identity.start()
         for name in [topology.DEVELOPER, *(topology.account(s.name) for s in self.specs)]:
             self.identity.add_account(name)
-        self._receiver, self._receiver_port = await start_receiver(self.spans)
+        self._receiver, self._receiver_port = await start_receiver(
+            self.spans, lambda server: add_receiver(self.calls, server)
+        )
         for index, spec in enumerate(self.specs):
             colour = COLOURS[index % len(COLOURS)] if self.colour else ""
             process = ServiceProcess(
@@ -112,6 +116,8 @@ class Mesh:
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_BSP_SCHEDULE_DELAY": "100",  # spans reach the launcher within a blink
             "OTEL_TRACES_SAMPLER": "always_on",
+            "OTEL_METRICS_EXPORTER": "otlp",  # to the same receiver: the launcher prints a table per method
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
             "GOOGLE_CLOUD_PROJECT": topology.PROJECT,
             **self.identity.env_for(topology.account(spec.name)),
             **dict(spec.env),

@@ -1,25 +1,28 @@
-"""The mesh's server-side work on every call: the call's span, its caller's identity and its deadline.
+"""The mesh's server-side work on every call: the call's span, its caller's identity, its deadline and its
+metrics.
 
-Tracing (mesh.server_spans), ID-token verification (mesh.identity) and deadline recording (mesh.deadlines)
-run in one wrapper around each method handler, made once, when the service is added to the server:
+Tracing (mesh.server_spans), ID-token verification (mesh.identity), deadline recording (mesh.deadlines) and
+the call's duration and messages (mesh.metrics) run in one wrapper around each method handler, made once, when the service is added to the server:
 `ServerChain(...).wrapping(grpc.aio.server(...))` is the server to add services to. Not a grpc.aio
 interceptor, which sees only the method and metadata: in the wrapper the token is checked inside the call's
 span and task, and a token seen before costs no coroutine (BENCHMARKS.md, items 7 to 9).
-Order inside a call, outermost first: span, deadline, identity, the request's parse check, the handler; with
-verification on, a unary request is read after identity (mesh.handlers, `headers_first`).
+Order inside a call, outermost first: metrics, span, deadline, identity, the request's parse check, the
+handler; with verification on, a unary request is read after identity (mesh.handlers, `headers_first`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from mesh import deadlines, handlers, identity
 from mesh.identity import EXEMPT_METHODS, TokenVerifier
-from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, end_span
+from mesh.metrics import RpcMetrics
+from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, end_span, outcome
 
 # Calls that take no token, in flight at once: enough for Cloud Run's probes (one a second at most), too few
 # to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates.
@@ -27,8 +30,10 @@ EXEMPT_CONCURRENCY = 16
 
 
 class _Entered(NamedTuple):
-    """What a call's entry left for its end: its span, its recorded deadline, whether it holds a gate slot."""
+    """What a call's entry left for its end: when it began, its span, its recorded deadline, whether it holds a
+    gate slot."""
 
+    started: float
     span: Any
     deadline: Any
     gated: bool
@@ -56,7 +61,8 @@ class _Gate:
 
 
 class ServerChain:
-    """Spans (when `provider` is given), token verification (when `verifier` is) and the incoming deadline.
+    """Spans (when `provider` is given), token verification (when `verifier` is), the incoming deadline, and
+    metrics (when `meters` is given).
 
     With a verifier, every call is admitted from its headers before any request message is read; the exempt
     methods (health Check) take no token, and at most `exempt_concurrency` of them run at once; every other
@@ -67,11 +73,13 @@ class ServerChain:
         provider: trace.TracerProvider | None = None,
         verifier: TokenVerifier | None = None,
         *,
+        meters: metrics.MeterProvider | None = None,
         exempt_methods: Iterable[str] = EXEMPT_METHODS,
         exempt_concurrency: int = EXEMPT_CONCURRENCY,
         untraced_services: Iterable[str] = UNTRACED_SERVICES,
     ) -> None:
         self._spans = None if provider is None else ServerSpans(provider, untraced_services)
+        self._metrics = None if meters is None else RpcMetrics(meters, "server")
         self._verifier = verifier
         self._exempt = frozenset(exempt_methods)
         self._exempt_gate = _Gate(exempt_concurrency)
@@ -87,6 +95,7 @@ class ServerChain:
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         start = None if self._spans is None else self._spans.starter(method)
+        measured = None if self._metrics is None else self._metrics.method(method)
         admit = gate = None
         if self._verifier is not None:
             if method in self._exempt:
@@ -97,20 +106,30 @@ class ServerChain:
         def enter(context: grpc.aio.ServicerContext) -> tuple[Any, Awaitable[None] | None]:
             # The metadata is read once for the span and the token: gRPC converts it anew on every read.
             metadata = (context.invocation_metadata() or ()) if start or admit else ()
+            started = time.perf_counter()
             span = None if start is None else start(context, metadata)
             deadline = deadlines.record(context)
             if gate is not None:
                 refused = gate.enter(context)
-                return _Entered(span, deadline, refused is None), refused
-            return _Entered(span, deadline, False), None if admit is None else admit(context, metadata)
+                return _Entered(started, span, deadline, refused is None), refused
+            return _Entered(started, span, deadline, False), (
+                None if admit is None else admit(context, metadata)
+            )
 
-        def after(entered: _Entered, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        def after(
+            entered: _Entered,
+            context: grpc.aio.ServicerContext,
+            error: BaseException | None,
+            messages: handlers.Messages | None,
+        ) -> None:
             if entered.gated:
                 self._exempt_gate.leave()
             deadlines.forget(entered.deadline)
             if entered.span is not None:
                 opened, attached = entered.span
                 end_span(opened, attached, context, error)
+            if measured is not None:
+                measured.record(entered.started, outcome(context, error), messages)
 
         # With verification on, every call is admitted from its headers alone, before its request is read: a
         # call refused (no token, a bad one, the exempt gate full) is answered at once and its request never

@@ -15,6 +15,7 @@ import pytest
 from localmesh import main
 from localmesh.launcher import Mesh
 from localmesh.processes import StartError
+from services.routeguide.features import builtin_database
 
 SERVICES = ("ping-upstream", "routeguide", "ping", "aggregator")
 
@@ -22,7 +23,7 @@ SERVICES = ("ping-upstream", "routeguide", "ping", "aggregator")
 def _launcher_env(state_dir: Path, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p),
         "MESH_STATE_DIR": str(state_dir),
         **extra,
     }
@@ -65,11 +66,27 @@ def test_the_demo_command_prints_the_services_the_results_and_the_trace_trees(tm
     assert "pong #1 'hello from the demo (relayed)'" in output
     assert re.search(r"== aggregator\.Survey -> pong 'survey', [1-9]\d* features", output), output
     assert re.search(r"== aggregator\.Tour -> 3 stops", output), output
+    # The Tour walks named places of gRPC's canonical RouteGuide set, which the mesh serves by default.
+    stops = re.findall(r"^   stop \d: (.+)$", output, re.M)
+    canonical = {feature.name for feature in builtin_database().features if feature.name}
+    assert len(stops) == 3 and set(stops) <= canonical, stops
     trees = _trace_trees(output)
     assert len(trees) == 3, output
     survey = next(tree for tree in trees if "Aggregator/Survey" in tree)
     for service, method in (("aggregator", "Survey"), ("ping", "Send"), ("routeguide", "ListFeatures")):
         assert re.search(rf"└─ {service} +server /\S+/{method} .* OK$", survey, re.M), survey
+    # The per-method table from the services' metrics: the demo's calls, counted where they were served.
+    table = output.split("Calls served while the mesh ran", 1)[1]
+    for service, method, count in (
+        ("aggregator", "/aggregator.v1.Aggregator/Survey", 1),
+        ("aggregator", "/aggregator.v1.Aggregator/Tour", 1),
+        ("routeguide", "/routeguide.RouteGuide/GetFeature", 3),
+        ("ping-upstream", "/ping.PingService/Send", 1),
+    ):
+        assert re.search(
+            rf"^  {service} +{re.escape(method)} +{count} +- +\d+\.\d +\d+\.\d$", table, re.M
+        ), table
+    assert "grpc.health" not in table
     assert "mesh: every service stopped cleanly" in output
     assert (tmp_path / "certs" / "ca.crt").is_file()
     assert _children_of(launcher.pid) == []

@@ -14,7 +14,7 @@ from emulators.identity import IdentityEmulator
 from mesh.channels import MAX_MESSAGE_BYTES
 from mesh.serving import MAX_STREAMS_PER_CONNECTION
 from tests.reliability import h2c
-from tests.reliability.figures import record
+from tests.reliability.figures import report
 from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, METHODS
 from tests.reliability.processes import Service
 
@@ -73,7 +73,7 @@ async def test_callers_without_a_token_holding_near_limit_messages_cost_no_memor
     finally:
         await streams.close()
     after = routeguide.usage()
-    record(
+    report(
         "40 callers without a token holding near-4-MiB messages",
         {"rss_kb": [before.rss_kb, during.rss_kb, after.rss_kb], "answered": answered.count(UNAUTHENTICATED)},
     )

@@ -18,7 +18,7 @@ from emulators.identity import IdentityEmulator
 from mesh.identity import AuthError, TokenVerifier
 from routeguide.route_guide_pb2 import Point, RouteNote
 from tests.reliability import calls
-from tests.reliability.figures import record
+from tests.reliability.figures import report
 from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, bearer
 from tests.reliability.processes import Service, StartError
 
@@ -257,7 +257,7 @@ async def test_callers_queued_behind_a_hanging_certs_fetch_share_its_deadline() 
         finally:
             relay.released.set()
             assert await service.stop() == 0
-    record("certs endpoint hanging, five new tokens", {"sent_answered_s": [a[1:] for a in answers]})
+    report("certs endpoint hanging, five new tokens", {"sent_answered_s": [a[1:] for a in answers]})
     assert [code for code, _, _ in answers] == [grpc.StatusCode.UNAVAILABLE] * 5, answers
     assert fetches == 1, answers
 

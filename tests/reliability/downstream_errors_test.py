@@ -93,9 +93,14 @@ async def test_a_tour_ends_with_the_downstream_code_and_name_only(
         yield aggregator_pb2.TourStop(location=HERE, note="n")
 
     aggregator = mesh["aggregator"]
+    updates = []
     async with calls.tls(aggregator.port, certs, emulator.mint(DEVELOPER, audience("aggregator"))) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            [update async for update in calls.aggregator(channel).Tour(stops(), timeout=10)]
+            async for update in calls.aggregator(channel).Tour(stops(), timeout=10):
+                updates.append(update)
     assert (info.value.code(), info.value.details()) == (DENIED, "routeguide: PERMISSION_DENIED")
+    # The stop's failed lookup, reported on its Arrival, is told the same way.
+    failures = [u.arrival.failure for u in updates if u.HasField("arrival") and u.arrival.HasField("failure")]
+    assert all(f.code == DENIED.value[0] and f.message == "PERMISSION_DENIED" for f in failures), failures
     logged = [m for m in aggregator.messages() if m.startswith("downstream call to routeguide failed")]
     assert any(f"caller not allowed: {account('aggregator')}" in m for m in logged), logged

@@ -1,5 +1,5 @@
-"""Figures of a run (what RELIABILITY.md reports), never asserted on: logged, and appended as one JSON line to the
-file named by RELIABILITY_FIGURES when it is set."""
+"""Figures of a run (the numbers RELIABILITY.md quotes): logged, and appended as one JSON line to the file
+RELIABILITY_FIGURES names, when it is set."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 log = logging.getLogger("reliability.figures")
 
 
-def record(name: str, figures: dict[str, Any]) -> None:
+def report(name: str, figures: dict[str, Any]) -> None:
     line = json.dumps({"figures": name, **figures})
     log.info("%s", line)
+    print(line)
     if path := os.environ.get("RELIABILITY_FIGURES"):
         with open(path, "a", encoding="utf-8") as file:
             file.write(line + "\n")

@@ -40,9 +40,8 @@ class Service:
     def __init__(self, name: str, env: Mapping[str, str], *, kind: str | None = None) -> None:
         self.name = name
         self.module = MODULES[kind or name]
-        # K_SERVICE says "on Cloud Run" (where verification settings are required): set only for a role running
-        # under another name than its module's (ping-upstream), as Cloud Run would name it.
-        self.env = {**({"K_SERVICE": name} if kind else {}), **env}
+        # No K_SERVICE unless a test gives it: it says "on Cloud Run", where verification settings are required.
+        self.env = dict(env)
         self.lines: list[str] = []
         self.port = 0
         self._process: asyncio.subprocess.Process | None = None
@@ -52,6 +51,10 @@ class Service:
     def pid(self) -> int:
         assert self._process is not None
         return self._process.pid
+
+    @property
+    def started(self) -> bool:
+        return self._process is not None
 
     @property
     def returncode(self) -> int | None:
@@ -135,6 +138,14 @@ class Service:
 
     def usage(self) -> Usage:
         return usage(self.pid)
+
+
+async def kill_all(services: list[Service]) -> None:
+    """SIGKILL (which also ends a process stopped by SIGSTOP) and reap, for a test's teardown."""
+    for service in services:
+        service.kill()
+        if service.returncode is None and service.started:
+            await service.wait(10)
 
 
 def usage(pid: int) -> Usage:

@@ -21,7 +21,7 @@ from emulators.identity import IdentityEmulator
 from ping import ping_pb2
 from routeguide.route_guide_pb2 import Point, Rectangle
 from tests.reliability import calls
-from tests.reliability.figures import record
+from tests.reliability.figures import report
 from tests.reliability.processes import Usage
 from tests.reliability.stack import DEVELOPER, Stack, audience, start_secure
 
@@ -116,7 +116,7 @@ async def test_soak_has_no_errors_and_no_growth(certs: DevCerts) -> None:
         "fds": {n: [before[n].fds, after[n].fds] for n in before},
         "threads": {n: [before[n].threads, after[n].threads] for n in before},
     }
-    record("soak", figures)
+    report("soak", figures)
     assert errors == [], errors[:10]
     assert codes == {"aggregator": 0, "ping": 0, "routeguide": 0}
     assert all(counts[k] > 0 for k in ("ping.Send", "routeguide.ListFeatures", "aggregator.Survey")), counts
