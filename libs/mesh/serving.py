@@ -45,9 +45,11 @@ from mesh.tokens import IdTokens
 log = logging.getLogger("mesh.serving")
 
 # Streams one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; gRPC's default is
-# unbounded): a connection can no longer hold every one of MAX_CONCURRENT_RPCS. Cloud Run's front end spreads
-# its calls over several connections.
-MAX_STREAMS_PER_CONNECTION = 100
+# unbounded): one connection can no longer hold all of MAX_CONCURRENT_RPCS (1000 by default). Above what the
+# mesh's own busiest caller needs on its one channel: the aggregator at containerConcurrency 250, each call
+# with two streams open to routeguide. A client past the bound waits for a stream (gRPC queues it), it is not
+# refused.
+MAX_STREAMS_PER_CONNECTION = 512
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
     # A second server on the same port must fail, not silently share it; only the workers of one instance
