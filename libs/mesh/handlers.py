@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import grpc
 
-# Runs first inside every call, with the call's context: returns a token for `after` and, when the call must
-# wait before its handler runs (e.g. for its caller to be verified), what to await; None in the common case,
-# so that case costs no coroutine.
-Enter = Callable[[grpc.aio.ServicerContext], tuple[Any, Awaitable[None] | None]]
+
+class Entered(Protocol):
+    """What `enter` leaves for `after`; `pending`: what the call must await before its handler runs (e.g. its
+    caller's verification), None in the common case, so that case costs no coroutine."""
+
+    @property
+    def pending(self) -> Awaitable[None] | None: ...
 
 
 class Messages:
@@ -33,9 +36,31 @@ class Messages:
         self.sent = 0
 
 
-# Runs last inside every call: the token, the call's context, what the handler raised (None if nothing), and
-# the messages of a streaming call (None for a unary one).
+# Runs first inside every call, with the call's context.
+Enter = Callable[[grpc.aio.ServicerContext], Entered]
+# Runs last inside every call: what `enter` returned, the call's context, what the handler raised (None if
+# nothing), and the messages of a streaming call (None for a unary one).
 After = Callable[[Any, grpc.aio.ServicerContext, BaseException | None, Messages | None], None]
+
+
+class _Kind(NamedTuple):
+    behavior: str  # the RpcMethodHandler attribute that holds the servicer's method
+    factory: Callable[..., grpc.RpcMethodHandler]  # what makes a handler of this kind
+
+
+# The four kinds of handler, by (request streaming, response streaming).
+_KINDS = {
+    (False, False): _Kind("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): _Kind("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): _Kind("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): _Kind("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def _kind(handler: grpc.RpcMethodHandler) -> _Kind:
+    return _KINDS[bool(handler.request_streaming), bool(handler.response_streaming)]
+
+
 UNDECODABLE = object()  # what a request that does not parse deserializes to
 
 
@@ -46,7 +71,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except Exception:  # noqa: BLE001 - any parse failure is the client's: refused in the handler
+        except Exception:  # any parse failure is the client's: refused in the handler
             return UNDECODABLE
 
     return deserialize
@@ -78,34 +103,34 @@ def _reading_after_entry(handler: grpc.RpcMethodHandler, method: str) -> grpc.Rp
     grpc reads a unary request whole (up to the message size limit) before its handler, and so `enter`, runs;
     a request-streaming handler runs before any message is read. Served this way, `enter` decides from the
     call's headers alone, and a call it refuses is answered at once, its request never read."""
-    inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
-    if not handler.response_streaming:
+    inner = getattr(handler, _kind(handler).behavior)
 
-        async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            return await inner(await _one(requests, context, method), context)
+    async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return await inner(await _one(requests, context, method), context)
 
-        behavior: Callable[..., Any] = unary
-        factory = grpc.stream_unary_rpc_method_handler
-    elif inspect.iscoroutinefunction(inner):
+    async def writing(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await inner(await _one(requests, context, method), context)
 
-        async def writing(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-            await inner(await _one(requests, context, method), context)
+    async def streaming(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async for response in inner(await _one(requests, context, method), context):
+            yield response
 
-        behavior, factory = writing, grpc.stream_stream_rpc_method_handler
-    else:
-
-        async def streaming(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            async for response in inner(await _one(requests, context, method), context):
-                yield response
-
-        behavior, factory = streaming, grpc.stream_stream_rpc_method_handler
-    return factory(
-        behavior,
+    return _KINDS[True, bool(handler.response_streaming)].factory(
+        _serving(handler, inner, unary, writing, streaming),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def _serving(handler: grpc.RpcMethodHandler, inner: Any, unary: Any, writing: Any, streaming: Any) -> Any:
+    """Which of three wrappers serves `inner`: one response is awaited (`unary`); a response stream is either
+    written by a coroutine with `await context.write()` (`writing`: grpc's own health Watch does so) or
+    yielded by an async generator (`streaming`)."""
+    if not handler.response_streaming:
+        return unary
+    return writing if inspect.iscoroutinefunction(inner) else streaming
 
 
 def wrap(
@@ -116,16 +141,17 @@ def wrap(
     *,
     headers_first: bool = False,
 ) -> grpc.RpcMethodHandler:
-    """`handler` with `enter`/`after` around each call (what `enter` returns to await, awaited first), and
-    unparsable requests refused after that (a caller refused by `enter` learns nothing about its request).
+    """`handler` with `enter`/`after` around each call (its `pending`, awaited first), and unparsable requests
+    refused after that (a caller refused by `enter` learns nothing about its request).
 
     With `headers_first`, `enter` runs before a unary request is read too (see `_reading_after_entry`), as it
     always does for request streams."""
     unary_call = not handler.request_streaming and not handler.response_streaming  # metrics: no counts
     if headers_first and not handler.request_streaming:
         handler = _reading_after_entry(handler, method)
+    kind = _kind(handler)
+    behavior = getattr(handler, kind.behavior)
     deserializer = _tolerant(handler.request_deserializer)
-
     streaming_requests = handler.request_streaming
 
     async def checked(request: Any, context: grpc.aio.ServicerContext, messages: Messages | None) -> Any:
@@ -139,80 +165,15 @@ def wrap(
     def ready(request: Any) -> bool:  # the common case: no coroutine on the hot path of a unary request
         return not streaming_requests and request is not UNDECODABLE
 
-    if handler.response_streaming:
-        behavior = handler.unary_stream if not handler.request_streaming else handler.stream_stream
-        factory = grpc.unary_stream_rpc_method_handler
-        if handler.request_streaming:
-            factory = grpc.stream_stream_rpc_method_handler
-
-        if inspect.iscoroutinefunction(behavior):
-            # A handler that sends with `await context.write()` (grpc's own health Watch): keep it a coroutine.
-            async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
-                token, pending = enter(context)
-                messages = Messages(0 if streaming_requests else 1)  # what it writes is not seen here
-                error: BaseException | None = None
-                try:
-                    if pending is not None:
-                        await pending
-                    await behavior(
-                        (request if ready(request) else await checked(request, context, messages)), context
-                    )
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    after(token, context, error, messages)
-
-            return factory(
-                writing,
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            token, pending = enter(context)
-            messages = Messages(0 if streaming_requests else 1)
-            ended = False
-
-            def end(error: BaseException | None) -> None:
-                nonlocal ended
-                if not ended:
-                    ended = True
-                    after(token, context, error, messages)
-
-            # A stream the client abandons while this generator waits at `yield` is not closed by grpc.aio;
-            # it is finalized whenever the garbage collector gets to it. End the call's work when the RPC ends.
-            context.add_done_callback(lambda _: end(None))
-            try:
-                if pending is not None:
-                    await pending
-                async for response in behavior(
-                    (request if ready(request) else await checked(request, context, messages)), context
-                ):
-                    messages.sent += 1
-                    yield response
-            except BaseException as exc:
-                end(exc)
-                raise
-            end(None)
-
-        return factory(
-            streaming,
-            request_deserializer=deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    unary_behavior = handler.unary_unary if not handler.request_streaming else handler.stream_unary
-
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        token, pending = enter(context)
+        entered = enter(context)
         # A client stream's messages are counted; a unary call's are not (one each way).
         messages = Messages() if streaming_requests else None
         error: BaseException | None = None
         try:
-            if pending is not None:
-                await pending
-            return await unary_behavior(
+            if entered.pending is not None:
+                await entered.pending
+            return await behavior(
                 (request if ready(request) else await checked(request, context, messages)), context
             )
         except BaseException as exc:
@@ -221,15 +182,53 @@ def wrap(
         finally:
             if messages is not None and error is None:
                 messages.sent = 1
-            after(token, context, error, None if unary_call else messages)
+            after(entered, context, error, None if unary_call else messages)
 
-    factory = (
-        grpc.stream_unary_rpc_method_handler
-        if handler.request_streaming
-        else grpc.unary_unary_rpc_method_handler
-    )
-    return factory(
-        unary,
+    async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
+        entered = enter(context)
+        messages = Messages(0 if streaming_requests else 1)  # what it writes is not seen here
+        error: BaseException | None = None
+        try:
+            if entered.pending is not None:
+                await entered.pending
+            await behavior(
+                (request if ready(request) else await checked(request, context, messages)), context
+            )
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            after(entered, context, error, messages)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        entered = enter(context)
+        messages = Messages(0 if streaming_requests else 1)
+        ended = False
+
+        def end(error: BaseException | None) -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                after(entered, context, error, messages)
+
+        # A stream the client abandons while this generator waits at `yield` is not closed by grpc.aio;
+        # it is finalized whenever the garbage collector gets to it. End the call's work when the RPC ends.
+        context.add_done_callback(lambda _: end(None))
+        try:
+            if entered.pending is not None:
+                await entered.pending
+            async for response in behavior(
+                (request if ready(request) else await checked(request, context, messages)), context
+            ):
+                messages.sent += 1
+                yield response
+        except BaseException as exc:
+            end(exc)
+            raise
+        end(None)
+
+    return kind.factory(
+        _serving(handler, behavior, unary, writing, streaming),
         request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )

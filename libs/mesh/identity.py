@@ -25,11 +25,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from mesh.issuer_keys import IssuerKeys, b64decode
+from mesh.probes import HEALTH
 from mesh.settings import GOOGLE_CERTS_URL, GOOGLE_ISSUERS
 
 # With verification on, only what probes call takes no token: Cloud Run's gRPC startup and liveness probes
 # call Check. Watch holds a stream open and reflection describes every method: both need a token.
-EXEMPT_METHODS = ("/grpc.health.v1.Health/Check",)
+EXEMPT_METHODS = (f"/{HEALTH}/Check",)
 MAX_TOKEN_BYTES = 8192
 
 _log = logging.getLogger(__name__)

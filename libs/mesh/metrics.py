@@ -30,8 +30,8 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, Perio
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
 from mesh.handlers import Messages
+from mesh.probes import PROBE_SERVICES
 from mesh.resources import resource_from_env
-from mesh.server_spans import UNTRACED_SERVICES
 from mesh.settings import ConfigError, Env, names
 
 SCOPE = "mesh.metrics"
@@ -142,7 +142,7 @@ class RpcMetrics:
         name = method.decode() if isinstance(method, bytes) else method  # grpc.aio hands over bytes
         if name not in self._methods:
             tracked = None
-            if not name.lstrip("/").startswith(UNTRACED_SERVICES):
+            if not name.lstrip("/").startswith(PROBE_SERVICES):
                 tracked = MethodMetrics(name, self._duration, self._requests, self._responses)
             if len(self._methods) < 10_000:  # method names can come from callers: bounded
                 self._methods[name] = tracked

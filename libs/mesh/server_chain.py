@@ -2,10 +2,10 @@
 metrics.
 
 Tracing (mesh.server_spans), ID-token verification (mesh.identity), deadline recording (mesh.deadlines) and
-the call's duration and messages (mesh.metrics) run in one wrapper around each method handler, made once, when the service is added to the server:
-`ServerChain(...).wrapping(grpc.aio.server(...))` is the server to add services to. Not a grpc.aio
-interceptor, which sees only the method and metadata: in the wrapper the token is checked inside the call's
-span and task, and a token seen before costs no coroutine (BENCHMARKS.md, items 7 to 9).
+the call's duration and messages (mesh.metrics) run in one wrapper around each method handler, made once,
+when the service is added to the server: `ServerChain(...).wrapping(grpc.aio.server(...))` is the server to
+add services to. Not a grpc.aio interceptor, which sees only the method and metadata: in the wrapper the
+token is checked inside the call's span and task, and a token seen before costs no coroutine.
 Order inside a call, outermost first: metrics, span, deadline, identity, the request's parse check, the
 handler; with verification on, a unary request is read after identity (mesh.handlers, `headers_first`).
 """
@@ -22,7 +22,7 @@ from opentelemetry import metrics, trace
 from mesh import deadlines, handlers, identity
 from mesh.identity import EXEMPT_METHODS, TokenVerifier
 from mesh.metrics import RpcMetrics
-from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, end_span, outcome
+from mesh.server_spans import UNTRACED_SERVICES, OpenSpan, ServerSpans, end_span, outcome
 
 # Calls that take no token, in flight at once: enough for Cloud Run's probes (one a second at most), too few
 # to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates.
@@ -30,13 +30,13 @@ EXEMPT_CONCURRENCY = 16
 
 
 class _Entered(NamedTuple):
-    """What a call's entry left for its end: when it began, its span, its recorded deadline, whether it holds a
-    gate slot."""
+    """What a call's entry leaves for its end (mesh.handlers.Entered)."""
 
-    started: float
-    span: Any
-    deadline: Any
-    gated: bool
+    started: float  # perf_counter at entry
+    span: OpenSpan | None
+    deadline: Any  # what deadlines.forget takes
+    gated: bool  # holds a slot of the exempt gate
+    pending: Awaitable[None] | None  # what to await before the handler: the caller's verification or refusal
 
 
 class _Gate:
@@ -103,7 +103,7 @@ class ServerChain:
             else:
                 admit = identity.admitter(self._verifier, method)
 
-        def enter(context: grpc.aio.ServicerContext) -> tuple[Any, Awaitable[None] | None]:
+        def enter(context: grpc.aio.ServicerContext) -> _Entered:
             # The metadata is read once for the span and the token: gRPC converts it anew on every read.
             metadata = (context.invocation_metadata() or ()) if start or admit else ()
             started = time.perf_counter()
@@ -111,9 +111,9 @@ class ServerChain:
             deadline = deadlines.record(context)
             if gate is not None:
                 refused = gate.enter(context)
-                return _Entered(started, span, deadline, refused is None), refused
-            return _Entered(started, span, deadline, False), (
-                None if admit is None else admit(context, metadata)
+                return _Entered(started, span, deadline, refused is None, refused)
+            return _Entered(
+                started, span, deadline, False, None if admit is None else admit(context, metadata)
             )
 
         def after(
@@ -126,8 +126,7 @@ class ServerChain:
                 self._exempt_gate.leave()
             deadlines.forget(entered.deadline)
             if entered.span is not None:
-                opened, attached = entered.span
-                end_span(opened, attached, context, error)
+                end_span(entered.span, context, error)
             if measured is not None:
                 measured.record(entered.started, outcome(context, error), messages)
 

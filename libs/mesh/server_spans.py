@@ -2,9 +2,8 @@
 
 The same spans, attributes and propagation as opentelemetry-instrumentation-grpc's aio server interceptor
 (name = full method, kind SERVER, rpc.* and net.peer.* attributes, rpc.grpc.status_code, ERROR status for
-the server-fault codes), but measured at a third of its per-call cost (BENCHMARKS.md). Where its cost went:
-a filter that runs typing-Protocol isinstance checks on every call, a wrapt proxy around every
-ServicerContext, the attribute dict (peer address parsing, metadata copied twice) built before the sampler
+the server-fault codes), at a fraction of its per-call cost. Where its cost goes: a filter that runs
+typing-Protocol isinstance checks on every call, a wrapt proxy around every ServicerContext, the attribute dict (peer address parsing, metadata copied twice) built before the sampler
 drops the span, and a new wrapped handler per call. Here the per-method work (filter, names, static
 attributes) is done once, and mesh.server_chain runs it inside its one wrapper per method; a call extracts
 the caller's context, asks the sampler, and only a recorded span gets the per-call attributes and its
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 import grpc
@@ -27,10 +26,11 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+from mesh.probes import PROBE_SERVICES
 from mesh.propagation import traceparent_decides
 
-# Probes and tooling, not requests.
-UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
+# Probes and tooling, not requests: no span (the default; tests may trace them).
+UNTRACED_SERVICES = PROBE_SERVICES
 # Keep the instrumentation scope of opentelemetry-instrumentation-grpc, so span queries keep working.
 SCOPE = "opentelemetry.instrumentation.grpc"
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.11.0"
@@ -53,9 +53,8 @@ def drops_unsampled_parents(provider: trace.TracerProvider, *, remote: bool) -> 
     sampler = provider.sampler if isinstance(provider, TracerProvider) else None
     if not isinstance(sampler, ParentBased):
         return False
-    delegate = (
-        sampler._remote_parent_not_sampled if remote else sampler._local_parent_not_sampled
-    )  # noqa: SLF001
+    # ParentBased has no public accessor for its delegates.
+    delegate = sampler._remote_parent_not_sampled if remote else sampler._local_parent_not_sampled
     return delegate is ALWAYS_OFF
 
 
@@ -85,7 +84,16 @@ def _unsampled_traceparent(metadata: Metadata) -> tuple[int, int] | None:
 
 
 Metadata = Sequence[tuple[str, Any]]
-Start = Callable[[grpc.aio.ServicerContext, Metadata], tuple[Span, object]]
+
+
+class OpenSpan(NamedTuple):
+    """A call's span, open and current: what `end_span` closes."""
+
+    span: Span
+    attached: object  # the OpenTelemetry context token that made it current, for detaching
+
+
+Start = Callable[[grpc.aio.ServicerContext, Metadata], OpenSpan]
 
 
 class ServerSpans:
@@ -109,8 +117,8 @@ class ServerSpans:
         return self._fast
 
     def starter(self, method: str) -> Start | None:
-        """What opens a call's span from its context and metadata and makes it current (the span and the
-        token for `end_span`); None for an untraced method."""
+        """What opens a call's span from its context and metadata and makes it current (what `end_span`
+        closes); None for an untraced method."""
         if method[1:].startswith(self._untraced):
             return None
         service, _, name = method[1:].partition("/")
@@ -122,17 +130,15 @@ class ServerSpans:
         }
         tracer, ids = self._tracer, self._ids
 
-        def unsampled_child(
-            trace_id: int, flags: int, state: TraceState, parent: Context
-        ) -> tuple[Span, object]:
+        def unsampled_child(trace_id: int, flags: int, state: TraceState, parent: Context) -> OpenSpan:
             assert ids is not None  # only called when the sampler drops such children
             child = SpanContext(
                 trace_id, ids.generate_span_id(), False, _UNSAMPLED[1 if flags & 2 else 0], state
             )
             skipped = NonRecordingSpan(child)
-            return skipped, otel_context.attach(trace.set_span_in_context(skipped, parent))
+            return OpenSpan(skipped, otel_context.attach(trace.set_span_in_context(skipped, parent)))
 
-        def start(context: grpc.aio.ServicerContext, metadata: Metadata) -> tuple[Span, object]:
+        def start(context: grpc.aio.ServicerContext, metadata: Metadata) -> OpenSpan:
             if ids is not None and self._traceparent_decides():
                 # The hot path: no carrier, no propagator chain; what extract + the sampler would decide.
                 lone = _unsampled_traceparent(metadata)
@@ -148,15 +154,14 @@ class ServerSpans:
             span = tracer.start_span(method, parent, SpanKind.SERVER, attributes)
             if span.is_recording():
                 _describe_call(span, context, carrier)
-            return span, otel_context.attach(trace.set_span_in_context(span, parent))
+            return OpenSpan(span, otel_context.attach(trace.set_span_in_context(span, parent)))
 
         return start
 
 
-def end_span(
-    span: Span, token: object, context: grpc.aio.ServicerContext, error: BaseException | None
-) -> None:
+def end_span(opened: OpenSpan, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
     """Close what a starter opened: status (for a recorded span), the context detached, the span ended."""
+    span, attached = opened.span, opened.attached
     try:
         if span.is_recording():
             _record_outcome(span, context, error)
@@ -165,7 +170,7 @@ def end_span(
         try:
             # Not otel_context.detach, which logs an error when the call ends outside its own context (an
             # abandoned stream, ended by gRPC's done callback): there is nothing to restore then.
-            token.var.reset(token)  # type: ignore[attr-defined]
+            attached.var.reset(attached)  # type: ignore[attr-defined]
         except ValueError:
             pass
 
