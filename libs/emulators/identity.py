@@ -144,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 5
     server: Any
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:  # stdlib signature
         """Quiet: tests and the mesh read their own logs, not an access log."""
 
     def _send(

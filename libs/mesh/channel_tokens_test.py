@@ -138,7 +138,7 @@ async def test_a_token_that_cannot_be_minted_fails_the_call_with_unavailable(
     assert child.stdin is not None and child.stdout is not None
     try:
         assert await asyncio.wait_for(child.stdout.readline(), 60) == b"opened\n"
-        emulator._accounts[ALICE].stop()  # noqa: SLF001 - an outage of this one account's metadata server
+        emulator._accounts[ALICE].stop()  # an outage of this one account's metadata server
         child.stdin.write(b"go\n")
         out, err = await asyncio.wait_for(child.communicate(), 60)
     finally:

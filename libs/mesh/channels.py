@@ -1,8 +1,9 @@
 """The one way out: channels to other services, made once and reused for the life of the process.
 
 A channel is TLS with the system roots by default (the authority is the host), a custom CA for local TLS, or
-plaintext for local development; it carries a cached ID token for the callee's audience, the tracing and
-deadline interceptors, keepalive, and a retry policy for UNAVAILABLE on the methods declared idempotent.
+plaintext for local development; every call on it goes through the client chain (mesh.client_chain: the
+deadline, a cached ID token for the callee's audience, the trace context, the metrics), and it has keepalive
+and a retry policy for UNAVAILABLE on the methods declared idempotent.
 
 A downstream that hangs is noticed by gRPC's own connection states, not by a breaker of ours: keepalive drops a
 connection whose peer stopped answering pings, a connection attempt that gets no HTTP/2 SETTINGS within the

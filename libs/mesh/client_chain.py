@@ -3,9 +3,8 @@ metrics.
 
 Deadline capping (mesh.deadlines), the caller's ID token (mesh.tokens), the CLIENT span with the trace
 headers (mesh.client_spans) and the call's duration (mesh.metrics), worked out by one `ClientChain` per
-channel. A `MeshChannel` sets them on each
-call directly: grpc.aio runs a channel's client interceptors in a task of their own on every call (a no-op
-interceptor alone cost 13-20 us of client CPU a call, BENCHMARKS.md item 10), so the interceptors
+channel. A `MeshChannel` sets them on each call directly: grpc.aio runs a channel's client interceptors in a
+task of their own on every call, a cost paid even by an interceptor that does nothing, so the interceptors
 (`ClientChain.interceptors`) serve only a call that must wait for its token to be minted (the first one, or
 one after the token expired).
 """
@@ -124,7 +123,7 @@ class ClientChain:
             raise _unavailable(
                 f"cannot mint an ID token for {self._audience} within the call's deadline"
             ) from None
-        except Exception as exc:  # noqa: BLE001 - google-auth's messages name the endpoint, never a token
+        except Exception as exc:  # google-auth's messages name the endpoint, never a token
             raise _unavailable(
                 f"cannot mint an ID token for {self._audience}: {type(exc).__name__}: {exc}"
             ) from None
@@ -185,7 +184,7 @@ def _kind(kind: str, bounded: bool = True) -> Callable[..., _Method]:
         _registered_method: bool = False,
     ) -> _Method:
         how = (request_serializer, response_deserializer, _registered_method)
-        return channel._method(kind, method, *how, bounded=bounded)  # noqa: SLF001
+        return channel._method(kind, method, *how, bounded=bounded)
 
     return method
 

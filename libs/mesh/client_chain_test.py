@@ -53,7 +53,7 @@ def mesh_channel(port: int, chain: ClientChain) -> MeshChannel:
 async def test_direct_and_waiting_calls_share_one_connection(port: int) -> None:
     channel = mesh_channel(port, ClientChain())
     direct: Any = ping_pb2_grpc.PingServiceStub(channel)
-    waiting: Any = ping_pb2_grpc.PingServiceStub(channel._waiting())  # noqa: SLF001 - the token-wait path
+    waiting: Any = ping_pb2_grpc.PingServiceStub(channel._waiting())  # the token-wait path
     first = await direct.Send(ping_pb2.Request(), timeout=5)
     second = await waiting.Send(ping_pb2.Request(), timeout=5)
     await channel.close()

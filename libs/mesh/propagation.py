@@ -64,11 +64,10 @@ class FirstTraceFormat(CompositePropagator):
 def traceparent_decides(textmap: TextMapPropagator) -> bool:
     """Whether, with `textmap`, a valid W3C traceparent decides a call's trace context whenever no tracestate
     or baggage header comes with it: tracecontext is the only trace format, or the first one read."""
-    parts = textmap._propagators if type(textmap) is CompositePropagator else [textmap]  # noqa: SLF001
+    # The propagators' own lists: private, and read only to choose the fast path (any doubt: the slow one).
+    parts = textmap._propagators if type(textmap) is CompositePropagator else [textmap]
     formats = [p for p in parts if not isinstance(p, W3CBaggagePropagator)]
     if len(formats) != 1:
         return False  # several formats, each overriding the one before: the last found wins
-    first = (
-        formats[0]._propagators[0] if isinstance(formats[0], FirstTraceFormat) else formats[0]
-    )  # noqa: SLF001
+    first = formats[0]._propagators[0] if isinstance(formats[0], FirstTraceFormat) else formats[0]
     return type(first) is TraceContextTextMapPropagator

@@ -26,8 +26,8 @@ async def running(
 ) -> AsyncIterator[serving.RunningServer]:
     """Serve `factory` on a free port with `env` (PORT defaults to 0) until the block ends, then drain.
 
-    Like serving.main, installs the propagators of OTEL_PROPAGATORS; they are process-wide (the gRPC
-    instrumentation reads the global propagator), so the innermost `running` block's win until it ends.
+    Like serving.main, installs the propagators of OTEL_PROPAGATORS; they are process-wide (the server and
+    client spans read the global propagator), so the innermost `running` block's win until it ends.
     """
     env = {"PORT": "0", **env}
     propagator = propagation.propagator_from_env(env)

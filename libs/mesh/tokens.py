@@ -63,7 +63,7 @@ def _in_daemon_thread(work: Callable[[], T]) -> concurrent.futures.Future[T]:
     def run() -> None:
         try:
             future.set_result(work())
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
+        except BaseException as exc:  # handed to whoever awaits the future
             future.set_exception(exc)
 
     threading.Thread(target=run, name="id-token", daemon=True).start()
@@ -126,7 +126,7 @@ class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
         if metadata is None:
             try:
                 metadata = self.refreshed(context)
-            except Exception as exc:  # noqa: BLE001 - gRPC fails the call with this; keep the reason
+            except Exception as exc:  # gRPC fails the call with this; keep the reason
                 # google-auth's messages name the endpoint and status, never a token.
                 callback((), RuntimeError(f"cannot mint an ID token: {type(exc).__name__}: {exc}"))
                 return

@@ -13,4 +13,4 @@ from services.cli.output import Printer
 Command = Callable[[grpc.aio.Channel, argparse.Namespace, Printer], Awaitable[None]]
 
 # argparse's handle on a group of subcommands (`parser.add_subparsers()`).
-Subcommands = argparse._SubParsersAction  # noqa: SLF001 - argparse exposes no public name for it
+Subcommands = argparse._SubParsersAction  # argparse exposes no public name for it

@@ -210,7 +210,7 @@ class Bench:
             argv("services.routeguide.main"),
             self.fx.featured_env("routeguide", ("aggregator",)),
             self.load_core,
-        ) as routes:  # noqa: E501
+        ) as routes:
             env = {
                 **self.fx.featured_env("aggregator"),
                 "PING_ADDR": f"127.0.0.1:{ping.port}",

@@ -155,7 +155,7 @@ class _Redirect(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:  # stdlib signature
         pass
 
 
@@ -206,7 +206,7 @@ class CertsRelay:
                 if relay.hanging.is_set():
                     relay.released.wait(30)
                     return
-                with urllib.request.urlopen(upstream, timeout=5) as answer:  # noqa: S310 - loopback
+                with urllib.request.urlopen(upstream, timeout=5) as answer:  # loopback
                     body, cache_control = answer.read(), answer.headers.get("Cache-Control", "")
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -215,7 +215,7 @@ class CertsRelay:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+            def log_message(self, format: str, *args: object) -> None:  # stdlib signature
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
