@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -15,9 +16,8 @@ import pytest
 from cryptography import x509
 
 from emulators.dev_ca import ensure_dev_certs
+from mesh.testing import NO_REUSEPORT, loopback
 from ping import ping_pb2, ping_pb2_grpc
-
-OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 def sans(cert_path: Path) -> set[str]:
@@ -71,26 +71,21 @@ def stub(channel: grpc.aio.Channel) -> ping_pb2_grpc.PingServiceAsyncStub:
 @pytest.mark.parametrize("override", [None, "localhost"])
 async def test_real_tls_server_and_channel(tmp_path: Path, override: str | None) -> None:
     certs = ensure_dev_certs(tmp_path)
-    server = grpc.aio.server(options=OPTIONS)
-    ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     creds = grpc.ssl_server_credentials([(certs.server_key.read_bytes(), certs.server_cert.read_bytes())])
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    options = OPTIONS + ([("grpc.ssl_target_name_override", override)] if override else [])
-    try:
+    options = NO_REUSEPORT + ([("grpc.ssl_target_name_override", override)] if override else [])
+    add = functools.partial(ping_pb2_grpc.add_PingServiceServicer_to_server, Ping())
+    async with loopback(add, credentials=creds) as served:
         trusted = grpc.ssl_channel_credentials(certs.ca_cert.read_bytes())
-        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", trusted, options=options) as channel:
+        async with grpc.aio.secure_channel(served.address, trusted, options=options) as channel:
             reply = await stub(channel).Send(ping_pb2.Request(message="tls"), timeout=10)
             assert reply.pong.message == "tls"
         # A client trusting another CA refuses the server.
         other = ensure_dev_certs(tmp_path / "other")
         stranger = grpc.ssl_channel_credentials(other.ca_cert.read_bytes())
-        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", stranger, options=options) as channel:
+        async with grpc.aio.secure_channel(served.address, stranger, options=options) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub(channel).Send(ping_pb2.Request(message="x"), timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        await server.stop(None)
 
 
 def test_runs_as_a_program(tmp_path: Path) -> None:

@@ -36,6 +36,26 @@ from cryptography.x509.oid import NameOID
 from emulators import certificates
 
 GOOGLE_ISSUER = "https://accounts.google.com"
+
+
+@dataclass(frozen=True)
+class Names:
+    """How an emulated project names its services' accounts and audiences.
+
+    On Cloud Run an audience is the service's https://NAME-HASH.a.run.app URL; locally every host is
+    localhost, so a name per service under `domain` keeps a token for one service from being accepted by
+    another."""
+
+    project: str
+    domain: str
+
+    def account(self, service: str) -> str:
+        return f"{service}@{self.project}.iam.gserviceaccount.com"
+
+    def audience(self, service: str) -> str:
+        return f"https://{service}.{self.domain}"
+
+
 _FLAVOR = "Google"
 _IDENTITY_PREFIX = "/computeMetadata/v1/instance/service-accounts/"
 

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from emulators.identity import Names
+
 PROJECT = "local-mesh"
-DEVELOPER = f"developer@{PROJECT}.iam.gserviceaccount.com"
-
-
-def account(service: str) -> str:
-    return f"{service}@{PROJECT}.iam.gserviceaccount.com"
-
-
-def audience(service: str) -> str:
-    # On Cloud Run this is the service's https://NAME-HASH.a.run.app URL; locally every host is localhost,
-    # so a name per service keeps a token for one service from being accepted by another.
-    return f"https://{service}.mesh.local"
+NAMES = Names(PROJECT, "mesh.local")
+DEVELOPER = NAMES.account("developer")
+account = NAMES.account
+audience = NAMES.audience
 
 
 @dataclass(frozen=True)

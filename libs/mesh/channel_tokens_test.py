@@ -6,6 +6,7 @@ GCE_METADATA_HOST when imported); the server and the identity emulator run here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -18,12 +19,12 @@ from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
 from mesh.identity import TokenVerifier, current_caller
 from mesh.server_chain import ServerChain
+from mesh.testing import loopback
 from mesh.tokens_test import run_client
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
 ALICE = "alice@proj.iam.gserviceaccount.com"
 AUDIENCE = "https://routes.example"
-OPTIONS = [("grpc.so_reuseport", 0)]
 
 # Through mesh.channels.Channels, as a service calls: unary, server stream, client stream, bidi stream.
 CLIENT = r"""
@@ -92,15 +93,15 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
 async def served(certs: DevCerts) -> AsyncIterator[tuple[IdentityEmulator, str]]:
     with IdentityEmulator() as emulator:
         verifier = TokenVerifier(AUDIENCE, emulator.certs_url)
-        server = ServerChain(verifier=verifier).wrapping(grpc.aio.server(options=OPTIONS))
-        route_guide_pb2_grpc.add_RouteGuideServicer_to_server(Routes(), server)
         credentials = grpc.ssl_server_credentials(
             [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())]
         )
-        port = server.add_secure_port("127.0.0.1:0", credentials)
-        await server.start()
-        yield emulator, f"127.0.0.1:{port}"
-        await server.stop(None)
+        async with loopback(
+            functools.partial(route_guide_pb2_grpc.add_RouteGuideServicer_to_server, Routes()),
+            chain=ServerChain(verifier=verifier),
+            credentials=credentials,
+        ) as served:
+            yield emulator, served.address
 
 
 async def test_every_kind_of_call_carries_one_cached_token(

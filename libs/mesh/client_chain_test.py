@@ -4,6 +4,7 @@ directly still gets its CLIENT span, ended with the call's outcome."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,9 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from mesh.client_chain import ClientChain, MeshChannel
+from mesh.testing import NO_REUSEPORT, loopback
 from ping import ping_pb2, ping_pb2_grpc
-
-OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 class Peer(ping_pb2_grpc.PingServiceServicer):
@@ -33,18 +33,14 @@ class Peer(ping_pb2_grpc.PingServiceServicer):
 
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
-    server = grpc.aio.server(options=OPTIONS)
-    ping_pb2_grpc.add_PingServiceServicer_to_server(Peer(), server)
-    bound = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield bound
-    await server.stop(None)
+    async with loopback(functools.partial(ping_pb2_grpc.add_PingServiceServicer_to_server, Peer())) as served:
+        yield served.port
 
 
 def mesh_channel(port: int, chain: ClientChain) -> MeshChannel:
     return MeshChannel(
         lambda interceptors: grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=OPTIONS, interceptors=interceptors
+            f"127.0.0.1:{port}", options=NO_REUSEPORT, interceptors=interceptors
         ),
         chain,
     )

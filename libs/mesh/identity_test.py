@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, cast
@@ -14,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from emulators.identity import IdentityEmulator, SigningKey
 from mesh.identity import AuthError, Caller, TokenVerifier, current_caller
 from mesh.server_chain import ServerChain
+from mesh.testing import eventually, start_loopback
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2 as rg
 from routeguide import route_guide_pb2_grpc as rg_grpc
@@ -21,7 +23,6 @@ from routeguide import route_guide_pb2_grpc as rg_grpc
 ALICE = "alice@proj.iam.gserviceaccount.com"
 MALLORY = "mallory@proj.iam.gserviceaccount.com"
 AUDIENCE = "https://svc.example"
-OPTIONS = [("grpc.so_reuseport", 0)]
 Code = grpc.StatusCode
 
 
@@ -78,17 +79,27 @@ class Mesh:
         self.health = health_pb2_grpc.HealthStub(channel)
 
 
-async def start(verifier: TokenVerifier) -> Mesh:
-    # gRPC's own 8 KiB metadata limit would turn an oversized token into RESOURCE_EXHAUSTED before the
-    # verifier sees it; raised here so the verifier's own bound is what the oversized case tests.
-    options = [*OPTIONS, ("grpc.max_metadata_size", 64 * 1024)]
-    server = ServerChain(verifier=verifier).wrapping(grpc.aio.server(options=options))
-    ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
-    rg_grpc.add_RouteGuideServicer_to_server(RouteGuide(), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return Mesh(server, grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS))
+async def unavailable_until_served(call: Awaitable[str]) -> str:
+    """What `call` answers; a failure other than UNAVAILABLE (the keys still out) fails the test at once."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == Code.UNAVAILABLE, err
+        raise
+
+
+async def start(verifier: TokenVerifier, **chain: Any) -> Mesh:
+    """Ping, RouteGuide and health behind a ServerChain with `verifier` (and `chain`'s other arguments)."""
+    served = await start_loopback(
+        functools.partial(ping_pb2_grpc.add_PingServiceServicer_to_server, Ping()),
+        functools.partial(rg_grpc.add_RouteGuideServicer_to_server, RouteGuide()),
+        functools.partial(health_pb2_grpc.add_HealthServicer_to_server, health.aio.HealthServicer()),  # type: ignore[attr-defined]
+        chain=ServerChain(verifier=verifier, **chain),
+        # gRPC's own 8 KiB metadata limit would turn an oversized token into RESOURCE_EXHAUSTED before the
+        # verifier sees it; raised here so the verifier's own bound is what the oversized case tests.
+        options=[("grpc.max_metadata_size", 64 * 1024)],
+    )
+    return Mesh(served.server, served.channel())
 
 
 @pytest.fixture
@@ -382,17 +393,12 @@ async def test_certs_down_means_unavailable_then_recovery(caplog: pytest.LogCapt
             outage_lines = [r for r in caplog.records if "unreachable" in r.getMessage()]
             assert len(outage_lines) == 1
             emu.start_certs()
-            deadline = time.monotonic() + 10
-            seen = ""
-            for _ in range(100):
-                try:
-                    seen = await call_unary(m, bearer(emu.mint(ALICE, AUDIENCE)))
-                    break
-                except grpc.aio.AioRpcError as err:
-                    assert err.code() == Code.UNAVAILABLE
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.1)
+            seen: str = await eventually(
+                lambda: unavailable_until_served(call_unary(m, bearer(emu.mint(ALICE, AUDIENCE)))),
+                every=0.1,
+                retrying=(grpc.aio.AioRpcError,),
+                what="verification after the keys came back",
+            )
             assert seen == f"{ALICE}|{AUDIENCE}"
         finally:
             await m.channel.close(None)
@@ -420,15 +426,7 @@ def test_verifier_refuses_an_empty_audience() -> None:
 
 
 async def test_exempt_calls_never_see_an_earlier_callers_identity(emulator: IdentityEmulator) -> None:
-    verifier = TokenVerifier(AUDIENCE, emulator.certs_url)
-    server = ServerChain(verifier=verifier, exempt_methods=("/ping.PingService/Send",)).wrapping(
-        grpc.aio.server(options=OPTIONS)
-    )
-    ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
-    rg_grpc.add_RouteGuideServicer_to_server(RouteGuide(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    m = Mesh(server, grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS))
+    m = await start(TokenVerifier(AUDIENCE, emulator.certs_url), exempt_methods=("/ping.PingService/Send",))
     try:
         md = bearer(emulator.mint(ALICE, AUDIENCE))
         for _ in range(5):

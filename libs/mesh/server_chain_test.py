@@ -5,6 +5,7 @@ what the handler sees at once, the span of a refused call, and which refusal com
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -20,11 +21,11 @@ from emulators.identity import IdentityEmulator
 from mesh import deadlines
 from mesh.identity import TokenVerifier, current_caller
 from mesh.server_chain import ServerChain
+from mesh.testing import loopback
 from ping import ping_pb2, ping_pb2_grpc
 
 ALICE = "alice@proj.iam.gserviceaccount.com"
 AUDIENCE = "https://svc.example"
-OPTIONS = [("grpc.so_reuseport", 0)]
 SEND = "/ping.PingService/Send"
 NOT_A_MESSAGE = b"\xff\xff\xff"  # wire type 7 does not exist: no protobuf parses this
 
@@ -61,14 +62,11 @@ async def channel(
     provider = TracerProvider()  # default sampler: every root call recorded
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     verifier = TokenVerifier(AUDIENCE, emulator.certs_url, allowed_callers=frozenset({ALICE}))
-    server = ServerChain(provider, verifier).wrapping(grpc.aio.server(options=OPTIONS))
-    ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    opened = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
-    yield opened
-    await opened.close(None)
-    await server.stop(None)
+    add = functools.partial(ping_pb2_grpc.add_PingServiceServicer_to_server, Ping())
+    async with loopback(add, chain=ServerChain(provider, verifier)) as served:
+        opened = served.channel()
+        yield opened
+        await opened.close(None)
 
 
 def codes(exporter: InMemorySpanExporter) -> list[tuple[str, Any, StatusCode]]:

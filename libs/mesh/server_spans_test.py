@@ -4,7 +4,9 @@ still propagated downstream."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -18,13 +20,13 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from mesh import propagation, tracing
 from mesh.server_chain import ServerChain
+from mesh.testing import NO_REUSEPORT, start_loopback
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from services.ping.servicer import PingServicer
 from services.routeguide.features import builtin_database
 from services.routeguide.servicer import RouteGuideServicer
 
-OPTIONS = [("grpc.so_reuseport", 0)]
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 
 
@@ -43,16 +45,15 @@ def tracecontext() -> Iterator[None]:
     propagate.set_global_textmap(previous)
 
 
-async def serve(traced: TracerProvider, servicer: object, add: object) -> tuple[grpc.aio.Server, int]:
-    server = ServerChain(traced).wrapping(grpc.aio.server(options=OPTIONS))
-    add(servicer, server)  # type: ignore[operator]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
+async def serve(
+    traced: TracerProvider, servicer: object, add: Callable[[Any, grpc.aio.Server], object]
+) -> tuple[grpc.aio.Server, int]:
+    served = await start_loopback(functools.partial(add, servicer), chain=ServerChain(traced))
+    return served.server, served.port
 
 
 def ping(port: int) -> tuple[grpc.aio.Channel, ping_pb2_grpc.PingServiceAsyncStub]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_REUSEPORT)
     return channel, ping_pb2_grpc.PingServiceStub(channel)  # type: ignore[return-value]
 
 
@@ -89,7 +90,7 @@ async def test_a_sampled_call_has_the_instrumentations_span() -> None:
 async def test_status_codes_the_caller_sees_are_recorded() -> None:
     traced, spans = provider(ALWAYS_ON)
     # No upstream: FAILED_PRECONDITION (the caller's fault). An unreachable upstream: UNAVAILABLE (a fault).
-    closed = grpc.aio.insecure_channel("127.0.0.1:1", options=OPTIONS)
+    closed = grpc.aio.insecure_channel("127.0.0.1:1", options=NO_REUSEPORT)
     for servicer in (PingServicer(), PingServicer(ping_pb2_grpc.PingServiceStub(closed), "nowhere")):  # type: ignore[arg-type]
         server, port = await serve(traced, servicer, ping_pb2_grpc.add_PingServiceServicer_to_server)
         channel, stub = ping(port)
@@ -123,7 +124,9 @@ async def test_unsampled_calls_record_nothing_but_carry_the_trace_downstream(
         upstream_traced, PingServicer(), ping_pb2_grpc.add_PingServiceServicer_to_server
     )
     out = grpc.aio.insecure_channel(
-        f"127.0.0.1:{upstream_port}", options=OPTIONS, interceptors=tracing.client_interceptors(relay_traced)
+        f"127.0.0.1:{upstream_port}",
+        options=NO_REUSEPORT,
+        interceptors=tracing.client_interceptors(relay_traced),
     )
     relay, relay_port = await serve(
         relay_traced,
@@ -151,7 +154,7 @@ async def test_a_stream_is_one_span_ended_when_the_stream_ends() -> None:
     server, port = await serve(
         traced, RouteGuideServicer(database), route_guide_pb2_grpc.add_RouteGuideServicer_to_server
     )
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_REUSEPORT)
     stub = route_guide_pb2_grpc.RouteGuideStub(channel)
     world = route_guide_pb2.Rectangle(
         lo=route_guide_pb2.Point(latitude=-900000000, longitude=-1800000000),
@@ -207,7 +210,7 @@ async def test_a_sampled_outgoing_stream_is_a_client_span_parenting_the_server_s
         route_guide_pb2_grpc.add_RouteGuideServicer_to_server,
     )
     channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=OPTIONS, interceptors=tracing.client_interceptors(client_traced)
+        f"127.0.0.1:{port}", options=NO_REUSEPORT, interceptors=tracing.client_interceptors(client_traced)
     )
     stub = route_guide_pb2_grpc.RouteGuideStub(channel)
     area = route_guide_pb2.Rectangle(

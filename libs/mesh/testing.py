@@ -1,18 +1,113 @@
-"""Running a service in-process, the way its process would run it, for tests: `async with running(...)`."""
+"""The test kit: a service run in-process the way its process would run it (`async with running(...)`), a
+loopback server for servicers under test (`loopback`), and `eventually` for what comes true in a while."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar, cast
 
+import grpc
 from opentelemetry import propagate
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from mesh import metrics, propagation, serving, tracing
+from mesh.server_chain import ServerChain
 
-NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+# Tests bind port 0 and must never share a port with another test's server (SO_REUSEPORT would let them).
+NO_REUSEPORT: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
+LOOPBACK = "127.0.0.1"
+
+Adds = Callable[
+    [grpc.aio.Server], object
+]  # e.g. functools.partial(add_PingServiceServicer_to_server, Ping())
+Found = TypeVar("Found")
+
+
+class Loopback(NamedTuple):
+    server: grpc.aio.Server
+    address: str  # host:port, on 127.0.0.1
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    def channel(
+        self, *options: tuple[str, Any], interceptors: Sequence[Any] | None = None
+    ) -> grpc.aio.Channel:
+        """A plaintext channel to the server (no reuseport, and `options`)."""
+        return grpc.aio.insecure_channel(
+            self.address, options=[*NO_REUSEPORT, *options], interceptors=interceptors
+        )
+
+
+async def start_loopback(
+    *adds: Adds,
+    chain: ServerChain | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> Loopback:
+    """A started server on a free loopback port with the services `adds` add (through `chain`, when given),
+    plaintext unless `credentials` are given. The caller stops it; `loopback` does so itself."""
+    server = grpc.aio.server(options=[*NO_REUSEPORT, *options])
+    if chain is not None:
+        server = chain.wrapping(server)
+    for add in adds:
+        add(server)
+    if credentials is None:
+        port = server.add_insecure_port(f"{LOOPBACK}:0")
+    else:
+        port = server.add_secure_port(f"{LOOPBACK}:0", credentials)
+    await server.start()
+    return Loopback(server, f"{LOOPBACK}:{port}")
+
+
+@contextlib.asynccontextmanager
+async def loopback(
+    *adds: Adds,
+    chain: ServerChain | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> AsyncIterator[Loopback]:
+    """`start_loopback` for the block, the server stopped (no grace) when it ends."""
+    started = await start_loopback(*adds, chain=chain, credentials=credentials, options=options)
+    try:
+        yield started
+    finally:
+        await started.server.stop(None)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Found] | Found],
+    *,
+    within: float = 10.0,
+    every: float = 0.05,
+    retrying: tuple[type[BaseException], ...] = (),
+    what: str = "the condition",
+) -> Found:
+    """The first truthy value `check` returns (awaited if it is awaitable), asked every `every` seconds for at
+    most `within` seconds; an exception of a `retrying` type counts as "not yet". If it never comes: an
+    AssertionError naming `what` and the last such exception."""
+    deadline = time.monotonic() + within
+    failure: BaseException | None = None
+    for _ in range(int(within / every) + 1):
+        try:
+            found = check()
+            if inspect.isawaitable(found):
+                found = await found
+        except retrying as exc:
+            failure = exc
+        else:
+            if found:
+                return cast(Found, found)
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(every)
+    raise AssertionError(f"{what}: not within {within} s" + (f" (last: {failure!r})" if failure else ""))
 
 
 @contextlib.asynccontextmanager

@@ -7,6 +7,7 @@ environment points at one emulated account's metadata server; the servers and th
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -21,12 +22,12 @@ from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
 from mesh.identity import TokenVerifier, current_caller
 from mesh.server_chain import ServerChain
+from mesh.testing import start_loopback
 from mesh.tokens import audience_for
 from ping import ping_pb2, ping_pb2_grpc
 
 ALICE = "alice@proj.iam.gserviceaccount.com"
 BOB = "bob@proj.iam.gserviceaccount.com"
-OPTIONS = [("grpc.so_reuseport", 0)]
 
 # The calling service: one IdTokens, TLS channels with its call credentials, N concurrent calls per target.
 # The calling service: one IdTokens, TLS channels, N concurrent calls per target. Mode "credentials" uses
@@ -86,12 +87,13 @@ def emulator() -> Iterator[IdentityEmulator]:
 
 
 async def tls_server(certs: DevCerts, verifier: TokenVerifier) -> tuple[grpc.aio.Server, str]:
-    server = ServerChain(verifier=verifier).wrapping(grpc.aio.server(options=OPTIONS))
-    ping_pb2_grpc.add_PingServiceServicer_to_server(Ping(), server)
     creds = grpc.ssl_server_credentials([(certs.server_key.read_bytes(), certs.server_cert.read_bytes())])
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    return server, f"127.0.0.1:{port}"
+    served = await start_loopback(
+        functools.partial(ping_pb2_grpc.add_PingServiceServicer_to_server, Ping()),
+        chain=ServerChain(verifier=verifier),
+        credentials=creds,
+    )
+    return served.server, served.address
 
 
 # Run off the event loop: the servers under test answer on it meanwhile.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import pytest
 
+from mesh.testing import eventually, loopback
 from routeguide import route_guide_pb2_grpc
 from routeguide.route_guide_pb2 import Feature, Point, Rectangle, RouteNote, RouteSummary
 from services.routeguide.chat import NoteBoard
@@ -29,7 +31,6 @@ from services.routeguide.servicer import RouteGuideServicer
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from routeguide.route_guide_pb2_grpc import RouteGuideAsyncStub as Stub
 
-OPTIONS = [("grpc.so_reuseport", 0)]
 BERKSHIRE = Point(latitude=409146138, longitude=-746188906)
 CANONICAL_RECT = Rectangle(
     lo=Point(latitude=400000000, longitude=-750000000), hi=Point(latitude=420000000, longitude=-730000000)
@@ -47,17 +48,9 @@ def _canonical_entries() -> list[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def serving(servicer: RouteGuideServicer, *channel_options: tuple[str, Any]) -> AsyncIterator[Stub]:
-    server = grpc.aio.server(options=OPTIONS)
-    route_guide_pb2_grpc.add_RouteGuideServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=OPTIONS + list(channel_options)
-        ) as channel:
-            yield cast("Stub", route_guide_pb2_grpc.RouteGuideStub(channel))
-    finally:
-        await server.stop(grace=None)
+    add = functools.partial(route_guide_pb2_grpc.add_RouteGuideServicer_to_server, servicer)
+    async with loopback(add) as served, served.channel(*channel_options) as channel:
+        yield cast("Stub", route_guide_pb2_grpc.RouteGuideStub(channel))
 
 
 @pytest.fixture
@@ -158,11 +151,7 @@ async def test_list_features_stops_when_the_client_cancels() -> None:
             assert isinstance(await asyncio.wait_for(call.read(), WAIT), Feature)
         assert servicer.open_streams == 1
         assert call.cancel()
-        for _ in range(200):
-            if servicer.open_streams == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert servicer.open_streams == 0
+        await eventually(lambda: servicer.open_streams == 0, what="the cancelled stream closed")
         assert await call.code() == grpc.StatusCode.CANCELLED
         assert (await stub.GetFeature(Point(), timeout=WAIT)).name == ""
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import grpc
 
 from emulators.dev_ca import DevCerts, ensure_dev_certs
-from emulators.identity import IdentityEmulator
+from emulators.identity import IdentityEmulator, Names
 from services.routeguide.features import generated_database, write_database
 from tests.bench.processes import python_path
 from tests.bench.span_sink import SpanSink
 
 PROJECT = "bench"
-CLIENT = f"bench-client@{PROJECT}.iam.gserviceaccount.com"
+NAMES = Names(PROJECT, "bench.local")
+CLIENT = NAMES.account("bench-client")
 # Production's sampler: parent-based, with a ratio for calls that arrive without a trace context.
 SAMPLER = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
 # What Cloud Run's front end adds to a request it does not sample (nearly all: it samples about 0.1 request/s
@@ -42,12 +43,8 @@ _SCRUBBED = (
 )
 
 
-def account(service: str) -> str:
-    return f"{service}@{PROJECT}.iam.gserviceaccount.com"
-
-
-def audience(service: str) -> str:
-    return f"https://{service}.bench.local"
+account = NAMES.account
+audience = NAMES.audience
 
 
 class Fixture:

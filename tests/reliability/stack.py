@@ -7,18 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from emulators.dev_ca import DevCerts
-from emulators.identity import IdentityEmulator
+from emulators.identity import IdentityEmulator, Names
 from tests.reliability.processes import Service
 
-DEVELOPER = "developer@reliability.iam.gserviceaccount.com"
-
-
-def account(service: str) -> str:
-    return f"{service}@reliability.iam.gserviceaccount.com"
-
-
-def audience(service: str) -> str:
-    return f"https://{service}.reliability.test"
+NAMES = Names("reliability", "reliability.test")
+DEVELOPER = NAMES.account("developer")
+account = NAMES.account
+audience = NAMES.audience
 
 
 @dataclass
