@@ -2,13 +2,14 @@
 built from Debian's own packages (Debian's python3.11 on a minimal bookworm, security updates applied, slimmed
 the way debian:bookworm-slim is).
 
-The stand-in is built once per engine and rebuilt only when this recipe (this file) changes: its hash is the
-image's RECIPE_LABEL. An image of that name without the label (a pulled official one) is left alone.
+The stand-in is built once per engine and rebuilt only when its recipe changes (the constants and the build
+steps below, not this module's other code): the recipe's hash is the image's RECIPE_LABEL. An image of that name without the label (a pulled official one) is left alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 import shutil
 import subprocess
@@ -65,7 +66,9 @@ class AptSource:
 
 
 def recipe_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    steps = [inspect.getsource(step) for step in (build, _configure, _upgrade, _slim)]
+    recipe = repr([SUITE, PACKAGES, CHANGES, SLIM_DPKG_CFG, *steps])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
 def configured_sources(roots: tuple[str, ...] = APT_SOURCES) -> list[AptSource]:

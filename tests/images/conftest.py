@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from engine import base_image, daemon
 
+from engine import base_image, daemon
 from tests.images.containers import ServiceImage, build_image
 
 # Service -> the gRPC service name its health reports.
@@ -22,6 +22,16 @@ SERVICES = {
     "routeguide": "routeguide.RouteGuide",
     "aggregator": "aggregator.v1.Aggregator",
 }
+
+
+# The first test's setup may install docker.io, build the base stand-in (minutes) and the three images.
+SESSION_SETUP_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/images/" in str(item.path):
+            item.add_marker(pytest.mark.timeout(SESSION_SETUP_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from engine.daemon import Engine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.daemon import Engine
 from mesh.testing import NO_REUSEPORT
 
 CLOUD_RUN_FLAGS = (

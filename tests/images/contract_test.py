@@ -6,18 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from engine.daemon import Engine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
-from ping import ping_pb2, ping_pb2_grpc
-from routeguide import route_guide_pb2, route_guide_pb2_grpc
+from engine.daemon import Engine
 from tests.images.conftest import SERVICES
 from tests.images.containers import Container, ServiceImage, run, wait_serving
+from tests.images.rpcs import CANONICAL_NAME, CANONICAL_POINT, get_feature, ping_send, survey, upstreams
 
-# gRPC's canonical RouteGuide database, which the image serves built in.
-CANONICAL_POINT = route_guide_pb2.Point(latitude=409146138, longitude=-746188906)
-CANONICAL_NAME = "Berkshire Valley Management Area Trail, Jefferson, NJ, USA"
 NO_CAPABILITIES = "0000000000000000"
 
 
@@ -29,17 +24,6 @@ def started(engine: Engine) -> Iterator[list[Container]]:
     for container in containers:
         print(f"--- {container.name}\n{container.logs()}")
         container.remove()
-
-
-def upstreams(ping: Container, routeguide: Container) -> dict[str, str]:
-    """The aggregator's required settings: its downstreams, plaintext and without ID tokens (no metadata
-    server here; on Cloud Run the defaults, TLS and tokens, apply)."""
-    return {
-        "PING_ADDR": ping.address,
-        "ROUTEGUIDE_ADDR": routeguide.address,
-        "UPSTREAM_INSECURE": "true",
-        "UPSTREAM_UNAUTHENTICATED": "true",
-    }
 
 
 @pytest.mark.parametrize("service", ["ping", "routeguide"])
@@ -93,9 +77,8 @@ async def test_ping_send_answers(
     started.append(container)
     await wait_serving(container)
     async with container.channel() as channel:
-        stub = ping_pb2_grpc.PingServiceStub(channel)
-        reply = await stub.Send(ping_pb2.Request(message="from a container test"), timeout=10)
-    assert reply.pong.message == "from a container test" and reply.pong.received_on.seconds > 0
+        reply = await ping_send(channel, timeout=10)
+    assert reply.pong.message == "from a container" and reply.pong.received_on.seconds > 0
 
 
 async def test_routeguide_serves_the_canonical_feature(
@@ -105,8 +88,7 @@ async def test_routeguide_serves_the_canonical_feature(
     started.append(container)
     await wait_serving(container)
     async with container.channel() as channel:
-        stub = route_guide_pb2_grpc.RouteGuideStub(channel)
-        feature = await stub.GetFeature(CANONICAL_POINT, timeout=10)
+        feature = await get_feature(channel, timeout=10)
     assert feature.name == CANONICAL_NAME and feature.location == CANONICAL_POINT
 
 
@@ -119,17 +101,8 @@ async def test_aggregator_surveys_the_other_two_containers(
     started.append(aggregator)
     for container in (ping, routeguide, aggregator):
         await wait_serving(container)
-    # A box around the canonical point, and a short route through it.
-    area = route_guide_pb2.Rectangle(
-        lo=route_guide_pb2.Point(latitude=409000000, longitude=-747000000),
-        hi=route_guide_pb2.Point(latitude=410000000, longitude=-746000000),
-    )
-    route = [CANONICAL_POINT, route_guide_pb2.Point(latitude=409319800, longitude=-746201391)]
     async with aggregator.channel() as channel:
-        stub = aggregator_pb2_grpc.AggregatorStub(channel)
-        reply = await stub.Survey(
-            aggregator_pb2.SurveyRequest(message="survey", area=area, route=route), timeout=20
-        )
+        reply = await survey(channel, timeout=20)
     assert reply.pong.message == "survey"
     assert CANONICAL_NAME in {f.name for f in reply.features}
     assert reply.route_summary.point_count == 2 and reply.route_summary.feature_count >= 1

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from engine.daemon import Engine
 
+from engine.daemon import Engine
 from tests.images.conftest import SERVICES
 from tests.images.containers import ServiceImage
 from tests.images.layers import scan

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from engine.daemon import Engine
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.daemon import Engine
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from tests.images.containers import ServiceImage, run, wait_serving
+from tests.images.rpcs import CANONICAL_POINT
 
 CLOUD_RUN_GRACE_S = 10
 HealthStatus = health_pb2.HealthCheckResponse
@@ -21,10 +22,9 @@ async def test_sigterm_mid_stream_turns_not_serving_finishes_the_stream_and_exit
     container = run(engine, images["routeguide"])
     try:
         await wait_serving(container)
-        place = route_guide_pb2.Point(latitude=409146138, longitude=-746188906)
 
         def note(message: str) -> route_guide_pb2.RouteNote:
-            return route_guide_pb2.RouteNote(location=place, message=message)
+            return route_guide_pb2.RouteNote(location=CANONICAL_POINT, message=message)
 
         async with container.channel() as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(
