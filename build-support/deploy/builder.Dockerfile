@@ -1,6 +1,6 @@
 # The image the Cloud Build steps run ./pants and the deploy programs in: CPython 3.9 (Pants 2.17 itself),
 # CPython 3.11 (the services and the deploy programs), git (--changed-since) and PyYAML, pinned as in
-# python-default.lock (deploy/invokers.py reads services/invokers.yaml).
+# python-default.lock (deploy/invokers.py and deploy/render.py read services/invokers.yaml).
 # Built by the first step of cloudbuild.yaml; ./pants bootstraps itself on top, as on a developer machine.
 FROM python:3.9-slim-bookworm AS python39
 

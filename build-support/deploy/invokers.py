@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from deploy.layout import INVOKERS_FILE
+
 ROLE = "roles/run.invoker"
-INVOKERS_FILE = Path("services/invokers.yaml")
 PUBLIC_MEMBERS = {"allUsers", "allAuthenticatedUsers"}
 
 

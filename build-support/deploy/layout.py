@@ -6,6 +6,8 @@ from pathlib import Path
 
 SERVICES_DIR = "services"
 MANIFEST_GLOB = "service*.yaml"
+# Who may invoke and who can reach each Cloud Run service (deploy/invokers.py, deploy/reach.py).
+INVOKERS_FILE = Path(SERVICES_DIR) / "invokers.yaml"
 
 
 def deployable_services(root: Path) -> list[str]:

@@ -1,12 +1,15 @@
 """Fills a service folder's Cloud Run manifests in for one project, ready for `gcloud run services replace`.
 
-    python -m deploy.render --project-id P --project-number N --region R --registry REG --tag T --out DIR ping ...
+    python -m deploy.render --project-id P --project-number N --region R --registry REG --tag T \
+        --vpc direct --network NET --subnet SUB --out DIR ping ...
 
 writes DIR/<cloud run name>.yaml for each services/<service>/service*.yaml of the named services (ping:
 ping.yaml and ping-upstream.yaml). The manifests name ${PROJECT_ID} (service-account emails),
 ${PROJECT_NUMBER} and ${REGION} (the deterministic https://<service>-<number>.<region>.run.app URLs of the
 service and its upstreams) and ${IMAGE} (REG/<service>:T); any other ${...} is an error, so a typo cannot
-reach Cloud Run.
+reach Cloud Run. Then services/invokers.yaml's reach goes in (deploy/reach.py): each service's ingress, and
+Direct VPC egress through NET/SUB for the callers of inside-only services; `--vpc none` renders every service
+`ingress: all` with no VPC.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from deploy.layout import cloud_run_name, deployable_services, manifests
+import yaml
+
+from deploy.layout import INVOKERS_FILE, cloud_run_name, deployable_services, manifests
+from deploy.reach import Topology, Vpc, annotate
 
 # Each value lands inside a YAML scalar: a strict shape keeps it from changing the document's structure.
 VALUE_PATTERNS = {
@@ -47,6 +53,14 @@ def render(text: str, values: Mapping[str, str]) -> str:
     return template.substitute(values)
 
 
+def render_manifest(text: str, values: Mapping[str, str], topology: Topology, vpc: Vpc | None) -> str:
+    """render(), then the service's ingress and egress annotated from topology."""
+    document = yaml.safe_load(render(text, values))
+    account = document["spec"]["template"]["spec"]["serviceAccountName"].split("@")[0]
+    annotate(document, topology.reach(document["metadata"]["name"], account, vpc))
+    return yaml.safe_dump(document, sort_keys=False, width=120)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -58,6 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--registry", required=True, help="image prefix, e.g. REGION-docker.pkg.dev/PROJECT/REPO"
     )
     parser.add_argument("--tag", required=True, help="image tag, e.g. the commit's short sha")
+    parser.add_argument(
+        "--vpc",
+        choices=["direct", "none"],
+        required=True,
+        help="direct: ingress as services/invokers.yaml says, callers of inside-only services egress through"
+        " --network/--subnet; none: no VPC, every service ingress all",
+    )
+    parser.add_argument("--network", help="VPC network name (with --vpc direct)")
+    parser.add_argument(
+        "--subnet", help="its subnet in --region, with Private Google Access (with --vpc direct)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the rendered manifests")
     parser.add_argument(
         "--root", type=Path, default=Path.cwd(), help="repo root (default: the current directory)"
@@ -68,6 +93,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(args.services) - set(deployable_services(args.root)))
     if unknown:
         parser.error(f"no Cloud Run manifest for {', '.join(unknown)} under {args.root / 'services'}")
+    vpc = None
+    if args.vpc == "direct":
+        if not (args.network and args.subnet):
+            parser.error("--vpc direct needs --network and --subnet")
+        try:
+            vpc = Vpc(args.network, args.subnet)
+        except ValueError as error:
+            parser.error(str(error))
+    topology_file = args.root / INVOKERS_FILE
+    try:
+        topology = Topology.load(topology_file.read_text())
+    except ValueError as error:
+        parser.error(f"{topology_file}: {error}")
     args.out.mkdir(parents=True, exist_ok=True)
     for service in args.services:
         values = {
@@ -78,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         for manifest in manifests(args.root, service):
             try:
-                rendered = render(manifest.read_text(), values)
+                rendered = render_manifest(manifest.read_text(), values, topology, vpc)
             except ValueError as error:
                 parser.error(f"{manifest}: {error}")
             target = args.out / f"{cloud_run_name(manifest)}.yaml"

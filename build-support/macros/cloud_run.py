@@ -9,8 +9,10 @@ def cloud_run_service(name, **pex_kwargs):
     is built from services/Dockerfile (the folder's Dockerfile links to it) with SERVICE=NAME, as
     build-support/engine/build_image.sh and Cloud Build build it. Cloud Build sets IMAGE_REGISTRY
     ($_REGION-docker.pkg.dev/$PROJECT_ID/$_REPOSITORY) and IMAGE_TAG ($SHORT_SHA); without them the image is
-    the local NAME:dev. The image depends on the manifests and the shared Dockerfile, so `--changed-since`
-    redeploys a service whose service*.yaml or image recipe changed.
+    the local NAME:dev. The image depends on the manifests, on the shared Dockerfile and on
+    services/invokers.yaml (who may invoke and who can reach each service, rendered into the manifests), so
+    `--changed-since` redeploys a service whose service*.yaml changed, and every service when the image recipe
+    or the invokers file does.
     """
     pex_binary(name=name, entry_point="main.py", execution_mode="venv", include_tools=True, **pex_kwargs)
     docker_image(
@@ -20,7 +22,7 @@ def cloud_run_service(name, **pex_kwargs):
         image_tags=[env("IMAGE_TAG", "dev")],
         extra_build_args=[f"SERVICE={name}"],
         # The PEX is named through ${SERVICE} in the Dockerfile's COPY, which inference cannot read.
-        dependencies=[f":{name}", ":manifests", "services:dockerfile"],
+        dependencies=[f":{name}", ":manifests", "//services:dockerfile", "//services:invokers"],
     )
     # Deploy inputs, read by tests/deploy (hadolint, manifest checks) and by build-support/deploy/render.py.
     files(name="manifests", sources=["service*.yaml"])

@@ -37,7 +37,7 @@ def write_cli(path: Path, env: Mapping[str, str]) -> None:
     path.write_text(
         "#!/bin/sh\n"
         "# Written by the local mesh when it started, removed when it stops: the CLI, as the mesh's developer.\n"
-        f"{settings} exec {shlex.quote(sys.executable)} -m services.cli.main \"$@\"\n",
+        f'{settings} exec {shlex.quote(sys.executable)} -m services.cli.main "$@"\n',
         encoding="utf-8",
     )
     path.chmod(0o755)

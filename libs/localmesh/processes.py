@@ -129,5 +129,6 @@ def child_env(extra: Mapping[str, str]) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("OTEL_", "GCE_METADATA", "GRPC_PING", "AUTH_"))
     }
-    base["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    # Absolute, so that what runs with it elsewhere (the mesh's CLI script, in another shell) imports the same.
+    base["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path if p)
     return {**base, **extra}

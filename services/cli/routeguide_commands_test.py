@@ -88,7 +88,14 @@ async def test_chat_prints_earlier_notes_at_the_same_place(
 
 async def test_a_reader_that_goes_away_ends_the_cli_quietly(routes: RunningServer) -> None:
     # As `cli ... | head -2` once head has left: stdout is a pipe whose reader is gone before the first line.
-    command = [sys.executable, "-m", "services.cli.main", "--server", f"127.0.0.1:{routes.port}", "--insecure"]
+    command = [
+        sys.executable,
+        "-m",
+        "services.cli.main",
+        "--server",
+        f"127.0.0.1:{routes.port}",
+        "--insecure",
+    ]
     command += ["routeguide", "list", "420000000", "-730000000", "400000000", "-750000000"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     reader, writer = os.pipe()

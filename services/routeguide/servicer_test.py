@@ -21,9 +21,7 @@ from routeguide.route_guide_pb2 import Feature, Point, Rectangle, RouteNote, Rou
 from services.routeguide.chat import NoteBoard
 from services.routeguide.features import (
     BUILTIN_RESOURCE,
-    FeatureDatabase,
     builtin_database,
-    generate_features,
     generated_database,
 )
 from services.routeguide.servicer import RouteGuideServicer
@@ -148,7 +146,7 @@ async def test_list_features_matches_a_scan_of_the_file(canonical: Stub) -> None
 
 
 async def test_list_features_stops_when_the_client_cancels() -> None:
-    servicer = RouteGuideServicer(FeatureDatabase(features=generate_features(100_000, seed=1), source="test"))
+    servicer = RouteGuideServicer(generated_database(100_000, seed=1))
     everywhere = Rectangle(
         lo=Point(latitude=-900000000, longitude=-1800000000),
         hi=Point(latitude=900000000, longitude=1800000000),

@@ -23,7 +23,9 @@ async def serve(kind: str) -> None:
     if kind == "ping":
         ping_pb2_grpc.add_PingServiceServicer_to_server(PingServicer(), server)
     elif kind == "routeguide":
-        route_guide_pb2_grpc.add_RouteGuideServicer_to_server(RouteGuideServicer(generated_database()), server)
+        route_guide_pb2_grpc.add_RouteGuideServicer_to_server(
+            RouteGuideServicer(generated_database()), server
+        )
     else:
         raise SystemExit(f"unknown raw server {kind!r}; use ping or routeguide")
     port = server.add_insecure_port("127.0.0.1:0")

@@ -25,9 +25,9 @@ KNOWN = ["aggregator", "ping", "routeguide"]
 # Deployable target -> the path prefixes it depends on (what Pants infers from imports and BUILD files).
 DEPENDS_ON = {
     "services/ping:ping": ("services/ping/", "libs/", "protos/ping/"),
-    "services/ping:image": ("services/ping/",),
+    "services/ping:image": ("services/ping/", "services/invokers.yaml"),
     "services/routeguide:routeguide": ("services/routeguide/", "libs/", "protos/routeguide/"),
-    "services/routeguide:image": ("services/routeguide/",),
+    "services/routeguide:image": ("services/routeguide/", "services/invokers.yaml"),
     "services/aggregator:aggregator": (
         "services/aggregator/",
         "libs/",
@@ -35,7 +35,7 @@ DEPENDS_ON = {
         "protos/ping/",
         "protos/routeguide/",
     ),
-    "services/aggregator:image": ("services/aggregator/",),
+    "services/aggregator:image": ("services/aggregator/", "services/invokers.yaml"),
 }
 TREE = [
     "README.md",
@@ -44,6 +44,7 @@ TREE = [
     "protos/routeguide/route_guide.proto",
     "protos/aggregator/v1/aggregator.proto",
     "tests/e2e/mesh_test.py",
+    "services/invokers.yaml",
     *(f"services/{s}/{f}" for s in KNOWN for f in ("main.py", "Dockerfile", "service.yaml")),
 ]
 
@@ -100,6 +101,7 @@ def pick(repo: Path, since: str = "HEAD~1", only: Sequence[str] = ()) -> list[st
         ("services/ping/main.py", ["ping"]),
         ("services/ping/service.yaml", ["ping"]),
         ("services/routeguide/Dockerfile", ["routeguide"]),
+        ("services/invokers.yaml", KNOWN),  # who may reach whom is rendered into every manifest
         ("README.md", []),
         ("tests/e2e/mesh_test.py", []),
     ],

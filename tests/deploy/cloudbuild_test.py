@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from deploy import affected, invokers, render
+from deploy.reach import Vpc
 from tests.deploy.repo import ROOT
 
 CLOUDBUILD = ROOT / "cloudbuild.yaml"
@@ -68,7 +69,9 @@ def test_the_schema_check_reports_an_invalid_config(tmp_path: Path) -> None:
 
 def test_substitutions_have_defaults_and_are_all_used() -> None:
     declared = config()["substitutions"]
-    assert {"_REGION", "_REPOSITORY", "_SERVICES", "_BASE_REF"} <= set(declared)
+    assert {"_REGION", "_REPOSITORY", "_SERVICES", "_BASE_REF", "_VPC", "_NETWORK", "_SUBNET"} <= set(
+        declared
+    )
     assert all(isinstance(value, str) for value in declared.values())
     assert declared["_SERVICES"] == ""  # a push deploys what changed; a manual run sets all or a list
     used = references()
@@ -109,3 +112,11 @@ def test_named_files_and_programs_exist() -> None:
     programs = {module.__name__: module for module in (affected, invokers, render)}
     for name in set(re.findall(r"-m (deploy\.\w+)", text)):
         assert callable(getattr(programs.get(name), "main", None)), f"{name} is not a deploy program"
+
+
+def test_the_default_network_is_one_render_accepts() -> None:
+    declared = config()["substitutions"]
+    script = " ".join(next(s for s in config()["steps"] if s["id"] == "package")["args"])
+    assert '--vpc="${_VPC}" --network="${_NETWORK}" --subnet="${_SUBNET}"' in script
+    assert declared["_VPC"] == "direct"  # `none` is the opt-out (README)
+    Vpc(declared["_NETWORK"], declared["_SUBNET"])  # raises on a name Cloud Run would refuse

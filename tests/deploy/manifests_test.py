@@ -1,8 +1,10 @@
 """The Cloud Run manifests: Knative services with h2c, gRPC health probes and their own service account,
-wired to upstreams that exist and that grant them roles/run.invoker (services/invokers.yaml)."""
+wired to upstreams that exist and that grant them roles/run.invoker (services/invokers.yaml); rendered, the
+inside-only services take internal traffic only and their callers reach them through the VPC."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,9 @@ import pytest
 import yaml
 
 from deploy.invokers import load_invokers
-from deploy.layout import cloud_run_name, deployable_services, manifests
-from deploy.render import render
+from deploy.layout import INVOKERS_FILE, cloud_run_name, deployable_services, manifests
+from deploy.reach import INGRESS, NETWORK_INTERFACES, VPC_EGRESS, Topology, Vpc, inside_only
+from deploy.render import render, render_manifest
 from tests.deploy.repo import ROOT
 
 HEALTH_SERVICE = {
@@ -22,7 +25,10 @@ HEALTH_SERVICE = {
 }
 MANIFESTS = [m for service in deployable_services(ROOT) for m in manifests(ROOT, service)]
 NAMES = {cloud_run_name(m) for m in MANIFESTS}
-INVOKERS = load_invokers((ROOT / "services" / "invokers.yaml").read_text())
+INVOKERS = load_invokers((ROOT / INVOKERS_FILE).read_text())
+TOPOLOGY = Topology.load((ROOT / INVOKERS_FILE).read_text())
+INSIDE_ONLY = inside_only(TOPOLOGY.ingress)
+VPC = Vpc("mesh", "mesh-europe-west1")
 # Identities that are not a service of the mesh: callers from outside (people and scripts impersonate it).
 EXTERNAL_CALLERS = {"mesh-client"}
 
@@ -64,6 +70,30 @@ def allowed(name: str) -> set[str]:
 
 def by_name(manifest: Path) -> str:
     return str(manifest.relative_to(ROOT))
+
+
+def upstreams(manifest: Path) -> set[str]:
+    """The Cloud Run services this one calls, read from its address variables."""
+    return {match["name"] for value in env(manifest).values() if (match := UPSTREAM.fullmatch(value))}
+
+
+def values(manifest: Path) -> dict[str, str]:
+    return {
+        "PROJECT_ID": "demo-project",
+        "PROJECT_NUMBER": "123456789012",
+        "REGION": "europe-west1",
+        "IMAGE": f"europe-west1-docker.pkg.dev/demo-project/mesh/{manifest.parent.name}:0a1b2c3",
+    }
+
+
+def rendered(manifest: Path, vpc: Vpc | None) -> dict[str, Any]:
+    document = yaml.safe_load(render_manifest(manifest.read_text(), values(manifest), TOPOLOGY, vpc))
+    assert isinstance(document, dict)
+    return document
+
+
+def revision_annotations(document: dict[str, Any]) -> dict[str, str]:
+    return dict(document["spec"]["template"]["metadata"]["annotations"])
 
 
 def test_the_four_cloud_run_services() -> None:
@@ -137,8 +167,8 @@ def test_allowed_callers_are_exactly_the_invokers(name: str) -> None:
     assert allowed(name) == set(INVOKERS[name])
 
 
-def test_invokers_cover_every_service_with_known_accounts() -> None:
-    assert set(INVOKERS) == NAMES
+def test_invokers_and_ingress_cover_every_service_with_known_accounts() -> None:
+    assert set(INVOKERS) == set(TOPOLOGY.ingress) == NAMES
     service_accounts = {f"{name}-sa" for name in NAMES}
     for service, accounts in INVOKERS.items():
         assert set(accounts) <= service_accounts | EXTERNAL_CALLERS, service
@@ -154,16 +184,8 @@ def test_the_relay_and_the_aggregator_are_wired_as_designed() -> None:
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=by_name)
 def test_renders_for_a_project(manifest: Path) -> None:
-    image = f"europe-west1-docker.pkg.dev/demo-project/mesh/{manifest.parent.name}:0a1b2c3"
-    text = render(
-        manifest.read_text(),
-        {
-            "PROJECT_ID": "demo-project",
-            "PROJECT_NUMBER": "123456789012",
-            "REGION": "europe-west1",
-            "IMAGE": image,
-        },
-    )
+    image = values(manifest)["IMAGE"]
+    text = render_manifest(manifest.read_text(), values(manifest), TOPOLOGY, VPC)
     assert "${" not in text
     document = yaml.safe_load(text)
     assert document["metadata"]["name"] == cloud_run_name(manifest)
@@ -171,3 +193,47 @@ def test_renders_for_a_project(manifest: Path) -> None:
     assert document["spec"]["template"]["spec"]["serviceAccountName"].endswith(
         "@demo-project.iam.gserviceaccount.com"
     )
+
+
+def test_inside_only_by_default_routeguide_and_ping_upstream() -> None:
+    # aggregator and ping stay reachable from outside, by mesh-client; the rest only the mesh calls.
+    assert TOPOLOGY.ingress == {
+        "aggregator": "all",
+        "ping": "all",
+        "ping-upstream": "internal",
+        "routeguide": "internal",
+    }
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=by_name)
+def test_rendered_ingress_is_the_one_listed(manifest: Path) -> None:
+    document = rendered(manifest, VPC)
+    assert document["metadata"]["annotations"][INGRESS] == TOPOLOGY.ingress[cloud_run_name(manifest)]
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=by_name)
+def test_callers_of_inside_only_services_egress_through_the_vpc(manifest: Path) -> None:
+    # Read from the addresses the service really calls, not from the invokers file the renderer uses.
+    annotations = revision_annotations(rendered(manifest, VPC))
+    if upstreams(manifest) & INSIDE_ONLY:
+        assert json.loads(annotations[NETWORK_INTERFACES]) == [
+            {"network": "mesh", "subnetwork": "mesh-europe-west1"}
+        ]
+        assert annotations[VPC_EGRESS] == "all-traffic"
+    else:
+        assert NETWORK_INTERFACES not in annotations and VPC_EGRESS not in annotations
+
+
+@pytest.mark.parametrize("name", sorted(INSIDE_ONLY))
+def test_nobody_outside_the_mesh_invokes_an_inside_only_service(name: str) -> None:
+    # An outside caller could hold the role but never reach the service: the grant would only mislead.
+    assert not set(INVOKERS[name]) & EXTERNAL_CALLERS
+    assert not allowed(name) & EXTERNAL_CALLERS
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=by_name)
+def test_without_a_vpc_renders_todays_open_manifests(manifest: Path) -> None:
+    # _VPC=none: the manifest as written plus `ingress: all`, exactly what every service.yaml said before.
+    today = yaml.safe_load(render(manifest.read_text(), values(manifest)))
+    today["metadata"].setdefault("annotations", {})[INGRESS] = "all"
+    assert rendered(manifest, None) == today

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from deploy.render import render
+import pytest
+import yaml
+
+from deploy.reach import INGRESS, VPC_EGRESS
+from deploy.render import main, render
+from tests.deploy.repo import ROOT
 
 VALUES = {
     "PROJECT_ID": "demo-project",
@@ -47,3 +52,44 @@ def test_a_missing_value_is_an_error() -> None:
     del values["IMAGE"]
     with pytest.raises(ValueError, match="no value for IMAGE"):
         render("a: b\n", values)
+
+
+def run(out: Path, *args: str) -> int:
+    return main(
+        [
+            "--project-id=demo-project",
+            "--project-number=123456789012",
+            "--region=europe-west1",
+            "--registry=europe-west1-docker.pkg.dev/demo-project/mesh",
+            "--tag=0a1b2c3",
+            f"--root={ROOT}",
+            f"--out={out}",
+            *args,
+        ]
+    )
+
+
+def test_writes_each_cloud_run_service_of_a_folder_with_its_reach(tmp_path: Path) -> None:
+    assert run(tmp_path, "--vpc=direct", "--network=mesh", "--subnet=mesh", "ping") == 0
+    written = {p.stem: yaml.safe_load(p.read_text()) for p in tmp_path.iterdir()}
+    assert set(written) == {"ping", "ping-upstream"}
+    assert written["ping-upstream"]["metadata"]["annotations"][INGRESS] == "internal"
+    assert written["ping"]["spec"]["template"]["metadata"]["annotations"][VPC_EGRESS] == "all-traffic"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--vpc=direct", "--subnet=mesh"], "--vpc direct needs --network and --subnet"),
+        (["--vpc=direct", "--network=mesh", "--subnet=Mesh_1"], "subnet 'Mesh_1' is not a VPC subnet name"),
+        (["--vpc=public", "--network=mesh", "--subnet=mesh"], "invalid choice: 'public'"),
+    ],
+)
+def test_a_vpc_needs_a_network_and_subnet_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run(tmp_path / "out", *args, "ping")
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

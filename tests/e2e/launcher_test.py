@@ -15,6 +15,7 @@ import pytest
 from localmesh import main
 from localmesh.launcher import Mesh
 from localmesh.processes import StartError
+from services.routeguide.features import builtin_database
 
 SERVICES = ("ping-upstream", "routeguide", "ping", "aggregator")
 
@@ -22,7 +23,7 @@ SERVICES = ("ping-upstream", "routeguide", "ping", "aggregator")
 def _launcher_env(state_dir: Path, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p),
         "MESH_STATE_DIR": str(state_dir),
         **extra,
     }
@@ -65,6 +66,10 @@ def test_the_demo_command_prints_the_services_the_results_and_the_trace_trees(tm
     assert "pong #1 'hello from the demo (relayed)'" in output
     assert re.search(r"== aggregator\.Survey -> pong 'survey', [1-9]\d* features", output), output
     assert re.search(r"== aggregator\.Tour -> 3 stops", output), output
+    # The Tour walks named places of gRPC's canonical RouteGuide set, which the mesh serves by default.
+    stops = re.findall(r"^   stop \d: (.+)$", output, re.M)
+    canonical = {feature.name for feature in builtin_database().features if feature.name}
+    assert len(stops) == 3 and set(stops) <= canonical, stops
     trees = _trace_trees(output)
     assert len(trees) == 3, output
     survey = next(tree for tree in trees if "Aggregator/Survey" in tree)

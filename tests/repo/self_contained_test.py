@@ -11,15 +11,17 @@ _OUTSIDE = re.compile(
     r"(?P<beside>\.\./+share[d]\b)"  # the folder that sits beside one checkout, on one machine
     r"|(?P<machine>(?<![\w.-])/(?:wor[k]|roo[t]|hom[e]|User[s])/)"  # a machine's home or work folder
 )
-# What Pants gives this test (the root BUILD's `repository` target), without the tools it puts beside it.
-_TOOLING = (".pex", "__pycache__")
 
 
 def _repository_files() -> list[Path]:
+    """What Pants gives this test (the root BUILD's `repository` target), without the PEXes and shims that it
+    puts beside them (pytest_runner.pex, pytest_runner.pex_pex_shim.sh, ...: they name this machine's paths).
+    """
     return sorted(
         path
         for path in Path.cwd().rglob("*")
-        if path.is_file() and not any(part.endswith(_TOOLING) for part in path.relative_to(Path.cwd()).parts)
+        if path.is_file()
+        and not any(".pex" in part or part == "__pycache__" for part in path.relative_to(Path.cwd()).parts)
     )
 
 
