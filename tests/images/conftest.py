@@ -42,6 +42,8 @@ def engine() -> Iterator[daemon.Engine]:
         if os.environ.get("REQUIRE_IMAGE_TESTS") == "1":
             pytest.fail(f"REQUIRE_IMAGE_TESTS=1 but {e}", pytrace=False)
         pytest.skip(str(e))
+    # Whatever in this session runs `docker` (the container mesh's launcher) reaches the same engine.
+    os.environ.update(found.env())
     try:
         base_image.ensure(found)
         yield found

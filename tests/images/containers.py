@@ -1,9 +1,8 @@
 """Service containers run the way Cloud Run runs them, on the engine build-support/engine ensured.
 
-Cloud Run's contract, as flags: the image's own non-root user, a read-only root with a writable /tmp, no
-capabilities, no privilege gain, 512 MiB and one CPU, and only PORT (plus the service's own upstream settings)
-in the environment. The private engine has no bridge, so each container shares the host's network and gets a
-free port of its own.
+Cloud Run's contract: localmesh.containers.CLOUD_RUN_FLAGS (the same flags as the container mesh), and only PORT
+(plus the service's own upstream settings) in the environment. The private engine has no bridge, so each
+container shares the host's network and gets a free port of its own.
 """
 
 from __future__ import annotations
@@ -22,17 +21,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.daemon import Engine
+from localmesh.containers import CLOUD_RUN_FLAGS
 from mesh.testing import NO_REUSEPORT
 
-CLOUD_RUN_FLAGS = (
-    "--network=host",
-    "--read-only",
-    "--tmpfs=/tmp",
-    "--cap-drop=ALL",
-    "--security-opt=no-new-privileges",
-    "--memory=512m",
-    "--cpus=1",
-)
 BUILD_SCRIPT = Path("build-support/engine/build_image.sh")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
