@@ -3,6 +3,7 @@
     PYTHONPATH=build-support python3 -m engine ensure [--shell]   # an engine; --shell: `export` lines for eval
     PYTHONPATH=build-support python3 -m engine base [--force]     # the python:3.11-slim-bookworm stand-in
     PYTHONPATH=build-support python3 -m engine stop               # stop the private dockerd, unmount its state
+    PYTHONPATH=build-support python3 -m engine package [SPECS]    # ./pants package, images only with an engine
 
 Exit status 3 when there is no engine and no means to start one (the one line on stderr says why).
 """
@@ -10,9 +11,12 @@ Exit status 3 when there is no engine and no means to start one (the one line on
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 from engine import base_image, daemon
 
@@ -31,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="rebuild the stand-in even if its recipe is unchanged"
     )
     commands.add_parser("stop", help="stop the private dockerd, if one runs")
+    package = commands.add_parser(
+        "package", help="./pants package SPECS; the docker_image targets need an engine"
+    )
+    package.add_argument("specs", nargs="*", default=["::"])
     args = parser.parse_args(argv)
 
     if args.command == "stop":
@@ -44,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = daemon.ensure()
     except daemon.NoEngine as e:
+        if args.command == "package":
+            print(f"engine: {e}; packaging without the docker_image targets", file=sys.stderr)
+            return pants(["--filter-target-type=-docker_image", "package", *args.specs], {})
         print(f"engine: {e}", file=sys.stderr)
         return NO_ENGINE
     how = "started" if engine.started else "found"
@@ -54,12 +65,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"export {name}={shlex.quote(value)}")
         return 0
     try:
-        result = base_image.ensure(engine, force=args.force)
+        result = base_image.ensure(engine, force=getattr(args, "force", False))
         print(f"engine: base image {base_image.TAG}: {result}", file=sys.stderr)
+        if args.command == "package":
+            return pants(["package", *args.specs], engine.env())
     finally:
         if engine.started:  # the images stay in its state folder for the next start
             daemon.stop()
     return 0
+
+
+def pants(argv: list[str], env: dict[str, str]) -> int:
+    """./pants from the repository's root (this file is build-support/engine/__main__.py)."""
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        [str(root / "pants"), *argv], cwd=root, env={**os.environ, **env}, check=False
+    ).returncode
 
 
 if __name__ == "__main__":
