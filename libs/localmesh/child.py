@@ -8,19 +8,15 @@ subprocess uses vfork and nothing runs between fork and exec.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import runpy
-import signal
 import sys
 
-_PR_SET_PDEATHSIG = 1
+from mesh.workers import die_with_parent
 
 
 def main(argv: list[str]) -> None:
     launcher, module = int(argv[1]), argv[2]
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != launcher:  # the launcher died before the signal was armed
+    if not die_with_parent(launcher):  # the launcher died before the signal was armed
         sys.exit(f"{module}: the mesh launcher (pid {launcher}) is gone; not starting")
     sys.argv = [module, *argv[3:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

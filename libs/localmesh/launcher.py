@@ -15,6 +15,7 @@ import grpc
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
 from localmesh import containers, topology
+from localmesh.calls import CallStore, add_receiver
 from localmesh.processes import COLOURS, ServiceProcess, child_env, python_module
 from localmesh.spans import SpanStore, start_receiver
 
@@ -63,6 +64,7 @@ class Mesh:
         self.echo = echo
         self.colour = colour
         self.spans = SpanStore()
+        self.calls = CallStore()
         self.identity = IdentityEmulator(project_id=topology.PROJECT)
         self.certs: DevCerts | None = None
         self._served: DevCerts | None = None  # the certificate files the services read
@@ -88,7 +90,9 @@ class Mesh:
         self.identity.start()
         for name in [topology.DEVELOPER, *(topology.account(s.name) for s in self.specs)]:
             self.identity.add_account(name)
-        self._receiver, self._receiver_port = await start_receiver(self.spans)
+        self._receiver, self._receiver_port = await start_receiver(
+            self.spans, lambda server: add_receiver(self.calls, server)
+        )
         self._served = self.certs
         if self.images:  # a container reads copies made for its user, mounted read-only
             self._served = await asyncio.to_thread(
@@ -131,6 +135,8 @@ class Mesh:
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_BSP_SCHEDULE_DELAY": "100",  # spans reach the launcher within a blink
             "OTEL_TRACES_SAMPLER": "always_on",
+            "OTEL_METRICS_EXPORTER": "otlp",  # to the same receiver: the launcher prints a table per method
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
             "GOOGLE_CLOUD_PROJECT": topology.PROJECT,
             **self.identity.env_for(topology.account(spec.name)),
             **dict(spec.env),

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from engine import daemon
-from localmesh import containers, demo, topology
+from localmesh import calls, containers, demo, topology
 from localmesh.launcher import Mesh
 from localmesh.processes import StartError
 
@@ -68,6 +68,15 @@ def print_endpoints(mesh: Mesh) -> None:
     say("")
 
 
+async def print_calls(mesh: Mesh, title: str) -> None:
+    """The services' call metrics (received over OTLP), one line per method."""
+    served = await mesh.calls.settled(quiet=0.7, timeout=3.0)
+    say(f"{title} (from the services' rpc.server.duration metrics):")
+    for line in calls.table(served):
+        say(f"  {line}")
+    say("")
+
+
 async def serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,6 +98,8 @@ async def serve(args: argparse.Namespace) -> int:
         if not args.no_demo and full:
             await demo.run(mesh, say)
         if not args.demo:
+            if not args.no_demo and full:
+                await print_calls(mesh, "Calls served so far")
             say("Serving until Ctrl-C.")
             await _wait(stop, mesh)
     except StartError as err:
@@ -96,6 +107,8 @@ async def serve(args: argparse.Namespace) -> int:
         status = 1
     finally:
         codes = await mesh.stop()
+        if mesh.calls.calls():
+            await print_calls(mesh, "Calls served while the mesh ran")  # each service flushed on SIGTERM
         crashed = {name: code for name, code in codes.items() if code not in (0, None)}
         if crashed:
             say(f"mesh: stopped; exit codes {crashed}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -160,10 +160,14 @@ class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-async def start_receiver(store: SpanStore) -> tuple[grpc.aio.Server, int]:
-    """An OTLP/gRPC trace receiver on 127.0.0.1; returns the server and its port."""
+async def start_receiver(
+    store: SpanStore, *more: Callable[[grpc.aio.Server], None]
+) -> tuple[grpc.aio.Server, int]:
+    """An OTLP/gRPC trace receiver on 127.0.0.1 (and what `more` adds to it); returns the server and its port."""
     server = grpc.aio.server(options=NO_REUSEPORT)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Receiver(store), server)  # type: ignore[no-untyped-call]
+    for add in more:
+        add(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port

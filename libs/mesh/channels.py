@@ -3,30 +3,57 @@
 A channel is TLS with the system roots by default (the authority is the host), a custom CA for local TLS, or
 plaintext for local development; it carries a cached ID token for the callee's audience, the tracing and
 deadline interceptors, keepalive, and a retry policy for UNAVAILABLE on the methods declared idempotent.
+
+A downstream that hangs is noticed by gRPC's own connection states, not by a breaker of ours: keepalive drops a
+connection whose peer stopped answering pings, a connection attempt that gets no HTTP/2 SETTINGS within the
+connect timeout fails, and from then on the channel is in TRANSIENT_FAILURE, where calls fail at once with
+UNAVAILABLE (pick_first stays there until a reconnection succeeds) instead of waiting out their deadline.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from mesh.client_chain import ClientChain, MeshChannel
-from mesh.settings import Upstream
+from mesh.settings import CallSettings, Upstream
 from mesh.tokens import IdTokens, audience_for
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
-# Connection-level settings every outgoing channel shares.
+# Connection-level settings every outgoing channel shares (keepalive and connect timeout: `connection_options`).
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.keepalive_time_ms", 60_000),  # notice dead peers (a scaled-in instance) within about a minute
-    ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 1),
+    # Retry a lost downstream at least every 10 s (gRPC's default backoff grows to 2 min), so one that was
+    # frozen or restarting is found again soon after it answers.
+    ("grpc.max_reconnect_backoff_ms", 10_000),
 ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def connection_options(calls: CallSettings) -> list[tuple[str, int | str]]:
+    """Keepalive and connect timeout of an outgoing channel (what mesh.serving's keepalive policy accepts)."""
+    return [
+        ("grpc.keepalive_time_ms", _ms(calls.keepalive.time)),
+        ("grpc.keepalive_timeout_ms", _ms(calls.keepalive.timeout)),
+        # gRPC core waits for any ping's ack this long (1 min by default), keepalive pings included.
+        ("grpc.http2.ping_timeout_ms", _ms(calls.keepalive.timeout)),
+        # Ping idle connections too: a call made after the peer froze would otherwise be the one to find out.
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Keep pinging while a long call waits for its reply (gRPC's default stops after 2 pings without data).
+        ("grpc.http2.max_pings_without_data", 0),
+        # gRPC's name for the connect timeout (TCP, TLS and the peer's SETTINGS frame); 20 s by default.
+        ("grpc.min_reconnect_backoff_ms", _ms(calls.connect_timeout)),
+    ]
 
 
 def retry_service_config(idempotent: Sequence[str]) -> str:
@@ -53,11 +80,16 @@ class Channels:
         id_tokens: IdTokens | None,
         provider: trace.TracerProvider | None = None,
         *,
-        default_timeout: float | None = None,
+        calls: CallSettings | None = None,
+        meters: metrics.MeterProvider | None = None,
     ) -> None:
+        """`calls`: a service's settings for downstream calls; without them (a command-line client, whose
+        calls have no incoming deadline) calls are bounded by their own timeouts only."""
         self._id_tokens = id_tokens
         self._provider = provider
-        self._default_timeout = default_timeout
+        self._calls = calls or CallSettings()
+        self._default_timeout = None if calls is None else calls.default_timeout
+        self._meters = meters
         self._open: dict[tuple[Upstream, tuple[str, ...]], grpc.aio.Channel] = {}
 
     def open(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
@@ -67,12 +99,23 @@ class Channels:
         return self._open[key]
 
     def _create(self, upstream: Upstream, idempotent: Sequence[str]) -> grpc.aio.Channel:
-        options = [*CHANNEL_OPTIONS, ("grpc.service_config", retry_service_config(idempotent))]
+        options = [
+            *CHANNEL_OPTIONS,
+            *connection_options(self._calls),
+            ("grpc.service_config", retry_service_config(idempotent)),
+        ]
         if upstream.authority:
             options += [("grpc.default_authority", upstream.authority)]
             if not upstream.insecure:
                 options += [("grpc.ssl_target_name_override", upstream.authority)]
-        chain = ClientChain(self._provider, default_timeout=self._default_timeout)
+        chain_of = functools.partial(
+            ClientChain,
+            self._provider,
+            default_timeout=self._default_timeout,
+            margin=self._calls.margin,
+            meters=self._meters,
+        )
+        chain = chain_of()
         if upstream.insecure:
             # Plaintext is for local development only: a bearer token is never sent in the clear.
             return MeshChannel(
@@ -90,12 +133,7 @@ class Channels:
                 )
             audience = upstream.audience or audience_for(upstream.address)
             self._id_tokens.prepare(audience)  # no identity: fail at start-up, not on the first call
-            chain = ClientChain(
-                self._provider,
-                default_timeout=self._default_timeout,
-                id_tokens=self._id_tokens,
-                audience=audience,
-            )
+            chain = chain_of(id_tokens=self._id_tokens, audience=audience)
         return MeshChannel(
             lambda interceptors: grpc.aio.secure_channel(
                 upstream.address, credentials, options=options, interceptors=interceptors

@@ -1,7 +1,9 @@
-"""The mesh's client-side work on every outgoing call: its deadline, its ID token and its trace context.
+"""The mesh's client-side work on every outgoing call: its deadline, its ID token, its trace context and its
+metrics.
 
-Deadline capping (mesh.deadlines), the caller's ID token (mesh.tokens) and the CLIENT span with the trace
-headers (mesh.client_spans), worked out by one `ClientChain` per channel. A `MeshChannel` sets them on each
+Deadline capping (mesh.deadlines), the caller's ID token (mesh.tokens), the CLIENT span with the trace
+headers (mesh.client_spans) and the call's duration (mesh.metrics), worked out by one `ClientChain` per
+channel. A `MeshChannel` sets them on each
 call directly: grpc.aio runs a channel's client interceptors in a task of their own on every call (a no-op
 interceptor alone cost 13-20 us of client CPU a call, BENCHMARKS.md item 10), so the interceptors
 (`ClientChain.interceptors`) serve only a call that must wait for its token to be minted (the first one, or
@@ -11,23 +13,38 @@ one after the token expired).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import Span
 
 from mesh import deadlines
 from mesh.client_spans import ClientSpans, ended
+from mesh.metrics import MethodMetrics, RpcMetrics
 from mesh.tokens import IdTokens, Metadata
 
 _UNBOUNDED = float("inf")
 
 
+@dataclass(slots=True)
+class Outgoing:
+    """What the chain gives one outgoing call: its timeout and metadata, and what is ended when it is done
+    (its recorded span, its metrics since `started`)."""
+
+    timeout: float | None
+    metadata: Metadata
+    span: Span | None
+    measured: MethodMetrics | None
+    started: float
+
+
 class ClientChain:
-    """What every call through a channel gets: its timeout capped by the call being served (or by
-    `default_timeout`; bidi streams by the call being served only), `authorization` with the ID token for
+    """What every call through a channel gets: its timeout capped by the call being served less `margin` (or
+    by `default_timeout`; bidi streams by the call being served only), `authorization` with the ID token for
     `audience` (when `id_tokens` is given), and the trace context (with a CLIENT span when sampled)."""
 
     def __init__(
@@ -35,13 +52,17 @@ class ClientChain:
         provider: trace.TracerProvider | None = None,
         *,
         default_timeout: float | None = None,
+        margin: float = 0.0,
         id_tokens: IdTokens | None = None,
         audience: str | None = None,
+        meters: metrics.MeterProvider | None = None,
     ) -> None:
         if id_tokens is not None and not audience:
             raise ValueError("an ID-token audience is required")
         self._spans = None if provider is None else ClientSpans(provider)
+        self._metrics = None if meters is None else RpcMetrics(meters, "client")
         self._default = _UNBOUNDED if default_timeout is None else default_timeout
+        self._margin = margin
         self._tokens = id_tokens
         self._audience = audience or ""
 
@@ -51,8 +72,8 @@ class ClientChain:
 
     def ready(
         self, method: str | bytes, timeout: float | None, metadata: Any, bounded: bool = True
-    ) -> tuple[Span | None, float | None, Metadata] | None:
-        """(span, timeout, metadata) for a call made now, or None while the token is still to be minted."""
+    ) -> Outgoing | None:
+        """What a call made now gets, or None while the token is still to be minted."""
         token: Metadata = ()
         if self._tokens is not None:
             cached = self._tokens.cached(self._audience)
@@ -61,21 +82,31 @@ class ClientChain:
             token = cached
         return self._outgoing(method, self._timeout(timeout, bounded), metadata, token)
 
-    async def prepare(self, details: Any, bounded: bool = True) -> tuple[Span | None, Any]:
-        """As `ready`, for an interceptor's call details, waiting for the token when it must be minted."""
+    async def prepare(self, details: Any, bounded: bool = True) -> tuple[Outgoing, Any]:
+        """As `ready`, for an interceptor's call details (returned with the chain's timeout and metadata),
+        waiting for the token when it must be minted."""
+        started = time.perf_counter()
         timeout = self._timeout(details.timeout, bounded)
         token = () if self._tokens is None else await self._token(timeout)
-        span, timeout, metadata = self._outgoing(details.method, timeout, details.metadata, token)
-        return span, details._replace(timeout=timeout, metadata=grpc.aio.Metadata(*metadata))
+        outgoing = self._outgoing(details.method, timeout, details.metadata, token, started)
+        metadata = grpc.aio.Metadata(*outgoing.metadata)
+        return outgoing, details._replace(timeout=outgoing.timeout, metadata=metadata)
 
     def _outgoing(
-        self, method: str | bytes, timeout: float | None, metadata: Any, token: Metadata
-    ) -> tuple[Span | None, float | None, Metadata]:
+        self,
+        method: str | bytes,
+        timeout: float | None,
+        metadata: Any,
+        token: Metadata,
+        started: float | None = None,
+    ) -> Outgoing:
         span, carrier = (None, {}) if self._spans is None else self._spans.start(method)
-        return span, timeout, (*(metadata or ()), *token, *carrier.items())
+        measured = None if self._metrics is None else self._metrics.method(method)
+        headers = (*(metadata or ()), *token, *carrier.items())
+        return Outgoing(timeout, headers, span, measured, time.perf_counter() if started is None else started)
 
     def _timeout(self, timeout: float | None, bounded: bool) -> float | None:
-        limit = deadlines.remaining(self._default if bounded else _UNBOUNDED)
+        limit = deadlines.remaining(self._default if bounded else _UNBOUNDED, self._margin)
         if limit != _UNBOUNDED and (timeout is None or timeout > limit):
             return limit
         return timeout
@@ -111,8 +142,8 @@ class _Interceptor:
         self._chain = chain
 
     async def _call(self, continuation: Any, details: Any, request: Any, bounded: bool = True) -> Any:
-        span, details = await self._chain.prepare(details, bounded)
-        return _ending_with(span, await continuation(details, request))
+        outgoing, details = await self._chain.prepare(details, bounded)
+        return _ending_with(outgoing, await continuation(details, request))
 
 
 # One class per call kind, as grpc.aio requires; the request is a message or an iterator of them.
@@ -231,18 +262,39 @@ class _Method:
         ready = self._chain.ready(self._method, timeout, metadata, self._bounded)
         if ready is None:  # no token at hand: the chain's interceptor waits for the mint
             return self._waiting()(request, timeout=timeout, metadata=metadata, **options)
-        span, timeout, metadata = ready
-        return _ending_with(span, self._direct(request, timeout=timeout, metadata=metadata, **options))
+        call = self._direct(request, timeout=ready.timeout, metadata=ready.metadata, **options)
+        return _ending_with(ready, call)
 
 
 _ending: set[asyncio.Task[None]] = set()  # held until done: the loop keeps only weak references to tasks
 
 
-def _ending_with(span: Span | None, call: Any) -> Any:
-    """`call`, whose CLIENT span (if any) is ended with its outcome when it is done."""
-    if span is not None:
-        call.add_done_callback(lambda done: _end_soon(span, done))
+def _ending_with(outgoing: Outgoing, call: Any) -> Any:
+    """`call`, whose metrics are recorded and CLIENT span (if any) ended with its outcome when it is done."""
+    if outgoing.span is not None or outgoing.measured is not None:
+        call.add_done_callback(lambda done: _ended(outgoing, done))
     return call
+
+
+def _ended(outgoing: Outgoing, call: Any) -> None:
+    if outgoing.measured is not None:
+        code = _code_of_done(call)
+        if code is not None:
+            outgoing.measured.record(outgoing.started, code)
+    if outgoing.span is not None:
+        _end_soon(outgoing.span, call)
+
+
+def _code_of_done(call: Any) -> grpc.StatusCode | None:
+    """The status of a done call without a task: its `code()` coroutine returns at once then (the status is
+    in hand). None in the unexpected case that it would wait."""
+    reading = call.code()
+    try:
+        reading.send(None)
+    except StopIteration as returned:
+        return returned.value  # type: ignore[no-any-return]
+    reading.close()
+    return None
 
 
 def _end_soon(span: Span, call: Any) -> None:

@@ -1,8 +1,10 @@
 """Deadline propagation: a downstream call made while serving a call gets the time the incoming call has left.
 
 gRPC does not propagate deadlines by itself in Python. The server side records the incoming deadline in a
-ContextVar for the duration of the call (`record`/`forget`, from mesh.server_chain); the client side (mesh.client_chain) caps every outgoing call's timeout by it, or by a
-default when the incoming call set none, so a chain of calls can never outlive its caller.
+ContextVar for the duration of the call (`record`/`forget`, from mesh.server_chain); the client side
+(mesh.client_chain) caps every outgoing call's timeout by it, less a margin for answering, or by a default
+when the incoming call set none, so a chain of calls can never outlive its caller, and each hop has time to
+say which downstream failed it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ import grpc
 _incoming_deadline: ContextVar[float | None] = ContextVar("incoming_deadline", default=None)
 
 
-def remaining(default: float) -> float:
-    """Seconds left for an outgoing call: the incoming call's remaining time, capped by `default`."""
+def remaining(default: float, margin: float = 0.0) -> float:
+    """Seconds left for an outgoing call: the incoming call's remaining time less `margin`, capped by `default`.
+
+    The margin is the time the service keeps to answer with what it has when a downstream call runs out (a
+    partial answer, or a status that names the downstream), instead of its caller's deadline passing first.
+    It is never more than half of what is left, so a short deadline still leaves the downstream call time.
+    """
     deadline = _incoming_deadline.get()
     if deadline is None:
         return default
-    return min(default, max(deadline - time.monotonic(), 0.0))
+    left = max(deadline - time.monotonic(), 0.0)
+    return min(default, left - min(margin, left / 2))
 
 
 def record(context: grpc.aio.ServicerContext) -> Token[float | None]:

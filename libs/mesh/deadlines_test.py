@@ -64,12 +64,17 @@ async def send_upstream(port: int, message: str, timeout: float | None) -> ping_
         return await stub.SendUpstream(ping_pb2.Request(message=message), timeout=timeout)
 
 
-async def test_the_callers_deadline_reaches_the_upstream(recorder: tuple[Recorder, int]) -> None:
+async def test_the_callers_deadline_reaches_the_upstream_less_the_margin(
+    recorder: tuple[Recorder, int],
+) -> None:
     servicer, upstream_port = recorder
-    async with running("ping", build_ping, relay_env(upstream_port, "20")) as relay:
-        await send_upstream(relay.port, "hi", timeout=0.3)
-    (remaining,) = servicer.remaining
-    assert remaining is not None and 0 < remaining <= 0.3 + GRPC_SLACK
+    env = {**relay_env(upstream_port, "20"), "DOWNSTREAM_DEADLINE_MARGIN_SECONDS": "0.5"}
+    async with running("ping", build_ping, env) as relay:
+        await send_upstream(relay.port, "long", timeout=3)
+        await send_upstream(relay.port, "short", timeout=0.4)  # the margin is at most half of what is left
+    long, short = servicer.remaining
+    assert long is not None and 3 - 0.5 - 0.3 < long <= 3 - 0.5 + GRPC_SLACK
+    assert short is not None and 0 < short <= 0.4 / 2 + GRPC_SLACK
 
 
 async def test_without_a_caller_deadline_the_default_caps_the_downstream_call(
@@ -84,9 +89,15 @@ async def test_without_a_caller_deadline_the_default_caps_the_downstream_call(
         assert remaining is not None and 0 < remaining <= 7 + GRPC_SLACK
 
 
-async def test_a_slow_upstream_fails_the_call_with_deadline_exceeded(recorder: tuple[Recorder, int]) -> None:
+async def test_a_slow_upstream_fails_the_call_with_deadline_exceeded_naming_it(
+    recorder: tuple[Recorder, int],
+) -> None:
     servicer, upstream_port = recorder
     async with running("ping", build_ping, relay_env(upstream_port, "20")) as relay:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await send_upstream(relay.port, "hang", timeout=0.3)
+            await send_upstream(relay.port, "hang", timeout=1)
+    # The relay's own answer, in the margin before the caller's deadline: not the caller's local timeout.
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (err.value.details() or "").startswith(
+        f"upstream 127.0.0.1:{upstream_port}: "
+    ), err.value.details()

@@ -21,8 +21,21 @@ import grpc
 # wait before its handler runs (e.g. for its caller to be verified), what to await; None in the common case,
 # so that case costs no coroutine.
 Enter = Callable[[grpc.aio.ServicerContext], tuple[Any, Awaitable[None] | None]]
-# Runs last inside every call: the token, the call's context, and what the handler raised (None if nothing).
-After = Callable[[Any, grpc.aio.ServicerContext, BaseException | None], None]
+
+
+class Messages:
+    """The messages a streaming call has received and sent so far (counted by the wrapper)."""
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self, received: int = 0) -> None:
+        self.received = received
+        self.sent = 0
+
+
+# Runs last inside every call: the token, the call's context, what the handler raised (None if nothing), and
+# the messages of a streaming call (None for a unary one).
+After = Callable[[Any, grpc.aio.ServicerContext, BaseException | None, Messages | None], None]
 UNDECODABLE = object()  # what a request that does not parse deserializes to
 
 
@@ -44,9 +57,10 @@ async def _refuse(context: grpc.aio.ServicerContext, method: str) -> None:
 
 
 async def _parsed(
-    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str, messages: Messages
 ) -> AsyncIterator[Any]:
     async for request in requests:
+        messages.received += 1
         if request is UNDECODABLE:
             await _refuse(context, method)
         yield request
@@ -61,9 +75,10 @@ def wrap(
 
     streaming_requests = handler.request_streaming
 
-    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def checked(request: Any, context: grpc.aio.ServicerContext, messages: Messages | None) -> Any:
         if streaming_requests:
-            return _parsed(request, context, method)
+            assert messages is not None
+            return _parsed(request, context, method, messages)
         if request is UNDECODABLE:
             await _refuse(context, method)
         return request
@@ -81,16 +96,19 @@ def wrap(
             # A handler that sends with `await context.write()` (grpc's own health Watch): keep it a coroutine.
             async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
                 token, pending = enter(context)
+                messages = Messages(0 if streaming_requests else 1)  # what it writes is not seen here
                 error: BaseException | None = None
                 try:
                     if pending is not None:
                         await pending
-                    await behavior((request if ready(request) else await checked(request, context)), context)
+                    await behavior(
+                        (request if ready(request) else await checked(request, context, messages)), context
+                    )
                 except BaseException as exc:
                     error = exc
                     raise
                 finally:
-                    after(token, context, error)
+                    after(token, context, error, messages)
 
             return factory(
                 writing,
@@ -100,13 +118,14 @@ def wrap(
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             token, pending = enter(context)
+            messages = Messages(0 if streaming_requests else 1)
             ended = False
 
             def end(error: BaseException | None) -> None:
                 nonlocal ended
                 if not ended:
                     ended = True
-                    after(token, context, error)
+                    after(token, context, error, messages)
 
             # A stream the client abandons while this generator waits at `yield` is not closed by grpc.aio;
             # it is finalized whenever the garbage collector gets to it. End the call's work when the RPC ends.
@@ -115,8 +134,9 @@ def wrap(
                 if pending is not None:
                     await pending
                 async for response in behavior(
-                    (request if ready(request) else await checked(request, context)), context
+                    (request if ready(request) else await checked(request, context, messages)), context
                 ):
+                    messages.sent += 1
                     yield response
             except BaseException as exc:
                 end(exc)
@@ -133,18 +153,22 @@ def wrap(
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         token, pending = enter(context)
+        # A client stream's messages are counted; a unary call's are not (one each way).
+        messages = Messages() if streaming_requests else None
         error: BaseException | None = None
         try:
             if pending is not None:
                 await pending
             return await unary_behavior(
-                (request if ready(request) else await checked(request, context)), context
+                (request if ready(request) else await checked(request, context, messages)), context
             )
         except BaseException as exc:
             error = exc
             raise
         finally:
-            after(token, context, error)
+            if messages is not None and error is None:
+                messages.sent = 1
+            after(token, context, error, messages)
 
     factory = (
         grpc.stream_unary_rpc_method_handler

@@ -37,11 +37,13 @@ def _message(record: logging.LogRecord, formatter: logging.Formatter) -> str:
 
 
 class CloudLoggingFormatter(logging.Formatter):
-    """One JSON object per line: severity, message, time, trace and span ids, and any `json_fields` extra."""
+    """One JSON object per line: severity, message, time, trace and span ids, and any `json_fields` extra;
+    `worker` (the worker's number) on every line of a worker of a multi-process instance."""
 
-    def __init__(self, project: str | None) -> None:
+    def __init__(self, project: str | None, worker: int | None = None) -> None:
         super().__init__()
         self._trace_prefix = f"projects/{project}/traces/" if project else ""
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -51,6 +53,8 @@ class CloudLoggingFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "logger": record.name,
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         context = trace.get_current_span().get_span_context()
         if context.is_valid:
             entry["logging.googleapis.com/trace"] = f"{self._trace_prefix}{context.trace_id:032x}"
@@ -65,9 +69,9 @@ class CloudLoggingFormatter(logging.Formatter):
 class TerminalFormatter(logging.Formatter):
     """`12:00:00 INFO  ping  message  trace=…` for people."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, worker: int | None = None) -> None:
         super().__init__()
-        self._service = service
+        self._service = service if worker is None else f"{service}[{worker}]"
 
     def format(self, record: logging.LogRecord) -> str:
         context = trace.get_current_span().get_span_context()
@@ -77,12 +81,21 @@ class TerminalFormatter(logging.Formatter):
 
 
 def configure(
-    service: str, *, level: str = "INFO", project: str | None = None, stream: TextIO | None = None
+    service: str,
+    *,
+    level: str = "INFO",
+    project: str | None = None,
+    stream: TextIO | None = None,
+    worker: int | None = None,
 ) -> None:
-    """Route the root logger to `stream` (stdout): JSON unless it is a terminal."""
+    """Route the root logger to `stream` (stdout): JSON unless it is a terminal. `worker`: this process's
+    number in a multi-process instance, on every line."""
     out = stream or sys.stdout
     handler = logging.StreamHandler(out)
-    handler.setFormatter(TerminalFormatter(service) if out.isatty() else CloudLoggingFormatter(project))
+    formatter: logging.Formatter = (
+        TerminalFormatter(service, worker) if out.isatty() else CloudLoggingFormatter(project, worker)
+    )
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,38 +1,45 @@
-"""The mesh's server-side work on every call: the call's span, its caller's identity and its deadline.
+"""The mesh's server-side work on every call: the call's span, its caller's identity, its deadline and its
+metrics.
 
-Tracing (mesh.server_spans), ID-token verification (mesh.identity) and deadline recording (mesh.deadlines)
-run in one wrapper around each method handler, made once, when the service is added to the server:
+Tracing (mesh.server_spans), ID-token verification (mesh.identity), deadline recording (mesh.deadlines) and
+the call's duration and messages (mesh.metrics) run in one wrapper around each method handler, made once, when the service is added to the server:
 `ServerChain(...).wrapping(grpc.aio.server(...))` is the server to add services to. Not a grpc.aio
 interceptor, which sees only the method and metadata: in the wrapper the token is checked inside the call's
 span and task, and a token seen before costs no coroutine (BENCHMARKS.md, items 7 to 9).
-Order inside a call, outermost first: span, deadline, identity, the request's parse check, the handler.
+Order inside a call, outermost first: metrics, span, deadline, identity, the request's parse check, the
+handler.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from mesh import deadlines, handlers, identity
 from mesh.identity import EXEMPT_SERVICES, TokenVerifier
-from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, end_span
+from mesh.metrics import RpcMetrics
+from mesh.server_spans import UNTRACED_SERVICES, ServerSpans, end_span, outcome
 
 
 class ServerChain:
-    """Spans (when `provider` is given), token verification (when `verifier` is) and the incoming deadline."""
+    """Spans (when `provider` is given), token verification (when `verifier` is), the incoming deadline, and
+    metrics (when `meters` is given)."""
 
     def __init__(
         self,
         provider: trace.TracerProvider | None = None,
         verifier: TokenVerifier | None = None,
         *,
+        meters: metrics.MeterProvider | None = None,
         exempt_services: Iterable[str] = EXEMPT_SERVICES,
         untraced_services: Iterable[str] = UNTRACED_SERVICES,
     ) -> None:
         self._spans = None if provider is None else ServerSpans(provider, untraced_services)
+        self._metrics = None if meters is None else RpcMetrics(meters, "server")
         self._verifier = verifier
         self._exempt = frozenset(exempt_services)
         self._wrapped: handlers.HandlerCache[grpc.RpcMethodHandler] = handlers.HandlerCache()
@@ -47,6 +54,7 @@ class ServerChain:
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         start = None if self._spans is None else self._spans.starter(method)
+        measured = None if self._metrics is None else self._metrics.method(method)
         admit = None
         if self._verifier is not None and not identity.exempt(method, self._exempt):
             admit = identity.admitter(self._verifier, method)
@@ -54,16 +62,24 @@ class ServerChain:
         def enter(context: grpc.aio.ServicerContext) -> tuple[Any, Awaitable[None] | None]:
             # The metadata is read once for the span and the token: gRPC converts it anew on every read.
             metadata = (context.invocation_metadata() or ()) if start or admit else ()
+            started = time.perf_counter()
             span = None if start is None else start(context, metadata)
             deadline = deadlines.record(context)
-            return (span, deadline), None if admit is None else admit(context, metadata)
+            return (started, span, deadline), None if admit is None else admit(context, metadata)
 
-        def after(token: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-            span, deadline = token
+        def after(
+            token: Any,
+            context: grpc.aio.ServicerContext,
+            error: BaseException | None,
+            messages: handlers.Messages | None,
+        ) -> None:
+            started, span, deadline = token
             deadlines.forget(deadline)
             if span is not None:
                 opened, attached = span
                 end_span(opened, attached, context, error)
+            if measured is not None:
+                measured.record(started, outcome(context, error), messages)
 
         return handlers.wrap(handler, enter, after, method)
 

@@ -188,18 +188,23 @@ def _describe_call(span: Span, context: grpc.aio.ServicerContext, metadata: dict
         span.set_attribute("net.peer.name", "localhost")
 
 
-def _record_outcome(span: Span, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+def outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The status a served call ends with: the one set on its context, else what gRPC answers for what the
+    handler raised (`error`, None if nothing)."""
     code = _code(context)
-    if code is None or (code is grpc.StatusCode.OK and error is not None):
-        if error is None:
-            code = grpc.StatusCode.OK
-        elif isinstance(error, grpc.aio.AbortError):
-            code = grpc.StatusCode.UNKNOWN
-        elif isinstance(error, Exception):
-            code = grpc.StatusCode.UNKNOWN  # what gRPC answers for an exception escaping a handler
-            span.record_exception(error)
-        else:
-            code = grpc.StatusCode.CANCELLED  # the task was cancelled: the client went away
+    if code is not None and not (code is grpc.StatusCode.OK and error is not None):
+        return code
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, Exception):  # an exception escaping a handler (an abort sets the context's code)
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.CANCELLED  # the task was cancelled: the client went away
+
+
+def _record_outcome(span: Span, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+    code = outcome(context, error)
+    if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+        span.record_exception(error)
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code in _SERVER_FAULTS:
         span.set_status(Status(StatusCode.ERROR, f"{code}:{_details(context)}"))

@@ -3,7 +3,8 @@
 `main("ping", factory)` reads the settings, configures logging and tracing, builds the service's servicers
 through `factory(runtime)`, serves them on $PORT (h2c, or TLS when TLS_CERT_FILE/TLS_KEY_FILE are set) with
 health and reflection, and on SIGTERM/SIGINT drains: health NOT_SERVING first, new calls refused, in-flight
-calls given the grace period, spans flushed, exit 0.
+calls given the grace period, spans flushed, exit 0. With WORKER_PROCESSES above 1 (default: the container's
+CPU quota), the process supervises that many such servers on one port instead (mesh.workers).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from mesh import logs, propagation, tracing
+from mesh import logs, metrics, propagation, tracing, workers
 from mesh.channels import MAX_MESSAGE_BYTES, Channels
 from mesh.identity import TokenVerifier
 from mesh.server_chain import ServerChain
@@ -32,6 +34,7 @@ from mesh.settings import (
     CallSettings,
     ConfigError,
     Env,
+    Keepalive,
     ServerSettings,
     Upstream,
     log_level,
@@ -42,18 +45,30 @@ from mesh.tokens import IdTokens
 log = logging.getLogger("mesh.serving")
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not silently share it
+    # A second server on the same port must fail, not silently share it; only the workers of one instance
+    # share theirs (mesh.workers), on purpose.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # accept the clients' keepalive pings
-    ("grpc.keepalive_permit_without_calls", 1),
     # Close connections after a while so clients re-resolve and spread over instances added by scale-out;
     # the grace lets a stream run out its Cloud Run request timeout.
     ("grpc.max_connection_age_ms", 10 * 60_000),
     ("grpc.max_connection_age_grace_ms", 60 * 60_000),
 ]
+
+
+def keepalive_policy(keepalive: Keepalive) -> list[tuple[str, int]]:
+    """What the server accepts from its callers' keepalive (mesh.channels.connection_options): pings on idle
+    connections, and pings twice as often as they are sent (every 10 s at least, for callers outside the
+    mesh), so that no caller with the same settings collects the ping strikes that end in GOAWAY
+    "too_many_pings"."""
+    interval = min(10.0, keepalive.time / 2)
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", max(1, round(interval * 1000))),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 @dataclass(frozen=True)
@@ -75,12 +90,14 @@ class Runtime:
         provider: trace.TracerProvider,
         calls: CallSettings,
         id_tokens: IdTokens | None,
+        meters: MeterProvider | None = None,
     ) -> None:
         self.name = name
         self.env = env
         self.provider = provider
+        self.meters = meters
         self._id_tokens = id_tokens
-        self._channels = Channels(id_tokens, provider, default_timeout=calls.default_timeout)
+        self._channels = Channels(id_tokens, provider, calls=calls, meters=meters)
 
     def channel(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
         return self._channels.open(upstream, idempotent=idempotent)
@@ -93,6 +110,10 @@ class Runtime:
             # Export what is buffered; bounded, because Cloud Run kills the instance 10 s after SIGTERM.
             await asyncio.to_thread(self.provider.force_flush, 1500)
             await asyncio.to_thread(self.provider.shutdown)
+        if isinstance(self.meters, MeterProvider):
+            # The last points too (the calls of the drain among them), within the same bound.
+            await asyncio.to_thread(self.meters.force_flush, 1500)
+            await asyncio.to_thread(self.meters.shutdown, 1500)
 
 
 ServiceFactory = Callable[[Runtime], Sequence[Service]]
@@ -136,8 +157,13 @@ async def start(
     *,
     chain: ServerChain | None = None,
     host: str = "[::]",
+    keepalive: Keepalive = Keepalive(),
 ) -> RunningServer:
-    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+    options = {**dict(SERVER_OPTIONS), "grpc.so_reuseport": int(settings.share_port)}
+    server = grpc.aio.server(
+        options=[*options.items(), *keepalive_policy(keepalive)],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     if chain is not None:
         server = chain.wrapping(server)
     health_servicer = health.aio.HealthServicer()
@@ -153,9 +179,13 @@ async def start(
     return RunningServer(server, port, health_servicer)
 
 
-def server_chain(provider: trace.TracerProvider | None, auth: AuthSettings) -> ServerChain:
-    """Tracing (when a provider is given), identity (when an audience is set) and the deadline, around every
-    handler."""
+def server_chain(
+    provider: trace.TracerProvider | None,
+    auth: AuthSettings,
+    meters: MeterProvider | None = None,
+) -> ServerChain:
+    """Tracing (when a provider is given), identity (when an audience is set), the deadline and metrics (when
+    a meter provider is given), around every handler."""
     verifier = None
     if auth.audience:
         verifier = TokenVerifier(
@@ -164,7 +194,7 @@ def server_chain(provider: trace.TracerProvider | None, auth: AuthSettings) -> S
             issuers=auth.issuers,
             allowed_callers=auth.allowed_callers,
         )
-    return ServerChain(provider, verifier)
+    return ServerChain(provider, verifier, meters=meters)
 
 
 async def serve(
@@ -175,14 +205,18 @@ async def serve(
     provider: trace.TracerProvider,
     stop: asyncio.Event,
     on_ready: Callable[[RunningServer], None] | None = None,
+    meters: MeterProvider | None = None,
 ) -> None:
     """Serve until `stop` is set, then drain. Raises ConfigError before serving if a setting is wrong."""
     settings = ServerSettings.from_env(env, default_service)
     auth = AuthSettings.from_env(env)
-    runtime = Runtime(settings.service, env, provider, CallSettings.from_env(env), IdTokens())
+    calls = CallSettings.from_env(env)
+    runtime = Runtime(settings.service, env, provider, calls, IdTokens(), meters)
     try:
         services = factory(runtime)
-        running = await start(services, settings, chain=server_chain(provider, auth))
+        running = await start(
+            services, settings, chain=server_chain(provider, auth, meters), keepalive=calls.keepalive
+        )
         tls = "TLS" if settings.tls_cert_file else "h2c"
         verified = f"ID tokens verified for {auth.audience}" if auth.audience else "no token verification"
         log.info(
@@ -208,6 +242,15 @@ async def serve(
     log.info("%s stopped", settings.service)
 
 
+def _main_module(factory: ServiceFactory) -> str | None:
+    """The module the service runs as (`python -m services.ping.main`, or the PEX's entry point, which runs
+    it as __main__ too)."""
+    if factory.__module__ != "__main__":
+        return factory.__module__
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None else None
+
+
 def main(default_service: str, factory: ServiceFactory) -> None:
     """Entry point of a service's process."""
     env = dict(os.environ)
@@ -221,10 +264,19 @@ def main(default_service: str, factory: ServiceFactory) -> None:
         propagate.set_global_textmap(propagation.propagator_from_env(env))
         provider = tracing.provider_from_env(env, name)
         trace.set_tracer_provider(provider)
-        await serve(default_service, factory, env, provider=provider, stop=stop)
+        meters = metrics.provider_from_env(env, name)
+        await serve(default_service, factory, env, provider=provider, stop=stop, meters=meters)
 
     try:
-        logs.configure(name, level=log_level(env), project=text(env, "GOOGLE_CLOUD_PROJECT"))
+        worker = workers.worker_index(env)
+        logs.configure(name, level=log_level(env), project=text(env, "GOOGLE_CLOUD_PROJECT"), worker=worker)
+        count = workers.worker_count(env) if worker is None else 1
+        if count > 1:
+            grace = ServerSettings.from_env(env, default_service).grace_seconds  # wrong settings: said once
+            command = workers.command_of(_main_module(factory))
+            raise SystemExit(workers.supervise(command, count, env, grace))
+        if worker is not None:
+            workers.become_worker(env)
         asyncio.run(run())
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr, flush=True)

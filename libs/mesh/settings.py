@@ -17,6 +17,8 @@ Env = Mapping[str, str]
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
+# Set by mesh.workers in the environment of each worker it starts: its number (0-based).
+WORKER_INDEX_VARIABLE = "MESH_WORKER_INDEX"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -148,6 +150,8 @@ class ServerSettings:
     # Cloud Run sends SIGKILL 10 s after SIGTERM: drain well within that.
     grace_seconds: float = 8.0
     max_concurrent_rpcs: int = 1000
+    # A worker of a multi-process instance (mesh.workers) shares the port with its siblings.
+    share_port: bool = False
 
     @classmethod
     def from_env(cls, env: Env, default_service: str) -> ServerSettings:
@@ -166,6 +170,7 @@ class ServerSettings:
             tls_key_file=key,
             grace_seconds=seconds(env, "SHUTDOWN_GRACE_SECONDS", 8.0, high=9.5),
             max_concurrent_rpcs=integer(env, "MAX_CONCURRENT_RPCS", 1000, low=1, high=100_000),
+            share_port=WORKER_INDEX_VARIABLE in env,
         )
 
 
@@ -224,12 +229,48 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive on the mesh's connections, both ways: a caller pings every `time` seconds and drops a
+    connection whose ping is not answered within `timeout` (a frozen or black-holed peer is noticed within
+    time + timeout); a server accepts pings at least twice as often as that, so its own callers are never told
+    GOAWAY "too_many_pings". The 30 s default is the interval Google's own client libraries use towards
+    Google's front end (which Cloud Run callers reach), a front end that answers faster pings with GOAWAY."""
+
+    time: float = 30.0
+    timeout: float = 10.0
+
+    @property
+    def detection_bound(self) -> float:
+        """The longest a frozen peer goes unnoticed on an established connection."""
+        return self.time + self.timeout
+
+    @classmethod
+    def from_env(cls, env: Env) -> Keepalive:
+        return cls(
+            time=seconds(env, "KEEPALIVE_TIME_SECONDS", 30.0, low=0.5),
+            timeout=seconds(env, "KEEPALIVE_TIMEOUT_SECONDS", 10.0, low=0.5, high=600.0),
+        )
+
+
+@dataclass(frozen=True)
 class CallSettings:
     """Defaults for outgoing calls."""
 
     # Deadline for a downstream call when the incoming call has none (or there is no incoming call).
     default_timeout: float = 30.0
+    # Time kept back from the incoming deadline for answering with what the downstream calls gave (a partial
+    # Survey, a relay's status naming its upstream); never more than half of what is left.
+    margin: float = 0.25
+    # A connection attempt (TCP, TLS, the peer's HTTP/2 SETTINGS) that takes longer fails; the channel then
+    # fails calls fast (TRANSIENT_FAILURE) until a later attempt succeeds.
+    connect_timeout: float = 5.0
+    keepalive: Keepalive = Keepalive()
 
     @classmethod
     def from_env(cls, env: Env) -> CallSettings:
-        return cls(default_timeout=seconds(env, "DOWNSTREAM_TIMEOUT_SECONDS", 30.0, low=0.001))
+        return cls(
+            default_timeout=seconds(env, "DOWNSTREAM_TIMEOUT_SECONDS", 30.0, low=0.001),
+            margin=seconds(env, "DOWNSTREAM_DEADLINE_MARGIN_SECONDS", 0.25, high=60.0),
+            connect_timeout=seconds(env, "DOWNSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, low=0.1, high=120.0),
+            keepalive=Keepalive.from_env(env),
+        )

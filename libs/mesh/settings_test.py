@@ -65,6 +65,15 @@ def test_values_are_read() -> None:
     verified = auth({"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "a@x.com, b@x.com"})
     assert verified.allowed_callers == {"a@x.com", "b@x.com"}
     assert calls({"DOWNSTREAM_TIMEOUT_SECONDS": "1.5"}).default_timeout == 1.5
+    tuned = calls(
+        {
+            "DOWNSTREAM_DEADLINE_MARGIN_SECONDS": "0.1",
+            "DOWNSTREAM_CONNECT_TIMEOUT_SECONDS": "2",
+            "KEEPALIVE_TIME_SECONDS": "1",
+            "KEEPALIVE_TIMEOUT_SECONDS": "0.5",
+        }
+    )
+    assert (tuned.margin, tuned.connect_timeout, tuned.keepalive.detection_bound) == (0.1, 2.0, 1.5)
     up = upstream({"GRPC_PING_HOST": "ping-up.a.run.app:443", "GRPC_PING_INSECURE": "true"})
     assert (up.address, up.insecure, up.unauthenticated) == ("ping-up.a.run.app:443", True, False)
     assert log_level({"LOG_LEVEL": "debug"}) == "DEBUG"
@@ -96,6 +105,10 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
     (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "0"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
     (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "5m"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
     (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "7200"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
+    (calls, {"DOWNSTREAM_DEADLINE_MARGIN_SECONDS": "-1"}, "DOWNSTREAM_DEADLINE_MARGIN_SECONDS"),
+    (calls, {"DOWNSTREAM_CONNECT_TIMEOUT_SECONDS": "0"}, "DOWNSTREAM_CONNECT_TIMEOUT_SECONDS"),
+    (calls, {"KEEPALIVE_TIME_SECONDS": "0.1"}, "KEEPALIVE_TIME_SECONDS"),
+    (calls, {"KEEPALIVE_TIMEOUT_SECONDS": "soon"}, "KEEPALIVE_TIMEOUT_SECONDS"),
     (upstream, {"GRPC_PING_HOST": "ping.a.run.app"}, "GRPC_PING_HOST"),
     (upstream, {"GRPC_PING_HOST": "ping.a.run.app:https"}, "GRPC_PING_HOST"),
     (upstream, {"GRPC_PING_HOST": "ping:443", "GRPC_PING_INSECURE": "maybe"}, "GRPC_PING_INSECURE"),

@@ -7,9 +7,10 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from opentelemetry import propagate
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from mesh import propagation, serving, tracing
+from mesh import metrics, propagation, serving, tracing
 
 NO_REUSEPORT = [("grpc.so_reuseport", 0)]
 
@@ -21,6 +22,7 @@ async def running(
     env: Mapping[str, str] = {},
     *,
     exporters: Sequence[SpanExporter] = (),
+    metric_readers: Sequence[MetricReader] = (),
 ) -> AsyncIterator[serving.RunningServer]:
     """Serve `factory` on a free port with `env` (PORT defaults to 0) until the block ends, then drain.
 
@@ -32,12 +34,19 @@ async def running(
     stop = asyncio.Event()
     ready: asyncio.Future[serving.RunningServer] = asyncio.get_running_loop().create_future()
     provider = tracing.provider_from_env(env, default_service, exporters)
+    meters = metrics.provider_from_env(env, default_service, metric_readers)
     previous = propagate.get_global_textmap()
     propagate.set_global_textmap(propagator)
     try:
         task = asyncio.create_task(
             serving.serve(
-                default_service, factory, env, provider=provider, stop=stop, on_ready=ready.set_result
+                default_service,
+                factory,
+                env,
+                provider=provider,
+                stop=stop,
+                on_ready=ready.set_result,
+                meters=meters,
             )
         )
         done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]

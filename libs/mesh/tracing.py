@@ -9,16 +9,15 @@ not traced: probes would drown the real requests.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from mesh.client_chain import ClientChain
-from mesh.settings import ConfigError, Env, names, text
+from mesh.resources import resource_from_env
+from mesh.settings import ConfigError, Env, names
 
 
 def _exporter(name: str) -> SpanExporter:
@@ -42,10 +41,7 @@ def _exporter(name: str) -> SpanExporter:
 
 def provider_from_env(env: Env, service: str, exporters: Sequence[SpanExporter] = ()) -> TracerProvider:
     """A tracer provider for `service`, exporting in the background to the configured exporters (and `exporters`)."""
-    attributes: dict[str, Any] = {"service.name": text(env, "OTEL_SERVICE_NAME", service)}
-    if revision := text(env, "K_REVISION"):
-        attributes["service.version"] = revision
-    provider = TracerProvider(resource=Resource.create(attributes))
+    provider = TracerProvider(resource=resource_from_env(env, service))
     chosen = [n for n in names(env, "OTEL_TRACES_EXPORTER", "none") if n != "none"]
     for exporter in [*(_exporter(n) for n in chosen), *exporters]:
         provider.add_span_processor(BatchSpanProcessor(exporter))

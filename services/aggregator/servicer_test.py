@@ -1,18 +1,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
+from mesh import serving
 from mesh.testing import NO_REUSEPORT, running
-from routeguide import route_guide_pb2
+from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from services.aggregator.main import build as build_aggregator
 from services.ping.main import build as build_ping
+from services.routeguide.features import load_database
 from services.routeguide.main import build as build_routeguide
+from services.routeguide.servicer import RouteGuideServicer
 
 BERKSHIRE = route_guide_pb2.Point(latitude=409146138, longitude=-746188906)
 AREA = route_guide_pb2.Rectangle(
@@ -144,3 +148,53 @@ async def test_cancelling_a_tour_cancels_the_downstream_chat() -> None:
 
 def chat_ended(spans: InMemorySpanExporter) -> bool:
     return any(s.name == "/routeguide.RouteGuide/RouteChat" for s in spans.get_finished_spans())
+
+
+class StallingRouteGuide(RouteGuideServicer):
+    """The real routeguide, except that a lookup at STALL never answers (until cancelled)."""
+
+    async def GetFeature(self, request: route_guide_pb2.Point, context: Any) -> route_guide_pb2.Feature:
+        if request == STALL:
+            await asyncio.sleep(30)  # ended by the caller's deadline
+        return await super().GetFeature(request, context)
+
+
+STALL = route_guide_pb2.Point(latitude=1, longitude=1)
+
+
+def build_stalling(runtime: serving.Runtime) -> Sequence[serving.Service]:
+    servicer = StallingRouteGuide(load_database(None))
+    return [
+        serving.Service(
+            "routeguide.RouteGuide", servicer, route_guide_pb2_grpc.add_RouteGuideServicer_to_server
+        )
+    ]
+
+
+async def test_a_tour_reports_a_stop_whose_lookup_hung_and_goes_on() -> None:
+    # No deadline on the tour: the stalled lookup is bounded by DOWNSTREAM_TIMEOUT_SECONDS.
+    env = {"DOWNSTREAM_TIMEOUT_SECONDS": "0.5"}
+    async with (
+        running("ping", build_ping) as ping,
+        running("routeguide", build_stalling) as routes,
+        running(
+            "aggregator", build_aggregator, {**aggregator_env(ping.port, routes.port), **env}
+        ) as aggregator,
+    ):
+        channel, client = stub(aggregator.port)
+
+        async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
+            for where in (BERKSHIRE, STALL, BERKSHIRE):
+                yield aggregator_pb2.TourStop(location=where)
+
+        updates = [u async for u in client.Tour(stops())]
+        await channel.close()
+    arrivals = [u.arrival for u in updates if u.HasField("arrival")]
+    assert [a.stop for a in arrivals] == [0, 1, 2]
+    assert [a.HasField("failure") for a in arrivals] == [False, True, False]
+    failed = arrivals[1].failure
+    assert (failed.method, failed.code) == (
+        "/routeguide.RouteGuide/GetFeature",
+        grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+    )
+    assert not arrivals[1].HasField("feature") and arrivals[2].feature.name.startswith("Berkshire")

@@ -1,49 +1,23 @@
-"""Survey: one message, an area and a route, answered by ping and routeguide concurrently."""
+"""Survey: one message, an area and a route, answered by ping and routeguide concurrently.
+
+Each downstream call ends by the incoming deadline less mesh's margin, so a downstream that hangs leaves its
+part empty and reported, and the Survey still answers with the rest before its caller's deadline."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from collections.abc import Iterator
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 from aggregator.v1 import aggregator_pb2
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
-
-T = TypeVar("T")
+from services.aggregator.downstream import timed
 
 SEND = "/ping.PingService/Send"
 LIST_FEATURES = "/routeguide.RouteGuide/ListFeatures"
 RECORD_ROUTE = "/routeguide.RouteGuide/RecordRoute"
-
-
-@dataclass
-class Outcome(Generic[T]):
-    """A downstream call's result (None when it failed) and its report."""
-
-    result: T | None
-    call: aggregator_pb2.DownstreamCall
-
-
-async def timed(method: str, call: Callable[[], Awaitable[T]]) -> Outcome[T]:
-    started = time.perf_counter()
-    result: T | None = None
-    try:
-        result = await call()
-        code, message = grpc.StatusCode.OK, ""
-    except grpc.aio.AioRpcError as err:
-        code, message = err.code(), err.details() or ""
-    latency = Duration()
-    latency.FromNanoseconds(int((time.perf_counter() - started) * 1e9))
-    report = aggregator_pb2.DownstreamCall(
-        method=method, code=code.value[0], message=message, latency=latency
-    )
-    return Outcome(result, report)
 
 
 class Survey:

@@ -3,6 +3,10 @@
 Two flows are merged into the reply stream: an Arrival per stop as soon as its lookup returns, and every earlier
 note that RouteChat sends back. The RouteChat stream lives exactly as long as the tour: when the client ends
 its stream the chat is half-closed, and when either side is cancelled the other is too.
+
+A lookup that fails because of routeguide (unavailable, out of time: each gets the incoming deadline less
+mesh's margin) is reported on its stop's Arrival and the tour goes on; one that routeguide rejects as
+INVALID_ARGUMENT is the caller's own fault and ends the tour, as does a failed RouteChat.
 """
 
 from __future__ import annotations
@@ -10,8 +14,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
+
 from aggregator.v1 import aggregator_pb2
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
+from services.aggregator.downstream import timed
+
+GET_FEATURE = "/routeguide.RouteGuide/GetFeature"
 
 _DONE = object()
 
@@ -23,8 +32,9 @@ class Tour:
     async def __call__(
         self, stops: AsyncIterator[aggregator_pb2.TourStop]
     ) -> AsyncIterator[aggregator_pb2.TourUpdate]:
-        # Updates are paced by the client's stops and RouteChat's bounded replies; notes wait for the chat.
-        updates: asyncio.Queue[object] = asyncio.Queue()
+        # Both queues are bounded: a client that stops reading its updates stops the walk and the relay of
+        # notes, so gRPC's flow control holds back its stops and RouteChat's replies, not our memory.
+        updates: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
         notes: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
 
         async def outgoing_notes() -> AsyncIterator[route_guide_pb2.RouteNote]:
@@ -37,9 +47,7 @@ class Tour:
             try:
                 index = 0
                 async for stop in stops:
-                    feature = await self._routes.GetFeature(stop.location)
-                    arrival = aggregator_pb2.Arrival(stop=index, feature=feature)
-                    await updates.put(aggregator_pb2.TourUpdate(arrival=arrival))
+                    await updates.put(aggregator_pb2.TourUpdate(arrival=await self._arrival(index, stop)))
                     if stop.note:
                         await notes.put(route_guide_pb2.RouteNote(location=stop.location, message=stop.note))
                     index += 1
@@ -52,7 +60,12 @@ class Tour:
 
         tasks = [asyncio.create_task(walk()), asyncio.create_task(relay_notes())]
         finished = asyncio.ensure_future(asyncio.gather(*tasks))
-        finished.add_done_callback(lambda _: updates.put_nowait(_DONE))
+
+        async def end() -> None:
+            await asyncio.wait([finished])
+            await updates.put(_DONE)  # after every update already queued
+
+        tasks.append(asyncio.create_task(end()))
         try:
             while (update := await updates.get()) is not _DONE:
                 yield update  # type: ignore[misc]
@@ -61,3 +74,11 @@ class Tour:
             for task in tasks:
                 task.cancel()
             chat.cancel()
+
+    async def _arrival(self, index: int, stop: aggregator_pb2.TourStop) -> aggregator_pb2.Arrival:
+        looked_up = await timed(GET_FEATURE, lambda: self._routes.GetFeature(stop.location))
+        if looked_up.error is not None and looked_up.error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            raise looked_up.error
+        if looked_up.result is None:
+            return aggregator_pb2.Arrival(stop=index, failure=looked_up.call)
+        return aggregator_pb2.Arrival(stop=index, feature=looked_up.result)

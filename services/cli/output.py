@@ -78,7 +78,11 @@ def note(received: route_guide_pb2.RouteNote) -> str:
 
 def tour_update(update: aggregator_pb2.TourUpdate) -> str:
     if update.HasField("arrival"):
-        return f"stop {update.arrival.stop}: {lookup(update.arrival.feature)}"
+        arrival = update.arrival
+        if arrival.HasField("failure"):
+            failed = arrival.failure
+            return f"stop {arrival.stop}: lookup failed: {code_name(failed.code)} {failed.message}".rstrip()
+        return f"stop {arrival.stop}: {lookup(arrival.feature)}"
     return note(update.note)
 
 

@@ -268,6 +268,63 @@ async def layers(args: argparse.Namespace) -> int:
     return 0
 
 
+async def operating(args: argparse.Namespace) -> int:
+    """What operating the mesh costs and gains, in one run: RED metrics per call (ping.Send, h2c, full
+    features, metrics off then on), and one worker process against two, unpinned (the load generator shares
+    the machine's cores with the workers)."""
+    bench = await started(args)
+    fx = bench.fx
+    ping_main = service_argv("services.ping.main")
+    h2c = fx.h2c(fx.featured_env("ping"))
+    metered = {
+        **h2c,
+        "OTEL_METRICS_EXPORTER": "otlp",  # to the sink, as in production (Cloud Monitoring: every 60 s)
+        "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+    }
+    rows: list[list[str]] = []
+    try:
+        step("ping.Send full h2c, metrics off")
+        off = await bench.ping_send(ping_main, h2c, False, "ping")
+        step("ping.Send full h2c, metrics on (OTLP every 1 s)")
+        on = await bench.ping_send(ping_main, metered, False, "ping")
+        for name, result in (("metrics off", off), ("metrics on", on)):
+            rows.append(
+                [
+                    f"ping.Send full h2c, one core, {name}",
+                    f"{result.rate:,.0f}",
+                    ratio(result.rate, off.rate),
+                    f"{result.cpu_us:.1f}",
+                    " / ".join(f"{r:,.0f}" for r in result.runs),
+                ]
+            )
+        server_core = bench.server_core
+        bench.server_core = None  # unpinned: the workers may use every core
+        for count in (1, 2):
+            step(f"ping.Send full h2c, metrics on, WORKER_PROCESSES={count}, unpinned")
+            result = await bench.ping_send(
+                ping_main, {**metered, "WORKER_PROCESSES": str(count)}, False, "ping"
+            )
+            rows.append(
+                [
+                    f"ping.Send full h2c, metrics on, {count} worker(s), all cores (shared with the load)",
+                    f"{result.rate:,.0f}",
+                    ratio(result.rate, off.rate),
+                    f"{result.cpu_us:.1f}",
+                    " / ".join(f"{r:,.0f}" for r in result.runs),
+                ]
+            )
+        bench.server_core = server_core
+    finally:
+        await fx.stop()
+    print()
+    print(table(["configuration", "calls/s", "vs metrics off", "server CPU us/call", "runs"], rows))
+    print()
+    print(
+        f"metrics cost per call: {on.cpu_us - off.cpu_us:+.1f} us of server CPU; exports received: {fx.sink.metrics.exports}"
+    )
+    return 0
+
+
 def step(name: str) -> None:
     print(f"... {name}", flush=True)
 
@@ -284,8 +341,12 @@ def main() -> None:
     parser.add_argument(
         "--layers", action="store_true", help="only ping.Send, the mesh's layers added one at a time"
     )
+    parser.add_argument(
+        "--operating", action="store_true", help="only the cost of metrics and the worker processes' gain"
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(layers(args) if args.layers else run(args)))
+    mode = layers if args.layers else operating if args.operating else run
+    sys.exit(asyncio.run(mode(args)))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ class Server:
         self.port = 0
         self.started_at = 0.0  # perf_counter at spawn
         self.ready_at = 0.0  # perf_counter when it logged that it serves
+        self.workers = int(self._env.get("WORKER_PROCESSES", "1"))
+        self.serving = 0  # "serving" lines seen (one per worker)
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -94,8 +96,10 @@ class Server:
                 except ValueError:
                     continue
                 if entry.get("event") == "serving" and isinstance(entry.get("port"), int):
-                    self.ready_at = time.perf_counter()
-                    ready.set_result(entry["port"])
+                    self.serving += 1
+                    if self.serving >= self.workers:  # every worker of a multi-process instance
+                        self.ready_at = time.perf_counter()
+                        ready.set_result(entry["port"])
         if not ready.done():
             ready.set_exception(RuntimeError("exited"))
 
@@ -105,19 +109,18 @@ class Server:
         return self._process.pid
 
     def cpu_seconds(self) -> float:
-        """User + system CPU the process has used so far."""
-        with open(f"/proc/{self.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        """User + system CPU the process and its workers (its child processes) have used so far."""
+        return sum(_cpu_seconds(pid) for pid in [self.pid, *_children(self.pid)])
 
     def memory_kb(self) -> dict[str, int]:
         """VmRSS (now) and VmHWM (peak) in kB."""
-        found: dict[str, int] = {}
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    found[key] = int(value.split()[0])
+        found: dict[str, int] = {"VmRSS": 0, "VmHWM": 0}
+        for pid in [self.pid, *_children(self.pid)]:  # summed over the workers, if any
+            with open(f"/proc/{pid}/status") as status:
+                for line in status:
+                    key, _, value = line.partition(":")
+                    if key in found:
+                        found[key] += int(value.split()[0])
         return found
 
     async def stop(self) -> None:
@@ -132,3 +135,25 @@ class Server:
         if self._pump is not None:
             await asyncio.wait([self._pump], timeout=5)
             self._pump = None
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat(int(entry))[1]) == pid:
+                    found.append(int(entry))
+            except (OSError, IndexError):
+                continue
+    return found

@@ -5,6 +5,7 @@ inside-only services take internal traffic only and their callers reach them thr
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,17 @@ def test_without_a_vpc_renders_todays_open_manifests(manifest: Path) -> None:
     today = yaml.safe_load(render(manifest.read_text(), values(manifest)))
     today["metadata"].setdefault("annotations", {})[INGRESS] = "all"
     assert rendered(manifest, None) == today
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=by_name)
+def test_one_worker_process_per_vcpu_of_the_cpu_limit(manifest: Path) -> None:
+    cpu = container(manifest)["resources"]["limits"]["cpu"]
+    assert env(manifest)["WORKER_PROCESSES"] == str(math.ceil(float(cpu)))
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=by_name)
+def test_call_metrics_go_to_cloud_monitoring(manifest: Path) -> None:
+    settings = env(manifest)
+    assert settings["OTEL_METRICS_EXPORTER"] == "gcp_monitoring"
+    # Cloud Monitoring accepts a point of a time series at most every 5 s; a minute is its usual pace.
+    assert int(settings["OTEL_METRIC_EXPORT_INTERVAL"]) >= 5000

@@ -75,6 +75,18 @@ def test_the_demo_command_prints_the_services_the_results_and_the_trace_trees(tm
     survey = next(tree for tree in trees if "Aggregator/Survey" in tree)
     for service, method in (("aggregator", "Survey"), ("ping", "Send"), ("routeguide", "ListFeatures")):
         assert re.search(rf"└─ {service} +server /\S+/{method} .* OK$", survey, re.M), survey
+    # The per-method table from the services' metrics: the demo's calls, counted where they were served.
+    table = output.split("Calls served while the mesh ran", 1)[1]
+    for service, method, count in (
+        ("aggregator", "/aggregator.v1.Aggregator/Survey", 1),
+        ("aggregator", "/aggregator.v1.Aggregator/Tour", 1),
+        ("routeguide", "/routeguide.RouteGuide/GetFeature", 3),
+        ("ping-upstream", "/ping.PingService/Send", 1),
+    ):
+        assert re.search(
+            rf"^  {service} +{re.escape(method)} +{count} +- +\d+\.\d +\d+\.\d$", table, re.M
+        ), table
+    assert "grpc.health" not in table
     assert "mesh: every service stopped cleanly" in output
     assert (tmp_path / "certs" / "ca.crt").is_file()
     assert _children_of(launcher.pid) == []

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aggregator.v1 import aggregator_pb2
 from routeguide.route_guide_pb2 import Point, Rectangle
 from tests.reliability import calls
-from tests.reliability.processes import Service
+from tests.reliability.processes import Service, kill_all
 from tests.reliability.stack import Stack, start_h2c
 
 Code = grpc.StatusCode
@@ -32,10 +32,7 @@ def route(points: int, offset: int = 0) -> list[Point]:
 async def stack() -> AsyncIterator[Stack]:
     started = await start_h2c({"SHUTDOWN_GRACE_SECONDS": "8"})
     yield started
-    for service in started.all:
-        service.kill()
-        if service.returncode is None:
-            await service.wait(10)
+    await kill_all(started.all)
 
 
 async def test_sigterm_with_many_unary_calls_in_flight_drains_them_all_and_exits_0(stack: Stack) -> None:

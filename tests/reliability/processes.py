@@ -52,6 +52,10 @@ class Service:
         return self._process.pid
 
     @property
+    def started(self) -> bool:
+        return self._process is not None
+
+    @property
     def returncode(self) -> int | None:
         return None if self._process is None else self._process.returncode
 
@@ -133,6 +137,14 @@ class Service:
 
     def usage(self) -> Usage:
         return usage(self.pid)
+
+
+async def kill_all(services: list[Service]) -> None:
+    """SIGKILL (which also ends a process stopped by SIGSTOP) and reap, for a test's teardown."""
+    for service in services:
+        service.kill()
+        if service.returncode is None and service.started:
+            await service.wait(10)
 
 
 def usage(pid: int) -> Usage:

@@ -1,17 +1,23 @@
-"""What a real routeguide process holds under floods and churn, read from /proc: RouteChat floods stay within
-the note board's caps, and clients opening and dropping hundreds of connections leak no thread, descriptor or
-memory."""
+"""What a real routeguide process holds under floods, churn and slow readers, read from /proc: RouteChat floods
+stay within the note board's caps, clients opening and dropping hundreds of connections leak no thread,
+descriptor or memory, and clients that read a big ListFeatures slowly or not at all cost the server no
+memory (flow control holds the stream) until their deadline ends it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
 
 from routeguide.route_guide_pb2 import Point, RouteNote
 from services.routeguide.chat import DEFAULT_MAX_NOTES, DEFAULT_MAX_TOTAL_BYTES, DEFAULT_NOTES_PER_LOCATION
 from tests.reliability import calls, h2c
-from tests.reliability.processes import Service, Usage
+from tests.reliability.figures import report
+from tests.reliability.processes import Service, Usage, kill_all
 
 log = logging.getLogger(__name__)
 MB = 1024
@@ -109,3 +115,86 @@ async def test_connection_churn_leaks_no_thread_descriptor_or_memory() -> None:
     assert after.fds <= baseline.fds, (baseline, after)
     assert after.threads <= baseline.threads, (baseline, after)
     assert after.rss_kb - baseline.rss_kb < 4 * MB, (baseline, after)
+
+
+def big_database(path: Path, features: int) -> Path:
+    """A feature file of `features` features with 200-byte names, all in one 1 x 1 degree square."""
+    entries = [
+        {"location": {"latitude": i, "longitude": i}, "name": f"feature {i:06d} ".ljust(200, ".")}
+        for i in range(features)
+    ]
+    path.write_text(json.dumps(entries), encoding="utf-8")
+    return path
+
+
+async def test_slow_readers_of_list_features_leave_the_servers_memory_flat(tmp_path: Path) -> None:
+    service = Service("routeguide", {"ROUTEGUIDE_DB": str(big_database(tmp_path / "db.json", 20_000))})
+    await service.start()
+    readers, stalled, deadline = 4, 4, 3.0
+    stream_bytes = 0
+    try:
+        async with calls.insecure(service.address) as channel:
+            warm = calls.routeguide(channel).ListFeatures(calls.WORLD, timeout=10)
+            for _ in range(2_000):  # warm up: one stream's buffers, the handler, allocator arenas
+                stream_bytes += (await warm.read()).ByteSize()
+            warm.cancel()
+        before = await settled(service, service.usage())
+        channels = [calls.insecure(service.address) for _ in range(readers + stalled)]
+        streams = [calls.routeguide(c).ListFeatures(calls.WORLD, timeout=deadline) for c in channels]
+        read = [0] * len(streams)
+
+        async def slowly(index: int) -> grpc.StatusCode:
+            try:
+                while await streams[index].read() is not calls.EOF_:
+                    read[index] += 1
+                    await asyncio.sleep(0.05)  # 20 features a second
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+        async def never(index: int) -> grpc.StatusCode:
+            await asyncio.sleep(deadline)  # reads nothing until its deadline has passed
+            return await streams[index].code()
+
+        peak = before.rss_kb
+
+        async def watch() -> None:
+            nonlocal peak
+            for _ in range(int(deadline / 0.1) + 10):
+                peak = max(peak, service.usage().rss_kb)
+                await asyncio.sleep(0.1)
+
+        ended, _ = await asyncio.gather(
+            asyncio.gather(
+                *(slowly(i) for i in range(readers)), *(never(i) for i in range(readers, len(streams)))
+            ),
+            watch(),
+        )
+        for channel in channels:
+            await channel.close()
+        after = await settled(service, before)
+        # Still serving.
+        async with calls.insecure(service.address) as channel:
+            here = Point(latitude=7, longitude=7)
+            assert (await calls.routeguide(channel).GetFeature(here, timeout=5)).name.startswith(
+                "feature 000007"
+            )
+    finally:
+        await kill_all([service])
+    total_mb = 20_000 * (stream_bytes / 2_000) * len(streams) / 1024 / 1024
+    report(
+        "slow ListFeatures readers",
+        {
+            "streams": len(streams),
+            "stream_total_mb": round(total_mb, 1),
+            "read_by_slow_readers": read[:readers],
+            "rss_kb_before_peak_after": [before.rss_kb, peak, after.rss_kb],
+        },
+    )
+    # Every stream was ended by its deadline, none finished: the server held each at gRPC's flow-control window.
+    assert ended == [grpc.StatusCode.DEADLINE_EXCEEDED] * len(streams), ended
+    assert all(0 < n < 20_000 for n in read[:readers]), read
+    # What the server would hold if it queued what the readers have not read: 8 x 4.0 MiB.
+    assert total_mb > 30
+    assert peak - before.rss_kb < 4 * MB, (before, peak)
+    assert after.rss_kb - before.rss_kb < 4 * MB, (before, after)

@@ -8,8 +8,6 @@ RELIABILITY_SOAK_SECONDS sets the duration (default 5 s, for CI; the issue's soa
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import os
 import time
 from collections import Counter
@@ -23,10 +21,10 @@ from emulators.identity import IdentityEmulator
 from ping import ping_pb2
 from routeguide.route_guide_pb2 import Point, Rectangle
 from tests.reliability import calls
+from tests.reliability.figures import report
 from tests.reliability.processes import Usage
 from tests.reliability.stack import DEVELOPER, Stack, audience, start_secure
 
-log = logging.getLogger(__name__)
 SECONDS = float(os.environ.get("RELIABILITY_SOAK_SECONDS", "5"))
 WORKERS = 8  # concurrent calls per kind
 AREA = Rectangle(
@@ -118,10 +116,7 @@ async def test_soak_has_no_errors_and_no_growth(certs: DevCerts) -> None:
         "fds": {n: [before[n].fds, after[n].fds] for n in before},
         "threads": {n: [before[n].threads, after[n].threads] for n in before},
     }
-    log.info("soak figures: %s", json.dumps(figures))
-    if path := os.environ.get("RELIABILITY_FIGURES"):
-        with open(path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(figures) + "\n")
+    report("soak", figures)
     assert errors == [], errors[:10]
     assert codes == {"aggregator": 0, "ping": 0, "routeguide": 0}
     assert all(counts[k] > 0 for k in ("ping.Send", "routeguide.ListFeatures", "aggregator.Survey")), counts
