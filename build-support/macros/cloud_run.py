@@ -5,11 +5,14 @@
 def cloud_run_service(name, **pex_kwargs):
     """The service's PEX (`./pants package services/NAME:NAME`), its image and its Cloud Run manifests.
 
-    include_tools lets the image build turn the PEX into a venv, so a cold start runs no unpacking. Cloud Build
-    sets IMAGE_REGISTRY ($_REGION-docker.pkg.dev/$PROJECT_ID/$_REPOSITORY) and IMAGE_TAG ($SHORT_SHA); without
-    them the image is the local NAME:dev. The image depends on the manifests and on services/invokers.yaml (who
-    may invoke and who can reach each service, rendered into the manifests), so `--changed-since` redeploys a
-    service whose service*.yaml changed, and every service when the invokers file does.
+    include_tools lets the image build turn the PEX into a venv, so a cold start runs no unpacking. The image
+    is built from services/Dockerfile (the folder's Dockerfile links to it) with SERVICE=NAME, as
+    build-support/engine/build_image.sh and Cloud Build build it. Cloud Build sets IMAGE_REGISTRY
+    ($_REGION-docker.pkg.dev/$PROJECT_ID/$_REPOSITORY) and IMAGE_TAG ($SHORT_SHA); without them the image is
+    the local NAME:dev. The image depends on the manifests, on the shared Dockerfile and on
+    services/invokers.yaml (who may invoke and who can reach each service, rendered into the manifests), so
+    `--changed-since` redeploys a service whose service*.yaml changed, and every service when the image recipe
+    or the invokers file does.
     """
     pex_binary(name=name, entry_point="main.py", execution_mode="venv", include_tools=True, **pex_kwargs)
     docker_image(
@@ -17,7 +20,9 @@ def cloud_run_service(name, **pex_kwargs):
         registries=[env("IMAGE_REGISTRY")] if env("IMAGE_REGISTRY") else [],
         repository=name,
         image_tags=[env("IMAGE_TAG", "dev")],
-        dependencies=[":manifests", "//services:invokers"],
+        extra_build_args=[f"SERVICE={name}"],
+        # The PEX is named through ${SERVICE} in the Dockerfile's COPY, which inference cannot read.
+        dependencies=[f":{name}", ":manifests", "//services:dockerfile", "//services:invokers"],
     )
     # Deploy inputs, read by tests/deploy (hadolint, manifest checks) and by build-support/deploy/render.py.
     files(name="manifests", sources=["service*.yaml"])

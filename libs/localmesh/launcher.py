@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -13,7 +14,7 @@ import grpc
 
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
-from localmesh import topology
+from localmesh import containers, topology
 from localmesh.calls import CallStore, add_receiver
 from localmesh.processes import COLOURS, ServiceProcess, child_env, python_module
 from localmesh.spans import SpanStore, start_receiver
@@ -54,8 +55,11 @@ class Mesh:
         only: Sequence[str] = (),
         echo: Callable[[str], None] | None = None,
         colour: bool = False,
+        images: Mapping[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
+        # Role -> image: each service runs in its own container (localmesh.containers) instead of a process.
+        self.images = dict(images) if images else None
         self.specs = topology.with_dependencies(list(only)) if only else list(topology.SERVICES)
         self.echo = echo
         self.colour = colour
@@ -63,6 +67,7 @@ class Mesh:
         self.calls = CallStore()
         self.identity = IdentityEmulator(project_id=topology.PROJECT)
         self.certs: DevCerts | None = None
+        self._served: DevCerts | None = None  # the certificate files the services read
         self.cli = state_dir / "cli"  # the CLI as the developer, while the mesh runs (write_cli)
         self.processes: dict[str, ServiceProcess] = {}
         self.endpoints: dict[str, Endpoint] = {}
@@ -88,11 +93,20 @@ class Mesh:
         self._receiver, self._receiver_port = await start_receiver(
             self.spans, lambda server: add_receiver(self.calls, server)
         )
+        self._served = self.certs
+        if self.images:  # a container reads copies made for its user, mounted read-only
+            self._served = await asyncio.to_thread(
+                containers.container_certs, self.certs, self.state_dir / "containers"
+            )
         for index, spec in enumerate(self.specs):
             colour = COLOURS[index % len(COLOURS)] if self.colour else ""
-            process = ServiceProcess(
-                spec.name, python_module(spec.module), self.env_for(spec), colour=colour, echo=self.echo
-            )
+            env = self.env_for(spec)
+            argv = python_module(spec.module)
+            if self.images:
+                name = f"mesh-{spec.name}-{os.getpid()}"
+                mount = self._served.ca_cert.parent
+                argv = containers.run_argv(name, self.images[spec.name], self.service_env(spec), mount)
+            process = ServiceProcess(spec.name, argv, env, colour=colour, echo=self.echo)
             self.processes[spec.name] = process
             port = await process.start()
             self.endpoints[spec.name] = Endpoint(spec.name, port)
@@ -100,13 +114,18 @@ class Mesh:
         await asyncio.to_thread(write_cli, self.cli, cli_env)
 
     def env_for(self, spec: topology.Spec) -> dict[str, str]:
-        assert self.certs is not None
+        """The service process's environment (for a container: the docker CLI's, which passes it on)."""
+        return child_env(self.service_env(spec))
+
+    def service_env(self, spec: topology.Spec) -> dict[str, str]:
+        """What the service itself is configured with."""
+        assert self._served is not None
         callers = [topology.DEVELOPER, *(topology.account(c) for c in spec.callers)]
         env = {
             "K_SERVICE": spec.name,
-            "TLS_CERT_FILE": str(self.certs.server_cert),
-            "TLS_KEY_FILE": str(self.certs.server_key),
-            "TLS_CA_FILE": str(self.certs.ca_cert),
+            "TLS_CERT_FILE": str(self._served.server_cert),
+            "TLS_KEY_FILE": str(self._served.server_key),
+            "TLS_CA_FILE": str(self._served.ca_cert),
             "AUTH_AUDIENCE": topology.audience(spec.name),
             "AUTH_CERTS_URL": self.identity.certs_url,
             "AUTH_ALLOWED_CALLERS": ",".join(callers),
@@ -125,7 +144,7 @@ class Mesh:
         for variable, upstream in spec.upstreams:
             env[variable] = self.endpoints[upstream].address
             env[f"{variable}_AUDIENCE"] = topology.audience(upstream)
-        return child_env(env)
+        return env
 
     async def restart(self, name: str) -> None:
         """Stop and start one service on the same port (its callers keep their channels)."""

@@ -1,4 +1,4 @@
-"""`./pants run :mesh [-- --demo] [--only SERVICE ...]`: the whole mesh on loopback, as on Cloud Run."""
+"""`./pants run :mesh [-- --demo] [--only SERVICE ...] [--containers]`: the whole mesh on loopback, as on Cloud Run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from localmesh import calls, demo, topology
+from engine import daemon
+from localmesh import calls, containers, demo, topology
 from localmesh.launcher import Mesh
 from localmesh.processes import StartError
 
@@ -29,6 +30,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         choices=[s.name for s in topology.SERVICES],
         default=[],
         help="start only these services (and what they call)",
+    )
+    parser.add_argument(
+        "--containers",
+        action="store_true",
+        help="run each service in its own image (NAME:dev, from `./pants package ::`) on a container engine",
     )
     parser.add_argument(
         "--state-dir",
@@ -76,7 +82,14 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    mesh = Mesh(args.state_dir, only=args.only, echo=say, colour=sys.stdout.isatty())
+    images = None
+    if args.containers:
+        try:
+            images = container_images()
+        except ContainerError as err:
+            say(f"mesh: {err}")
+            return 1
+    mesh = Mesh(args.state_dir, only=args.only, echo=say, colour=sys.stdout.isatty(), images=images)
     status = 0
     try:
         await mesh.start()
@@ -103,6 +116,27 @@ async def serve(args: argparse.Namespace) -> int:
         else:
             say("mesh: every service stopped cleanly")
     return status
+
+
+class ContainerError(RuntimeError):
+    """No engine, or an image missing; the message says what to do."""
+
+
+def container_images() -> dict[str, str]:
+    """The engine's address for the docker CLI (build-support/engine: DOCKER_HOST, the default socket or the
+    private dockerd), and each role's image, which must exist."""
+    try:
+        engine = daemon.ensure(start=False)
+    except daemon.NoEngine as err:
+        raise ContainerError(f"{err}; start one: PYTHONPATH=build-support python3 -m engine ensure") from err
+    os.environ.update(engine.env())
+    images = containers.images()
+    missing = sorted(
+        {i for i in images.values() if engine.docker("image", "inspect", i, check=False).returncode}
+    )
+    if missing:
+        raise ContainerError(f"no image {', '.join(missing)}: build them with ./pants package ::")
+    return images
 
 
 async def _wait(stop: asyncio.Event, mesh: Mesh) -> None:

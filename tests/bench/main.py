@@ -282,36 +282,26 @@ async def operating(args: argparse.Namespace) -> int:
         "OTEL_METRIC_EXPORT_INTERVAL": "1000",
     }
     rows: list[list[str]] = []
+
+    def row(name: str, result: Throughput) -> None:
+        runs = " / ".join(f"{r:,.0f}" for r in result.runs)
+        rows.append([name, f"{result.rate:,.0f}", ratio(result.rate, off.rate), f"{result.cpu_us:.1f}", runs])
+
     try:
         step("ping.Send full h2c, metrics off")
         off = await bench.ping_send(ping_main, h2c, False, "ping")
         step("ping.Send full h2c, metrics on (OTLP every 1 s)")
         on = await bench.ping_send(ping_main, metered, False, "ping")
-        for name, result in (("metrics off", off), ("metrics on", on)):
-            rows.append(
-                [
-                    f"ping.Send full h2c, one core, {name}",
-                    f"{result.rate:,.0f}",
-                    ratio(result.rate, off.rate),
-                    f"{result.cpu_us:.1f}",
-                    " / ".join(f"{r:,.0f}" for r in result.runs),
-                ]
-            )
+        row("ping.Send full h2c, one core, metrics off", off)
+        row("ping.Send full h2c, one core, metrics on", on)
         server_core = bench.server_core
         bench.server_core = None  # unpinned: the workers may use every core
         for count in (1, 2):
             step(f"ping.Send full h2c, metrics on, WORKER_PROCESSES={count}, unpinned")
-            result = await bench.ping_send(
-                ping_main, {**metered, "WORKER_PROCESSES": str(count)}, False, "ping"
-            )
-            rows.append(
-                [
-                    f"ping.Send full h2c, metrics on, {count} worker(s), all cores (shared with the load)",
-                    f"{result.rate:,.0f}",
-                    ratio(result.rate, off.rate),
-                    f"{result.cpu_us:.1f}",
-                    " / ".join(f"{r:,.0f}" for r in result.runs),
-                ]
+            workers = {**metered, "WORKER_PROCESSES": str(count)}
+            result = await bench.ping_send(ping_main, workers, False, "ping")
+            row(
+                f"ping.Send full h2c, metrics on, {count} worker(s), all cores (shared with the load)", result
             )
         bench.server_core = server_core
     finally:

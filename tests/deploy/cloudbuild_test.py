@@ -97,6 +97,8 @@ def test_pipeline_steps_in_order() -> None:
     )
     assert "./pants --no-pantsd package" in script["package"] and "-m deploy.render" in script["package"]
     assert "docker push" in script["images"] and ":${SHORT_SHA}" in script["images"]
+    # What tests/images build is what Cloud Build builds: one script.
+    assert "build-support/engine/build_image.sh" in script["images"]
     assert "gcloud run services replace" in script["deploy"]
     assert "docker.pkg.dev/${PROJECT_ID}/${_REPOSITORY}" in script["images"]
 
@@ -106,6 +108,7 @@ def test_named_files_and_programs_exist() -> None:
     assert (
         ROOT / "build-support" / "deploy" / "builder.Dockerfile"
     ).is_file() and "build-support/deploy/builder.Dockerfile" in text
+    assert (ROOT / "build-support" / "engine" / "build_image.sh").is_file()
     programs = {module.__name__: module for module in (affected, invokers, render)}
     for name in set(re.findall(r"-m (deploy\.\w+)", text)):
         assert callable(getattr(programs.get(name), "main", None)), f"{name} is not a deploy program"

@@ -12,9 +12,9 @@ from deploy.layout import deployable_services
 from tests.deploy.repo import ROOT, installed_tool
 
 SERVICES = deployable_services(ROOT)
-DOCKERFILES = sorted((ROOT / "services").glob("*/Dockerfile")) + [
-    ROOT / "build-support" / "deploy" / "builder.Dockerfile"
-]
+# One recipe for every service image, built with SERVICE=<name> (each service folder's Dockerfile links to it).
+SERVICE_DOCKERFILE = ROOT / "services" / "Dockerfile"
+DOCKERFILES = [SERVICE_DOCKERFILE, ROOT / "build-support" / "deploy" / "builder.Dockerfile"]
 
 
 def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
@@ -40,8 +40,11 @@ def instructions(path: Path) -> list[tuple[str, str]]:
     return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1]) for text in logical]
 
 
-def test_every_deployable_service_has_a_dockerfile() -> None:
-    assert sorted(p.parent.name for p in DOCKERFILES if p.name == "Dockerfile") == SERVICES
+def test_every_deployable_service_builds_from_the_one_dockerfile() -> None:
+    folders = sorted(p.parent.name for p in (ROOT / "services").glob("*/Dockerfile"))
+    assert folders == SERVICES
+    for service in SERVICES:
+        assert (ROOT / "services" / service / "Dockerfile").read_text() == SERVICE_DOCKERFILE.read_text()
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -61,12 +64,15 @@ def test_hadolint_reports_a_bad_dockerfile(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_service_image_shape(service: str) -> None:
-    steps = instructions(ROOT / "services" / service / "Dockerfile")
+    steps = instructions(SERVICE_DOCKERFILE)
     args = {kind: [a for k, a in steps if k == kind] for kind in {k for k, _ in steps}}
 
     assert all(base.startswith("python:3.11-slim") for base in args["FROM"])
-    # Pants' docker context and cloudbuild.yaml's (dist/) both hold the PEX at this path.
-    assert any(copy.split()[0] == f"services.{service}/{service}.pex" for copy in args["COPY"])
+    # The install stage declares the build argument, and with it names the PEX at the path that Pants' docker
+    # context and cloudbuild.yaml's (dist/) both hold.
+    assert "SERVICE" in args["ARG"]
+    copies = [copy.split()[0].replace("${SERVICE}", service) for copy in args["COPY"]]
+    assert f"services.{service}/{service}.pex" in copies
     assert any("PEX_TOOLS=1" in run and "venv --compile" in run for run in args["RUN"])
     assert any("/etc/ssl/certs/ca-certificates.crt" in run for run in args["RUN"])
     user = args["USER"][-1].split(":")[0]
