@@ -1,5 +1,13 @@
 # Pants BUILD-file macro (loaded through [GLOBAL].build_file_prelude_globs): what makes a folder under
-# services/ a deployable Cloud Run service, written once.
+# services/ a deployable Cloud Run service, and the list of those services, written once.
+
+# The folders under services/ whose BUILD calls cloud_run_service (services/cli is a client, not one of them).
+CLOUD_RUN_SERVICES = ("ping", "routeguide", "aggregator")
+
+
+def each_service(address):
+    """`address` for every Cloud Run service, with {name} its folder: each_service("services/{name}:lib")."""
+    return [address.format(name=name) for name in CLOUD_RUN_SERVICES]
 
 
 def cloud_run_service(name, **pex_kwargs):
