@@ -5,7 +5,7 @@ Raw HTTP/2 (`h2c.Streams`): requests whose message never completes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -15,7 +15,7 @@ from mesh.channels import MAX_MESSAGE_BYTES
 from mesh.serving import MAX_STREAMS_PER_CONNECTION
 from tests.reliability import h2c
 from tests.reliability.figures import report
-from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, METHODS
+from tests.reliability.identity_attacks_test import METHODS, verifying
 from tests.reliability.processes import Service
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -24,16 +24,9 @@ UNAUTHENTICATED = 16
 STREAMS = 40  # as in the review: 40 streams, each holding a message of nearly the old 4 MiB limit
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[IdentityEmulator]:
-    with IdentityEmulator() as running:
-        yield running
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def routeguide(emulator: IdentityEmulator) -> AsyncIterator[Service]:
-    env = {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": emulator.certs_url, "AUTH_ALLOWED_CALLERS": ALICE}
-    service = await Service("routeguide", env).start()
+    service = await Service("routeguide", verifying(emulator)).start()
     yield service
     assert await service.stop() == 0
 

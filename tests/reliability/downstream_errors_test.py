@@ -5,7 +5,7 @@ code and name; the downstream's details ("caller not allowed: <account>") stay i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 HERE = Point(latitude=409146138, longitude=-746188906)
 DENIED = grpc.StatusCode.PERMISSION_DENIED
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[IdentityEmulator]:
-    with IdentityEmulator() as running:
-        yield running
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -8,7 +8,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,6 +27,13 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 AUDIENCE = "https://routeguide.reliability.test"
 ALICE = "alice@reliability.iam.gserviceaccount.com"
 MALLORY = "mallory@reliability.iam.gserviceaccount.com"
+
+
+def verifying(emulator: IdentityEmulator) -> dict[str, str]:
+    """The settings of a service that verifies tokens for AUDIENCE from `emulator` and admits ALICE only."""
+    return {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": emulator.certs_url, "AUTH_ALLOWED_CALLERS": ALICE}
+
+
 HERE = Point(latitude=409146138, longitude=-746188906)
 Code = grpc.StatusCode
 Metadata = tuple[tuple[str, str], ...]
@@ -139,18 +146,9 @@ ATTACKS: dict[str, Attack] = {
 }
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[IdentityEmulator]:
-    with IdentityEmulator() as running:
-        yield running
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def routeguide(emulator: IdentityEmulator) -> AsyncIterator[Service]:
-    service = await Service(
-        "routeguide",
-        {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": emulator.certs_url, "AUTH_ALLOWED_CALLERS": ALICE},
-    ).start()
+    service = await Service("routeguide", verifying(emulator)).start()
     yield service
     assert await service.stop() == 0
 

@@ -5,7 +5,7 @@ fails with a clear UNAVAILABLE that carries no token; and it recovers when the m
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -26,12 +26,6 @@ REFRESH_MARGIN_S = 225
 FRESH_S = 3
 # A token that expires a moment after it is minted: the next call after that needs a new one.
 EXPIRING_S = 2
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[IdentityEmulator]:
-    with IdentityEmulator() as running:
-        yield running
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -4,7 +4,7 @@ The held calls are raw HTTP/2 requests whose message never completes."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from emulators.identity import IdentityEmulator
 from mesh.server_chain import EXEMPT_CONCURRENCY
 from tests.reliability import calls, h2c
-from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, HERE, bearer
+from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, HERE, bearer, verifying
 from tests.reliability.processes import Service
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -27,20 +27,9 @@ CHECK = "/grpc.health.v1.Health/Check"
 WATCH = "/grpc.health.v1.Health/Watch"
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[IdentityEmulator]:
-    with IdentityEmulator() as running:
-        yield running
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def routeguide(emulator: IdentityEmulator) -> AsyncIterator[Service]:
-    env = {
-        "AUTH_AUDIENCE": AUDIENCE,
-        "AUTH_CERTS_URL": emulator.certs_url,
-        "AUTH_ALLOWED_CALLERS": ALICE,
-        "MAX_CONCURRENT_RPCS": str(MAX_CONCURRENT_RPCS),
-    }
+    env = {**verifying(emulator), "MAX_CONCURRENT_RPCS": str(MAX_CONCURRENT_RPCS)}
     service = await Service("routeguide", env).start()
     yield service
     assert await service.stop() == 0
