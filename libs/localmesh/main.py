@@ -13,7 +13,7 @@ from pathlib import Path
 from engine import daemon
 from localmesh import calls, containers, demo, topology
 from localmesh.launcher import Mesh
-from localmesh.processes import StartError
+from localmesh.supervisor import StartError
 
 
 def say(line: str) -> None:

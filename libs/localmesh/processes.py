@@ -1,30 +1,28 @@
 """Service processes of the local mesh: started, watched until they serve, logged with a prefix, stopped.
 
 Each child runs through localmesh.child, which sets PR_SET_PDEATHSIG, so it dies with the launcher even if the
-launcher is killed outright: no orphans. A child that exits before serving is reported with its own output.
+launcher is killed outright: no orphans. A child that exits before serving is reported with its own output
+(localmesh.supervisor.StartError).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 import sys
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 from localmesh import child
+from localmesh.supervisor import Supervised
 
 COLOURS = ["\033[36m", "\033[35m", "\033[33m", "\033[32m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
 
 
-class StartError(RuntimeError):
-    """A service did not come up; the message holds its own last lines of output."""
-
-
 class ServiceProcess:
+    """One service of the mesh, its output echoed line by line (JSON log lines as severity and message) after
+    a coloured prefix with its name."""
+
     def __init__(
         self,
         name: str,
@@ -39,10 +37,7 @@ class ServiceProcess:
         self._env = dict(env)
         self._prefix = f"{colour}{name:<13}{RESET if colour else ''}|"
         self._echo = echo
-        self._tail: deque[str] = deque(maxlen=40)
-        self._process: asyncio.subprocess.Process | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._serving: asyncio.Future[int] | None = None
+        self._process: Supervised | None = None
         self.port = 0
 
     @property
@@ -50,72 +45,40 @@ class ServiceProcess:
         return None if self._process is None else self._process.returncode
 
     async def start(self, port: int = 0, timeout: float = 30.0) -> int:
-        """Start the process and wait until it serves; returns its port."""
-        self._serving = asyncio.get_running_loop().create_future()
-        self._process = await asyncio.create_subprocess_exec(
-            *self._argv,
-            env={**self._env, "PORT": str(port)},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+        """Start the process and wait until it serves; returns its port (StartError if it does not serve)."""
+        self._process = Supervised(
+            self.name,
+            self._argv,
+            {**self._env, "PORT": str(port)},
+            on_line=None if self._echo is None else self._show,
             # Its own session: Ctrl-C in the terminal reaches the launcher only, which then stops each
             # service once, in order; a service signalled twice would die mid-drain.
             start_new_session=True,
         )
-        self._pump = asyncio.create_task(self._read_output())
-        exited = asyncio.create_task(self._process.wait())
-        done, _ = await asyncio.wait(
-            [self._serving, exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if self._serving in done:
-            exited.cancel()
-            self.port = self._serving.result()
-            return self.port
-        exited.cancel()
-        await self.stop()
-        if self._pump:
-            await asyncio.wait([self._pump], timeout=2)
-        why = f"exited with status {self.returncode}" if done else f"did not serve within {timeout:.0f} s"
-        output = "\n".join(f"    {line}" for line in self._tail) or "    (no output)"
-        raise StartError(f"{self.name} {why}; its output:\n{output}")
+        self.port = await self._process.start(timeout)
+        return self.port
 
-    async def _read_output(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        async for raw in self._process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self._tail.append(line)
-            message = self._parse(line)
-            if self._echo:
-                self._echo(f"{self._prefix} {message}")
-
-    def _parse(self, line: str) -> str:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            return line
-        if not isinstance(entry, dict):
-            return line
-        if entry.get("event") == "serving" and self._serving and not self._serving.done():
-            self._serving.set_result(int(entry["port"]))
-        return f"{entry.get('severity', ''):<7} {entry.get('message', '')}"
+    def _show(self, line: str) -> None:
+        assert self._echo is not None
+        self._echo(f"{self._prefix} {_readable(line)}")
 
     async def stop(self, timeout: float = 12.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within `timeout` (beyond the service's own grace)."""
-        process = self._process
-        if process is None or process.returncode is not None:
-            return None if process is None else process.returncode
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), timeout)
-        except asyncio.TimeoutError:
-            process.kill()
-            await process.wait()
-        if self._pump:
-            await asyncio.wait([self._pump], timeout=2)
-        return process.returncode
+        return None if self._process is None else await self._process.stop(timeout)
 
     def kill(self) -> None:
-        if self._process is not None and self._process.returncode is None:
+        if self._process is not None:
             self._process.kill()
+
+
+def _readable(line: str) -> str:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(entry, dict):
+        return line
+    return f"{entry.get('severity', ''):<7} {entry.get('message', '')}"
 
 
 def python_module(module: str) -> list[str]:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import json
 import os
 import signal
 import sys
-import time
-from collections import deque
 from collections.abc import Mapping, Sequence
+
+from localmesh.supervisor import Supervised
 
 _PR_SET_PDEATHSIG = 1
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -33,21 +31,34 @@ def pin(core: int | None) -> None:
 
 
 class Server:
-    """One server process; `async with Server(...)` starts it and always stops it."""
+    """One server process (localmesh.supervisor) pinned to `core`; `async with Server(...)` starts it and
+    always stops it. Ready once every worker of a multi-process instance serves."""
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], core: int | None) -> None:
         self.name = name
-        self._argv = list(argv)
-        self._env = dict(env)
-        self._core = core
-        self._process: asyncio.subprocess.Process | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._tail: deque[str] = deque(maxlen=30)
-        self.port = 0
-        self.started_at = 0.0  # perf_counter at spawn
-        self.ready_at = 0.0  # perf_counter when it logged that it serves
-        self.workers = int(self._env.get("WORKER_PROCESSES", "1"))
-        self.serving = 0  # "serving" lines seen (one per worker)
+        self.workers = int(env.get("WORKER_PROCESSES", "1"))
+
+        def child_setup() -> None:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # no orphans if the harness dies
+            pin(core)
+
+        self._process = Supervised(
+            name, argv, {"PORT": "0", **env}, servers=self.workers, tail=30, preexec_fn=child_setup
+        )
+
+    @property
+    def port(self) -> int:
+        return self._process.port
+
+    @property
+    def started_at(self) -> float:
+        """perf_counter at spawn."""
+        return self._process.started_at
+
+    @property
+    def ready_at(self) -> float:
+        """perf_counter when its last worker logged that it serves."""
+        return self._process.ready_at
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -57,55 +68,10 @@ class Server:
         await self.stop()
 
     async def start(self, timeout: float = 60.0) -> int:
-        core = self._core
-
-        def child_setup() -> None:
-            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # no orphans if the harness dies
-            pin(core)
-
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even after a timeout
-        self.started_at = time.perf_counter()
-        self._process = await asyncio.create_subprocess_exec(
-            *self._argv,
-            env={"PORT": "0", **self._env},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=child_setup,
-        )
-        self._pump = asyncio.create_task(self._read(ready))
-        try:
-            self.port = await asyncio.wait_for(asyncio.shield(ready), timeout)
-        except (asyncio.TimeoutError, RuntimeError) as err:
-            await self.stop()
-            output = "\n".join(self._tail)
-            raise RuntimeError(
-                f"{self.name} did not serve ({err or 'timeout'}); its output:\n{output}"
-            ) from None
-        return self.port
-
-    async def _read(self, ready: asyncio.Future[int]) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        async for raw in self._process.stdout:  # drained to the end, so the child never blocks on a full pipe
-            line = raw.decode(errors="replace").rstrip()
-            self._tail.append(line)
-            if not ready.done() and line.startswith("{"):
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("event") == "serving" and isinstance(entry.get("port"), int):
-                    self.serving += 1
-                    if self.serving >= self.workers:  # every worker of a multi-process instance
-                        self.ready_at = time.perf_counter()
-                        ready.set_result(entry["port"])
-        if not ready.done():
-            ready.set_exception(RuntimeError("exited"))
+        return await self._process.start(timeout)
 
     @property
     def pid(self) -> int:
-        assert self._process is not None
         return self._process.pid
 
     def cpu_seconds(self) -> float:
@@ -124,17 +90,7 @@ class Server:
         return found
 
     async def stop(self) -> None:
-        process = self._process
-        if process is not None and process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except asyncio.TimeoutError:
-                process.kill()
-                await process.wait()
-        if self._pump is not None:
-            await asyncio.wait([self._pump], timeout=5)
-            self._pump = None
+        await self._process.stop(15.0)
 
 
 def _stat(pid: int) -> list[str]:

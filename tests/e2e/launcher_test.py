@@ -14,7 +14,7 @@ import pytest
 
 from localmesh import main
 from localmesh.launcher import Mesh
-from localmesh.processes import StartError
+from localmesh.supervisor import StartError
 from services.routeguide.features import builtin_database
 
 SERVICES = ("ping-upstream", "routeguide", "ping", "aggregator")

@@ -15,12 +15,13 @@ import grpc
 import pytest
 
 from emulators.identity import IdentityEmulator
+from localmesh.supervisor import StartError
 from mesh.identity import AuthError, TokenVerifier
 from routeguide.route_guide_pb2 import Point, RouteNote
 from tests.reliability import calls
 from tests.reliability.figures import report
 from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, bearer
-from tests.reliability.processes import Service, StartError
+from tests.reliability.processes import Service
 
 HERE = Point(latitude=409146138, longitude=-746188906)
 Call = Callable[[grpc.aio.Channel, str], Awaitable[object]]

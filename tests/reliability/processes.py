@@ -1,25 +1,21 @@
-"""Service processes under test: started with an environment, every stdout line kept, measured from /proc."""
+"""Service processes under test (localmesh.supervisor): started with an environment, every output line kept,
+measured from /proc."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from localmesh.processes import child_env, python_module
+from localmesh.supervisor import Supervised
 
 MODULES = {
     "ping": "services.ping.main",
     "routeguide": "services.routeguide.main",
     "aggregator": "services.aggregator.main",
 }
-
-
-class StartError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -44,13 +40,16 @@ class Service:
         self.env = dict(env)
         self.lines: list[str] = []
         self.port = 0
-        self._process: asyncio.subprocess.Process | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._process: Supervised | None = None
+
+    @property
+    def _started(self) -> Supervised:
+        assert self._process is not None
+        return self._process
 
     @property
     def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
+        return self._started.pid
 
     @property
     def started(self) -> bool:
@@ -65,37 +64,11 @@ class Service:
         return f"127.0.0.1:{self.port}"
 
     async def start(self, port: int = 0, timeout: float = 30.0) -> Service:
-        serving: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._process = await asyncio.create_subprocess_exec(
-            *python_module(self.module),
-            env=child_env({**self.env, "PORT": str(port)}),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        self._pump = asyncio.create_task(self._read(self._process, serving))
-        exited = asyncio.create_task(self._process.wait())
-        done, _ = await asyncio.wait([serving, exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        exited.cancel()
-        if serving not in done:
-            self.kill()
-            await self.wait(5)
-            raise StartError(f"{self.name} did not serve; its output:\n" + "\n".join(self.lines[-30:]))
-        self.port = serving.result()
+        """Started and serving (StartError, from localmesh.supervisor, if it does not serve)."""
+        env = child_env({**self.env, "PORT": str(port)})
+        self._process = Supervised(self.name, python_module(self.module), env, on_line=self.lines.append)
+        self.port = await self._process.start(timeout)
         return self
-
-    async def _read(self, process: asyncio.subprocess.Process, serving: asyncio.Future[int]) -> None:
-        assert process.stdout is not None
-        async for raw in process.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            if not serving.done():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict) and entry.get("event") == "serving":
-                    serving.set_result(int(entry["port"]))
 
     def messages(self) -> list[str]:
         """The `message` of every JSON log line printed so far."""
@@ -110,31 +83,18 @@ class Service:
         return found
 
     def signal(self, signum: int) -> None:
-        assert self._process is not None
-        self._process.send_signal(signum)
+        self._started.signal(signum)
 
     def kill(self) -> None:
-        if self._process is not None and self._process.returncode is None:
+        if self._process is not None:
             self._process.kill()
 
     async def wait(self, timeout: float) -> int:
-        assert self._process is not None
-        code = await asyncio.wait_for(self._process.wait(), timeout)
-        if self._pump is not None:
-            await asyncio.wait([self._pump], timeout=2)
-        return code
+        return await self._started.wait(timeout)
 
     async def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM and wait (SIGKILL past `timeout`); the exit code."""
-        if self._process is None:
-            return None
-        if self._process.returncode is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                return await self.wait(timeout)
-            except asyncio.TimeoutError:
-                self._process.kill()
-        return await self.wait(5)
+        return None if self._process is None else await self._process.stop(timeout)
 
     def usage(self) -> Usage:
         return usage(self.pid)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from localmesh.supervisor import StartError
 from tests.reliability.identity_attacks_test import AUDIENCE
-from tests.reliability.processes import Service, StartError
+from tests.reliability.processes import Service
 
 CLOUD_RUN = {"K_SERVICE": "routeguide"}
 

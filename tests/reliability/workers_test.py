@@ -12,10 +12,11 @@ import socket
 import grpc
 import pytest
 
+from localmesh.supervisor import StartError
 from mesh.testing import NO_REUSEPORT
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
-from tests.reliability.processes import Service, StartError
+from tests.reliability.processes import Service
 
 WORKERS = {"WORKER_PROCESSES": "2", "LOG_LEVEL": "INFO"}
 WAIT = 20.0  # seconds for any one step before the test fails instead of hanging
