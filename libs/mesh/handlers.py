@@ -77,6 +77,13 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
+async def _admitted(context: grpc.aio.ServicerContext) -> None:
+    """Tell a client that streams its requests that its call was admitted (the response headers), so that it
+    can wait for the verdict before it writes: a message written while the server refuses the call can turn
+    the refusal into gRPC core's INTERNAL "Internal error from Core" on the client (a grpc.aio race)."""
+    await context.send_initial_metadata(())
+
+
 async def _refuse(context: grpc.aio.ServicerContext, method: str) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message for {method}")
 
@@ -173,6 +180,8 @@ def wrap(
         try:
             if entered.pending is not None:
                 await entered.pending
+            if streaming_requests:
+                await _admitted(context)
             return await behavior(
                 (request if ready(request) else await checked(request, context, messages)), context
             )
@@ -217,6 +226,8 @@ def wrap(
         try:
             if entered.pending is not None:
                 await entered.pending
+            if streaming_requests:
+                await _admitted(context)
             async for response in behavior(
                 (request if ready(request) else await checked(request, context, messages)), context
             ):
