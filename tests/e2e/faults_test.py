@@ -117,6 +117,9 @@ async def test_a_survey_deadline_cancels_its_route_upload(mesh: Mesh, client: De
         # The upload's deadline is the Survey's less the margin: the Survey answers with the rest in time.
         reply = await stub.Survey(request, timeout=1.0)
     assert reply.pong.message == "long walk" and not reply.HasField("route_summary")
-    assert reply.calls[2].code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], reply.calls
+    # DEADLINE_EXCEEDED, or INTERNAL when the deadline lands while a point is being written: grpc.aio then
+    # reports "Internal error from Core" before the call's status arrives (a client-side race of grpc.aio).
+    timed_out = {grpc.StatusCode.DEADLINE_EXCEEDED.value[0], grpc.StatusCode.INTERNAL.value[0]}
+    assert reply.calls[2].code in timed_out, reply.calls
     upload = await wait_span(mesh, trace_id, "routeguide", "server", RECORD_ROUTE, timeout=3)
     assert upload is not None, describe(mesh.spans.trace(trace_id))
