@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -77,6 +78,22 @@ class Timer:
         return round(self._loop.time() - self._started, 3)
 
 
+@dataclass(frozen=True)
+class Timed:
+    reply: aggregator_pb2.SurveyResponse
+    seconds: float
+
+
+async def first_and_second(stub: aggregator_pb2_grpc.AggregatorAsyncStub) -> tuple[Timed, Timed]:
+    """Two Surveys one after the other, each timed: the first meets the fault, the second what gRPC made of it."""
+    surveys = []
+    for message in ("first", "second"):
+        timer = Timer()
+        reply = await stub.Survey(small(message), timeout=DEADLINE)
+        surveys.append(Timed(reply, timer.seconds))
+    return surveys[0], surveys[1]
+
+
 async def healed(stub: aggregator_pb2_grpc.AggregatorAsyncStub) -> tuple[list[str], float]:
     """Surveys until every downstream call is OK again (bounded: gRPC reconnects with a backoff capped at
     10 s by mesh.channels); the last codes and the time it took."""
@@ -140,15 +157,10 @@ async def test_routeguide_frozen_between_calls_is_dropped_by_keepalive_then_fail
         assert codes(await stub.Survey(small("warm"), timeout=10)) == ["OK"] * 3
         with frozen(stack.routeguide):
             await asyncio.sleep(3)  # past the keepalive bound (1 s + 1 s): the idle connection is dropped
-            timer = Timer()
-            first = await stub.Survey(small("first"), timeout=DEADLINE)
-            first_s = timer.seconds
-            timer = Timer()
-            second = await stub.Survey(small("second"), timeout=DEADLINE)
-            second_s = timer.seconds
+            first, second = await first_and_second(stub)
         # Not the deadline: the reconnection got no HTTP/2 SETTINGS within the connect timeout, and from then on
         # the channel (TRANSIENT_FAILURE) fails routeguide's calls at once.
-        for reply in (first, second):
+        for reply in (first.reply, second.reply):
             assert codes(reply) == ["OK", "UNAVAILABLE", "UNAVAILABLE"], reply.calls
         after, healing = await healed(stub)
         assert after == ["OK"] * 3
@@ -156,10 +168,10 @@ async def test_routeguide_frozen_between_calls_is_dropped_by_keepalive_then_fail
     report(
         "survey, routeguide frozen between calls",
         {
-            "first_s": first_s,
-            "first_calls_ms": latencies_ms(first),
-            "second_s": second_s,
-            "second_calls_ms": latencies_ms(second),
+            "first_s": first.seconds,
+            "first_calls_ms": latencies_ms(first.reply),
+            "second_s": second.seconds,
+            "second_calls_ms": latencies_ms(second.reply),
             "healed_after_sigcont_s": healing,
         },
     )
@@ -222,13 +234,8 @@ async def test_an_address_that_accepts_and_never_answers_degrades_survey_and_rel
         try:
             async with calls.insecure(aggregator.address) as channel:
                 stub = calls.aggregator(channel)
-                timer = Timer()
-                first = await stub.Survey(small("first"), timeout=DEADLINE)
-                first_s = timer.seconds
-                timer = Timer()
-                second = await stub.Survey(small("second"), timeout=DEADLINE)
-                second_s = timer.seconds
-            for reply in (first, second):
+                first, second = await first_and_second(stub)
+            for reply in (first.reply, second.reply):
                 assert codes(reply) == ["OK", "UNAVAILABLE", "UNAVAILABLE"], reply.calls
                 assert reply.pong.message in ("first", "second")
             async with calls.insecure(relay.address) as channel:
@@ -244,10 +251,10 @@ async def test_an_address_that_accepts_and_never_answers_degrades_survey_and_rel
     report(
         "black hole",
         {
-            "survey_first_s": first_s,
-            "survey_first_calls_ms": latencies_ms(first),
-            "survey_second_s": second_s,
-            "survey_second_calls_ms": latencies_ms(second),
+            "survey_first_s": first.seconds,
+            "survey_first_calls_ms": latencies_ms(first.reply),
+            "survey_second_s": second.seconds,
+            "survey_second_calls_ms": latencies_ms(second.reply),
             "relay_deadline_s": 2,
             "relay_answered_s": relayed_s,
         },
