@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-
 from cloudbuild.substitutions import ALLOW_LOOSE, SubstitutionError, resolve
 
 DEFAULT_STEP_TIMEOUT_S = 600.0  # Cloud Build's default build timeout bounds a step with none of its own
@@ -89,7 +88,9 @@ def load(text: str, built_in: Mapping[str, str], overrides: Mapping[str, str]) -
             unknown = [w for w in wait_for if w != START and w not in ids]
             if unknown:
                 # Cloud Build: a step may only wait for steps defined before it.
-                raise ConfigError(f'invalid build: step {index} ("{step_id}") waits for unknown step "{unknown[0]}"')
+                raise ConfigError(
+                    f'invalid build: step {index} ("{step_id}") waits for unknown step "{unknown[0]}"'
+                )
         if step_id in ids:
             raise ConfigError(f'invalid build: duplicate step id "{step_id}"')
         ids.add(step_id)

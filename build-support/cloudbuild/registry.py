@@ -73,5 +73,7 @@ def start(state: Path) -> Registry:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             registry.stop()
-            raise RuntimeError(f"docker-registry did not answer on {registry.address}: see {state / 'registry.log'}")
+            raise RuntimeError(
+                f"docker-registry did not answer on {registry.address}: see {state / 'registry.log'}"
+            )
         time.sleep(0.1)

@@ -62,13 +62,17 @@ class Runner:
     def run(self) -> dict[str, StepResult]:
         """Every step, in waitFor order; raises BuildFailed naming the first step that failed."""
         deadline = time.monotonic() + self.build.timeout_s
-        threads = [threading.Thread(target=self._run_when_ready, args=(s,), daemon=True) for s in self.build.steps]
+        threads = [
+            threading.Thread(target=self._run_when_ready, args=(s,), daemon=True) for s in self.build.steps
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                self._fail(BuildFailed(self.build.steps[0], f"build timed out after {self.build.timeout_s:g}s"))
+                self._fail(
+                    BuildFailed(self.build.steps[0], f"build timed out after {self.build.timeout_s:g}s")
+                )
                 for t in threads:
                     t.join(STOP_GRACE_S + 5)
                 break
@@ -118,7 +122,12 @@ class Runner:
         self._say(step, f"running {step.name} ({argv[0]}) in {cwd}")
         try:
             process = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         except OSError as error:
             return StepResult(step, "FAILURE", note=f"cannot start {argv[0]}: {error.strerror}")
@@ -182,4 +191,3 @@ def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
-

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cloudbuild.config import ConfigError, load
 from cloudbuild.runner import BuildFailed, Runner
 from cloudbuild.substitutions import SubstitutionError
@@ -66,7 +65,10 @@ steps:
   - {id: broken, name: gcr.io/cloud-builders/docker, entrypoint: bash, args: [-c, 'exit 3']}
   - {id: after, name: gcr.io/cloud-builders/docker, entrypoint: bash, args: [-c, 'touch /workspace/ran']}
 """
-    with pytest.raises(BuildFailed, match=r'build step 1 "gcr.io/cloud-builders/docker" \(broken\) failed: step exited with non-zero status: 3'):
+    with pytest.raises(
+        BuildFailed,
+        match=r'build step 1 "gcr.io/cloud-builders/docker" \(broken\) failed: step exited with non-zero status: 3',
+    ):
         run(tmp_path, config)
     assert not (tmp_path / "ran").exists()
 
@@ -97,6 +99,9 @@ def test_invalid_configs_fail_before_any_step(tmp_path: Path) -> None:
     with pytest.raises(SubstitutionError, match='"_UNUSED"'):
         run(tmp_path, "substitutions: {_UNUSED: x}\nsteps:\n  - {name: x, entrypoint: 'true'}\n")
     with pytest.raises(ConfigError, match='waits for unknown step "later"'):
-        run(tmp_path, "steps:\n  - {name: x, entrypoint: 'true', waitFor: [later]}\n  - {id: later, name: x}\n")
+        run(
+            tmp_path,
+            "steps:\n  - {name: x, entrypoint: 'true', waitFor: [later]}\n  - {id: later, name: x}\n",
+        )
     loose = "options: {substitutionOption: ALLOW_LOOSE}\nsubstitutions: {_UNUSED: x}\nsteps:\n  - {name: x, entrypoint: bash, args: [-c, 'test -z \"${_NONE}\"']}\n"
     run(tmp_path, loose)

@@ -57,7 +57,9 @@ class Substitutions:
                     f'invalid build: key in the template "{name}" is not matched in the substitution data;'
                     f" substitutions = {_show(self.values)}"
                 )
-            raise SubstitutionError(f'invalid build: key in the template "{name}" is not a valid built-in substitution')
+            raise SubstitutionError(
+                f'invalid build: key in the template "{name}" is not a valid built-in substitution'
+            )
 
         return TOKEN.sub(replace, text)
 
@@ -106,9 +108,13 @@ def resolve(
 
     def expand(name: str, stack: tuple[str, ...]) -> str:
         if name in stack:
-            raise SubstitutionError(f"invalid build: substitution {name} refers to itself through {' -> '.join(stack)}")
+            raise SubstitutionError(
+                f"invalid build: substitution {name} refers to itself through {' -> '.join(stack)}"
+            )
         if name not in expanded:
-            inner = Substitutions({**built_in, **{n: expand(n, (*stack, name)) for n in _names(user[name]) if n in user}}, loose)
+            inner = Substitutions(
+                {**built_in, **{n: expand(n, (*stack, name)) for n in _names(user[name]) if n in user}}, loose
+            )
             expanded[name] = inner.apply(user[name], referenced)
         return expanded[name]
 
@@ -118,4 +124,6 @@ def resolve(
 
 
 def _names(text: str) -> set[str]:
-    return {m["braced"] if m["braced"] is not None else m["bare"] for m in TOKEN.finditer(text) if not m["dollar"]}
+    return {
+        m["braced"] if m["braced"] is not None else m["bare"] for m in TOKEN.finditer(text) if not m["dollar"]
+    }

@@ -1,15 +1,20 @@
 from __future__ import annotations
 
 import pytest
-
 from cloudbuild.substitutions import SubstitutionError, resolve
 
 BUILT_IN = {"PROJECT_ID": "demo", "SHORT_SHA": "0a1b2c3"}
 
 
-def apply(text: str, defaults: dict[str, str], overrides: dict[str, str] | None = None, **options: bool) -> str:
+def apply(
+    text: str, defaults: dict[str, str], overrides: dict[str, str] | None = None, **options: bool
+) -> str:
     substitutions, user = resolve(
-        BUILT_IN, defaults, overrides or {}, loose=options.get("loose", False), dynamic=options.get("dynamic", False)
+        BUILT_IN,
+        defaults,
+        overrides or {},
+        loose=options.get("loose", False),
+        dynamic=options.get("dynamic", False),
     )
     used: set[str] = set()
     result = substitutions.apply(text, used)
@@ -27,14 +32,18 @@ def test_double_dollar_is_a_literal_dollar_for_bash() -> None:
 
 
 def test_used_but_undefined_is_refused_with_cloud_builds_words() -> None:
-    with pytest.raises(SubstitutionError, match='key in the template "_MISSING" is not matched in the substitution data'):
+    with pytest.raises(
+        SubstitutionError, match='key in the template "_MISSING" is not matched in the substitution data'
+    ):
         apply("${_MISSING}", {})
     with pytest.raises(SubstitutionError, match='"HOME" is not a valid built-in substitution'):
         apply("$HOME", {})
 
 
 def test_defined_but_unused_is_refused_including_overrides() -> None:
-    with pytest.raises(SubstitutionError, match='key "_UNUSED" in the substitution data is not matched in the template'):
+    with pytest.raises(
+        SubstitutionError, match='key "_UNUSED" in the substitution data is not matched in the template'
+    ):
         apply("${_A}", {"_A": "x", "_UNUSED": "y"})
     with pytest.raises(SubstitutionError, match='"_TYPO"'):
         apply("${_A}", {"_A": "x"}, {"_TYPO": "y"})
