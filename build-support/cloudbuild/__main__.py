@@ -25,6 +25,7 @@ from cloudbuild import checkout, config, gcloud, registry
 from cloudbuild.cloudrun import CloudRun
 from cloudbuild.runner import BuildFailed, Runner
 from cloudbuild.substitutions import SubstitutionError
+
 from engine import base_image, daemon
 
 INVALID = 2
@@ -35,15 +36,27 @@ def say(line: str) -> None:
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cloudbuild", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY", ".")),
-                        help="the git checkout to build (default: the repository ./pants runs in)")
-    parser.add_argument("--config", default="cloudbuild.yaml", help="the build config, relative to the checkout")
-    parser.add_argument("--substitutions", action="append", default=[], help="_NAME=VALUE,... (gcloud's syntax)")
+    parser = argparse.ArgumentParser(
+        prog="cloudbuild", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path(os.environ.get("BUILD_WORKSPACE_DIRECTORY", ".")),
+        help="the git checkout to build (default: the repository ./pants runs in)",
+    )
+    parser.add_argument(
+        "--config", default="cloudbuild.yaml", help="the build config, relative to the checkout"
+    )
+    parser.add_argument(
+        "--substitutions", action="append", default=[], help="_NAME=VALUE,... (gcloud's syntax)"
+    )
     parser.add_argument("--project", default="local-project", help="PROJECT_ID")
     parser.add_argument("--project-number", default="123456789012", help="PROJECT_NUMBER")
     parser.add_argument("--location", default="europe-west1", help="LOCATION, the build's region")
-    parser.add_argument("--record", type=Path, help="also copy the Cloud Run stand-in's record (JSON lines) here")
+    parser.add_argument(
+        "--record", type=Path, help="also copy the Cloud Run stand-in's record (JSON lines) here"
+    )
     parser.add_argument("--keep-workspace", action="store_true", help="leave the workspace folder for a look")
     return parser.parse_args(argv)
 
@@ -79,7 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cloud_run = CloudRun(engine, scratch / "cloudrun", project.number, say)
         stack.callback(cloud_run.close)
         if args.record:
-            stack.callback(lambda: shutil.copyfile(cloud_run.record_file, args.record) if cloud_run.record_file.exists() else args.record.write_text(""))
+            stack.callback(
+                lambda: (
+                    shutil.copyfile(cloud_run.record_file, args.record)
+                    if cloud_run.record_file.exists()
+                    else args.record.write_text("")
+                )
+            )
         control = gcloud.serve(cloud_run)
         stack.callback(control.shutdown)
         tools = scratch / "bin"
@@ -93,14 +112,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The stand-in's revisions serve TLS signed by the development CA (Google's front end on Cloud Run).
             "TLS_CA_FILE": str(cloud_run.ca_cert),
         }
-        say(f"cloudbuild: {build.substitutions['SHORT_SHA']} of {root.name} in {workspace}; registry {local_registry.address}")
+        say(
+            f"cloudbuild: {build.substitutions['SHORT_SHA']} of {root.name} in {workspace}; registry {local_registry.address}"
+        )
         try:
             results = Runner(build, workspace, env).run()
         except BuildFailed as failure:
             say(f"ERROR: {failure}")
             return 1
         finally:
-            say(f"cloudbuild: {time.monotonic() - began:.0f} s; the stand-in's record: {args.record or cloud_run.record_file}")
+            say(
+                f"cloudbuild: {time.monotonic() - began:.0f} s; the stand-in's record: {args.record or cloud_run.record_file}"
+            )
         for result in results.values():
             say(f"  {result.step.id:12} {result.status:9} {result.seconds:6.1f} s")
     return 0

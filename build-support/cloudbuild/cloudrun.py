@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cloudbuild.manifest import RevisionSpec, Traffic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloudbuild.manifest import RevisionSpec, Traffic
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
 from engine.daemon import Engine
@@ -137,8 +137,13 @@ class CloudRun:
             service.latest = name
             service.traffic = traffic
             self.services[spec.service] = service
-            self.record("run services replace", service=spec.service, revision=name, image=spec.image,
-                        traffic=[asdict(r) for r in traffic])
+            self.record(
+                "run services replace",
+                service=spec.service,
+                revision=name,
+                image=spec.image,
+                traffic=[asdict(r) for r in traffic],
+            )
             return self._deployed(service, name)
 
     def update_traffic(self, name: str, changes: Mapping[str, Any]) -> list[str]:
@@ -172,14 +177,18 @@ class CloudRun:
                     scaled[max(scaled, key=lambda r: rest[r])] += left - sum(scaled.values())
                 routes = {**scaled, **targets}
             service.traffic = _layout(service, routes, tags)
-            self.record("run services update-traffic", service=name, traffic=[asdict(r) for r in service.traffic])
+            self.record(
+                "run services update-traffic", service=name, traffic=[asdict(r) for r in service.traffic]
+            )
             return self._traffic_lines(service)
 
     def add_binding(self, name: str, member: str, role: str) -> str:
         """Recorded only: the stand-in's revisions check ID tokens themselves (AUTH_ALLOWED_CALLERS)."""
         with self.lock:
             service = self._get(name)
-            if not re.fullmatch(r"(serviceAccount|user|group):[^@\s]+@[^@\s]+|allUsers|allAuthenticatedUsers", member):
+            if not re.fullmatch(
+                r"(serviceAccount|user|group):[^@\s]+@[^@\s]+|allUsers|allAuthenticatedUsers", member
+            ):
                 raise CloudRunError(f"Invalid member [{member}]")
             if not re.fullmatch(r"roles/[a-zA-Z.]+", role):
                 raise CloudRunError(f"Invalid role [{role}]")
@@ -251,7 +260,9 @@ class CloudRun:
 
     def _platform_env(self, spec: RevisionSpec) -> dict[str, str]:
         env = dict(spec.env)
-        upstream = re.compile(rf"(?P<service>[a-z0-9-]+)-{re.escape(self.project_number)}\.[a-z0-9-]+\.run\.app(:443)?")
+        upstream = re.compile(
+            rf"(?P<service>[a-z0-9-]+)-{re.escape(self.project_number)}\.[a-z0-9-]+\.run\.app(:443)?"
+        )
         for variable, value in spec.env.items():
             match = upstream.fullmatch(value)
             target = self.services.get(match["service"]) if match else None
@@ -275,16 +286,22 @@ class CloudRun:
     def _wait_ready(self, revision: Revision, probe_service: str | None) -> None:
         credentials = grpc.ssl_channel_credentials(self.ca_cert.read_bytes())
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        with grpc.secure_channel(f"localhost:{revision.port}", credentials, options=CHANNEL_OPTIONS) as channel:
+        with grpc.secure_channel(
+            f"localhost:{revision.port}", credentials, options=CHANNEL_OPTIONS
+        ) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service=probe_service or ""), timeout=1)
+                    reply = health.Check(
+                        health_pb2.HealthCheckRequest(service=probe_service or ""), timeout=1
+                    )
                     if reply.status == SERVING:
                         return
                 except grpc.RpcError:
                     pass
-                running = self.engine.docker("inspect", "--format", "{{.State.Running}}", revision.container, check=False)
+                running = self.engine.docker(
+                    "inspect", "--format", "{{.State.Running}}", revision.container, check=False
+                )
                 if running.stdout.strip() != "true":
                     break
                 time.sleep(0.2)
@@ -306,7 +323,10 @@ class CloudRun:
         serving = service.serving()
         lines = [f"Service URL: {serving.url if serving else ''}"]
         for route in service.traffic:
-            lines.append(f"  {route.percent:3d}% {route.revision}" + (f" (tag {route.tag}: {service.revisions[route.revision].url})" if route.tag else ""))
+            lines.append(
+                f"  {route.percent:3d}% {route.revision}"
+                + (f" (tag {route.tag}: {service.revisions[route.revision].url})" if route.tag else "")
+            )
         return lines
 
 

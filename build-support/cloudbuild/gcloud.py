@@ -71,8 +71,12 @@ def _percents(text: str) -> dict[str, int]:
 def parser() -> _Parser:
     root = _Parser(prog="gcloud", add_help=False)
     groups = root.add_subparsers(dest="group", required=True, parser_class=_Parser)
-    run = groups.add_parser("run", add_help=False).add_subparsers(dest="subgroup", required=True, parser_class=_Parser)
-    services = run.add_parser("services", add_help=False).add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = groups.add_parser("run", add_help=False).add_subparsers(
+        dest="subgroup", required=True, parser_class=_Parser
+    )
+    services = run.add_parser("services", add_help=False).add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
 
     def command(name: str, *, target: str) -> _Parser:
         sub = services.add_parser(name, add_help=False)
@@ -95,7 +99,9 @@ def parser() -> _Parser:
     binding = command("add-iam-policy-binding", target="service")
     binding.add_argument("--member", required=True)
     binding.add_argument("--role", required=True)
-    auth = groups.add_parser("auth", add_help=False).add_subparsers(dest="command", required=True, parser_class=_Parser)
+    auth = groups.add_parser("auth", add_help=False).add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
     token = auth.add_parser("print-identity-token", add_help=False)
     token.add_argument("--audiences", default="32555940559.apps.googleusercontent.com")
     token.add_argument("--impersonate-service-account", required=True, help="the stand-in has no user login")
@@ -118,7 +124,9 @@ def answer(cloud_run: CloudRun, argv: Sequence[str], cwd: Path) -> Answer:
         return Answer(2, stderr=f"ERROR: ({name}) {error}\n")
     try:
         if args.group == "auth":
-            return Answer(0, cloud_run.identity_token(args.audiences, args.impersonate_service_account) + "\n")
+            return Answer(
+                0, cloud_run.identity_token(args.audiences, args.impersonate_service_account) + "\n"
+            )
         if args.command == "replace":
             text = (cwd / args.file).read_text()
             spec = parse(text)
@@ -127,9 +135,14 @@ def answer(cloud_run: CloudRun, argv: Sequence[str], cwd: Path) -> Answer:
             return Answer(0, stderr=cloud_run.add_binding(args.service, args.member, args.role) + "\n")
         if args.command == "describe":
             return Answer(0, json.dumps(cloud_run.describe(args.service), indent=2) + "\n")
-        changes = {k: getattr(args, k) for k in ("to_revisions", "to_tags", "to_latest", "update_tags", "remove_tags")}
+        changes = {
+            k: getattr(args, k)
+            for k in ("to_revisions", "to_tags", "to_latest", "update_tags", "remove_tags")
+        }
         if not any(changes.values()):
-            raise UsageError("at least one of --to-revisions, --to-tags, --to-latest, --update-tags, --remove-tags")
+            raise UsageError(
+                "at least one of --to-revisions, --to-tags, --to-latest, --update-tags, --remove-tags"
+            )
         return Answer(0, stderr="\n".join(cloud_run.update_traffic(args.service, changes)) + "\n")
     except (CloudRunError, InvalidManifest, UsageError, OSError) as error:
         reason = f"manifest {args.file}: {error}" if isinstance(error, InvalidManifest) else str(error)
@@ -173,7 +186,10 @@ def write_client(bin_dir: Path, python: str, path: Sequence[str]) -> Path:
 def main(argv: Sequence[str]) -> int:
     url = os.environ.get(URL_VARIABLE)
     if not url:
-        print(f"ERROR: ({command_name(argv)}) {URL_VARIABLE} is not set: run this through the local runner", file=sys.stderr)
+        print(
+            f"ERROR: ({command_name(argv)}) {URL_VARIABLE} is not set: run this through the local runner",
+            file=sys.stderr,
+        )
         return 1
     request = json.dumps({"argv": list(argv), "cwd": os.getcwd()}).encode()
     with urllib.request.urlopen(urllib.request.Request(url, data=request), timeout=300) as reply:

@@ -91,12 +91,23 @@ class Gcloud:
             ["gcloud", *argv, *where], stdout=subprocess.PIPE if capture else None, text=True, check=False
         )
         if result.returncode != 0:
-            raise CanaryFailed(f"gcloud {' '.join(argv[:3])} failed (exit status {result.returncode}); see above")
+            raise CanaryFailed(
+                f"gcloud {' '.join(argv[:3])} failed (exit status {result.returncode}); see above"
+            )
         return result.stdout or ""
 
     def service(self, name: str) -> dict[str, Any] | None:
         result = subprocess.run(
-            ["gcloud", "run", "services", "describe", name, "--format=json", f"--project={self.project}", f"--region={self.region}"],
+            [
+                "gcloud",
+                "run",
+                "services",
+                "describe",
+                name,
+                "--format=json",
+                f"--project={self.project}",
+                f"--region={self.region}",
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -134,7 +145,9 @@ def rollout_one(gcloud: Gcloud, release: Release, tag: str, steps: Sequence[int]
     )
     path = scratch / f"{release.name}.yaml"
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    say(f"{release.name}: deploying {revision} with no traffic, tag {tag} (serving: {previous or 'nothing yet'})")
+    say(
+        f"{release.name}: deploying {revision} with no traffic, tag {tag} (serving: {previous or 'nothing yet'})"
+    )
     gcloud("run", "services", "replace", str(path))
     described = gcloud.service(release.name)
     assert described is not None
@@ -143,7 +156,9 @@ def rollout_one(gcloud: Gcloud, release: Release, tag: str, steps: Sequence[int]
     except smoke.SmokeFailed as failure:
         gcloud("run", "services", "update-traffic", release.name, f"--remove-tags={tag}")
         moved = "no traffic moved" if previous else "first deploy: it took the traffic when it became ready"
-        raise CanaryFailed(f"{release.name}: smoke test failed: {failure}; {moved}, tag {tag} removed") from None
+        raise CanaryFailed(
+            f"{release.name}: smoke test failed: {failure}; {moved}, tag {tag} removed"
+        ) from None
     say(f"{release.name}: smoke test passed through tag {tag}")
     for percent in steps:
         gcloud("run", "services", "update-traffic", release.name, f"--to-revisions={revision}={percent}")
@@ -161,16 +176,32 @@ def target(gcloud: Gcloud, release: Release, url: str) -> smoke.Target:
         f"--audiences={env['AUTH_AUDIENCE']}", "--include-email", capture=True,
     ).strip()  # fmt: skip
     ca = os.environ.get("TLS_CA_FILE")
-    return smoke.Target(release.kind, url, token, relay="GRPC_PING_HOST" in env, ca_file=Path(ca) if ca else None)
+    return smoke.Target(
+        release.kind, url, token, relay="GRPC_PING_HOST" in env, ca_file=Path(ca) if ca else None
+    )
 
 
 def rollback(gcloud: Gcloud, name: str) -> None:
     service = gcloud.service(name)
-    previous = next((t["revisionName"] for t in (service or {}).get("status", {}).get("traffic", []) if t.get("tag") == PREVIOUS), None)
+    previous = next(
+        (
+            t["revisionName"]
+            for t in (service or {}).get("status", {}).get("traffic", [])
+            if t.get("tag") == PREVIOUS
+        ),
+        None,
+    )
     if service is None or previous is None:
         raise CanaryFailed(f"{name}: no revision is tagged {PREVIOUS!r}: nothing to roll back to")
     current = serving_revision(service)
-    gcloud("run", "services", "update-traffic", name, f"--to-revisions={previous}=100", f"--update-tags={PREVIOUS}={current}")
+    gcloud(
+        "run",
+        "services",
+        "update-traffic",
+        name,
+        f"--to-revisions={previous}=100",
+        f"--update-tags={PREVIOUS}={current}",
+    )
     say(f"{name}: traffic back on {previous}; {current} is now tagged {PREVIOUS}")
 
 
@@ -182,12 +213,16 @@ def traffic_steps(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     out = commands.add_parser("rollout", help="deploy, smoke-test through a tag, shift traffic")
     out.add_argument("manifests", nargs="*", type=Path)
     out.add_argument("--tag", required=True, help="the new revisions' tag, e.g. sha-$SHORT_SHA")
-    out.add_argument("--traffic-steps", type=traffic_steps, default=[100], help="e.g. 10,50,100 (default 100)")
+    out.add_argument(
+        "--traffic-steps", type=traffic_steps, default=[100], help="e.g. 10,50,100 (default 100)"
+    )
     back = commands.add_parser("rollback", help="put a service back on the revision tagged previous")
     back.add_argument("service")
     for command in (out, back):
@@ -199,7 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "rollback":
             rollback(gcloud, args.service)
             return 0
-        releases = [Release(str(m["metadata"]["name"]), m) for m in (yaml.safe_load(p.read_text()) for p in args.manifests)]
+        releases = [
+            Release(str(m["metadata"]["name"]), m)
+            for m in (yaml.safe_load(p.read_text()) for p in args.manifests)
+        ]
         with tempfile.TemporaryDirectory() as scratch:
             for release in callees_first(releases):
                 rollout_one(gcloud, release, args.tag, args.traffic_steps, Path(scratch))

@@ -24,7 +24,11 @@ from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
 CALL_TIMEOUT_S = 10.0
 # Each kind's grpc.health service name (the startup probe's) -> kind.
-KINDS = {"ping.PingService": "ping", "routeguide.RouteGuide": "routeguide", "aggregator.v1.Aggregator": "aggregator"}
+KINDS = {
+    "ping.PingService": "ping",
+    "routeguide.RouteGuide": "routeguide",
+    "aggregator.v1.Aggregator": "aggregator",
+}
 # gRPC's canonical RouteGuide data: the first place, and an area holding some of its 100 features.
 FIRST_PLACE = route_guide_pb2.Point(latitude=409146138, longitude=-746188906)
 FIRST_PLACE_NAME = "Berkshire Valley Management Area Trail, Jefferson, NJ, USA"
@@ -73,9 +77,15 @@ def _call(what: str, rpc, request):  # type: ignore[no-untyped-def]
 
 
 def _health(channel: grpc.Channel, service: str) -> None:
-    reply = _call("grpc.health", health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest(service=service))
+    reply = _call(
+        "grpc.health",
+        health_pb2_grpc.HealthStub(channel).Check,
+        health_pb2.HealthCheckRequest(service=service),
+    )
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        raise SmokeFailed(f"grpc.health: {service} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+        raise SmokeFailed(
+            f"grpc.health: {service} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        )
 
 
 def _ping(channel: grpc.Channel, target: Target) -> None:
@@ -87,7 +97,9 @@ def _ping(channel: grpc.Channel, target: Target) -> None:
 
 
 def _routeguide(channel: grpc.Channel, target: Target) -> None:
-    feature = _call("routeguide.GetFeature", route_guide_pb2_grpc.RouteGuideStub(channel).GetFeature, FIRST_PLACE)
+    feature = _call(
+        "routeguide.GetFeature", route_guide_pb2_grpc.RouteGuideStub(channel).GetFeature, FIRST_PLACE
+    )
     if feature.name != FIRST_PLACE_NAME:
         raise SmokeFailed(f"routeguide.GetFeature: the first canonical place is named {feature.name!r}")
 
