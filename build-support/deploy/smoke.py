@@ -90,9 +90,10 @@ def _health(channel: grpc.Channel, service: str) -> None:
 
 def _ping(channel: grpc.Channel, target: Target) -> None:
     stub = ping_pb2_grpc.PingServiceStub(channel)
-    rpc, name = (stub.SendUpstream, "SendUpstream") if target.relay else (stub.Send, "Send")
+    # The relay's upstream echoes what the relay sends it: the message, marked relayed.
+    rpc, name, echo = (stub.SendUpstream, "SendUpstream", "canary (relayed)") if target.relay else (stub.Send, "Send", "canary")
     reply = _call(f"ping.{name}", rpc, ping_pb2.Request(message="canary"))
-    if reply.pong.message != "canary":
+    if reply.pong.message != echo:
         raise SmokeFailed(f"ping.{name}: answered {reply.pong.message!r} to 'canary'")
 
 
