@@ -57,6 +57,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--record", type=Path, help="also copy the Cloud Run stand-in's record (JSON lines) here"
     )
+    parser.add_argument("--state", type=Path, help="keep the project (the registry's images, the Cloud Run services"
+                        " and their traffic) here between builds, as a real project keeps them (default: none kept)")
     parser.add_argument("--keep-workspace", action="store_true", help="leave the workspace folder for a look")
     return parser.parse_args(argv)
 
@@ -78,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if engine.started:
             stack.callback(daemon.stop)
         base_image.ensure(engine)
-        local_registry = registry.start(scratch / "registry")
+        state = args.state.resolve() if args.state else scratch / "state"
+        local_registry = registry.start(state / "registry")
         stack.callback(local_registry.stop)
         overrides = {"_REGISTRY": f"{local_registry.address}/${{PROJECT_ID}}/${{_REPOSITORY}}"}
         try:

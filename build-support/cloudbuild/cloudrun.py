@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cloudbuild.manifest import RevisionSpec, Traffic
+from cloudbuild.manifest import RevisionSpec, Traffic, parse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from emulators.dev_ca import DevCerts, ensure_dev_certs
@@ -52,6 +52,7 @@ class Revision:
     port: int
     container: str
     env: dict[str, str]
+    manifest: str = ""  # what `replace` was given: a later build with the same state starts it again
 
     @property
     def url(self) -> str:
@@ -107,6 +108,7 @@ class CloudRun:
     state: Path
     project_number: str
     say: Callable[[str], None]
+    record_file: Path | None = None  # default: STATE/record.jsonl
     services: dict[str, Service] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -115,15 +117,20 @@ class CloudRun:
         certs = ensure_dev_certs(self.state / "certs")
         self.ca_cert = certs.ca_cert
         self.served: DevCerts = container_certs(certs, self.state / "container-certs")
-        self.record_file = self.state / "record.jsonl"
+        self.record_file = self.record_file or self.state / "record.jsonl"
+        self.services_file = self.state / "services.json"
         self._counter = itertools.count(1)
+        if self.services_file.exists():
+            self._restore(json.loads(self.services_file.read_text()))
 
     # -- what gcloud asks ------------------------------------------------------------------------------------
     def record(self, command: str, **details: Any) -> None:
+        assert self.record_file is not None
         with self.lock, self.record_file.open("a") as out:
             out.write(json.dumps({"command": command, **details}) + "\n")
 
-    def replace(self, spec: RevisionSpec, region: str) -> list[str]:
+    def replace(self, text: str, region: str) -> list[str]:
+        spec = parse(text)
         with self.lock:
             if spec.region and spec.region != region:
                 raise CloudRunError(f"the manifest's location {spec.region} is not --region={region}")
@@ -133,6 +140,7 @@ class CloudRun:
                 raise CloudRunError(f"Revision named '{name}' with different configuration already exists.")
             traffic = self._routes(service, spec.traffic, new=name)
             revision = self._start(service, spec, name)
+            revision.manifest = text
             service.revisions[name] = revision
             service.latest = name
             service.traffic = traffic
@@ -207,7 +215,31 @@ class CloudRun:
             self.record("auth print-identity-token", audience=audience, account=account)
             return self.identity.mint(account, audience)
 
+    def save(self) -> None:
+        """The services as a project keeps them between builds: region, traffic and the revisions it names."""
+        saved = []
+        for service in self.services.values():
+            named = {r.revision for r in service.traffic}
+            saved.append({
+                "name": service.name, "region": service.region, "latest": service.latest,
+                "traffic": [asdict(r) for r in service.traffic],
+                "revisions": {n: r.manifest for n, r in service.revisions.items() if n in named},
+            })  # fmt: skip
+        self.services_file.write_text(json.dumps(saved, indent=1))
+
+    def _restore(self, saved: list[dict[str, Any]]) -> None:
+        # In the order they were first deployed (callees first), so callers find their upstreams serving.
+        for entry in saved:
+            service = Service(entry["name"], entry["region"], latest=entry["latest"])
+            service.traffic = [Route(**r) for r in entry["traffic"]]
+            for name, manifest in entry["revisions"].items():
+                revision = self._start(service, parse(manifest), name, pull=False)
+                revision.manifest = manifest
+                service.revisions[name] = revision
+            self.services[service.name] = service
+
     def close(self) -> None:
+        self.save()
         for service in self.services.values():
             for revision in service.revisions.values():
                 self.engine.docker("rm", "--force", revision.container, check=False)
@@ -235,8 +267,9 @@ class CloudRun:
             routes.append(Route(revision, target.percent, target.tag))
         return routes
 
-    def _start(self, service: Service, spec: RevisionSpec, name: str) -> Revision:
-        self.engine.docker("pull", spec.image, timeout=300)  # from the local registry, as Cloud Run pulls
+    def _start(self, service: Service, spec: RevisionSpec, name: str, pull: bool = True) -> Revision:
+        if pull:  # from the local registry, as Cloud Run pulls; a restored revision runs the image it pulled
+            self.engine.docker("pull", spec.image, timeout=300)
         port = free_port()
         env = {
             **self._platform_env(spec),

@@ -28,7 +28,7 @@ from pathlib import Path
 from threading import Thread
 
 from cloudbuild.cloudrun import CloudRun, CloudRunError
-from cloudbuild.manifest import InvalidManifest, parse
+from cloudbuild.manifest import InvalidManifest
 
 URL_VARIABLE = "CLOUDRUN_STANDIN_URL"
 
@@ -129,8 +129,7 @@ def answer(cloud_run: CloudRun, argv: Sequence[str], cwd: Path) -> Answer:
             )
         if args.command == "replace":
             text = (cwd / args.file).read_text()
-            spec = parse(text)
-            return Answer(0, stderr="\n".join(cloud_run.replace(spec, args.region)) + "\n")
+            return Answer(0, stderr="\n".join(cloud_run.replace(text, args.region)) + "\n")
         if args.command == "add-iam-policy-binding":
             return Answer(0, stderr=cloud_run.add_binding(args.service, args.member, args.role) + "\n")
         if args.command == "describe":

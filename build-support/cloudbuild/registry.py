@@ -4,6 +4,7 @@ by whoever started it. dockerd pushes to 127.0.0.0/8 over plain HTTP without con
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine import debian
 
@@ -23,6 +25,14 @@ START_TIMEOUT_S = 20.0
 class Registry:
     address: str  # host:port, the image name prefix
     process: subprocess.Popen[bytes]
+
+    def images(self) -> dict[str, list[str]]:
+        """Repository -> its tags, as the registry's API lists them."""
+        def get(path: str) -> dict[str, Any]:
+            with urllib.request.urlopen(f"http://{self.address}/v2/{path}", timeout=5) as answer:
+                return dict(json.loads(answer.read()))
+
+        return {repo: sorted(get(f"{repo}/tags/list").get("tags") or []) for repo in get("_catalog")["repositories"]}
 
     def stop(self) -> None:
         self.process.terminate()

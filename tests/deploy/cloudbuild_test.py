@@ -71,7 +71,7 @@ def test_the_schema_check_reports_an_invalid_config(tmp_path: Path) -> None:
 
 def test_substitutions_have_defaults_and_are_all_used() -> None:
     declared = config()["substitutions"]
-    assert {"_REGION", "_REPOSITORY", "_SERVICES", "_BASE_REF", "_VPC", "_NETWORK", "_SUBNET"} <= set(
+    assert {"_REGION", "_REPOSITORY", "_SERVICES", "_BASE_REF", "_VERIFY", "_VPC", "_NETWORK", "_SUBNET"} <= set(
         declared
     )
     assert all(isinstance(value, str) for value in declared.values())
