@@ -57,8 +57,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--record", type=Path, help="also copy the Cloud Run stand-in's record (JSON lines) here"
     )
-    parser.add_argument("--state", type=Path, help="keep the project (the registry's images, the Cloud Run services"
-                        " and their traffic) here between builds, as a real project keeps them (default: none kept)")
+    parser.add_argument(
+        "--state",
+        type=Path,
+        help="keep the project (the registry's images, the Cloud Run services"
+        " and their traffic) here between builds, as a real project keeps them (default: none kept)",
+    )
     parser.add_argument("--keep-workspace", action="store_true", help="leave the workspace folder for a look")
     return parser.parse_args(argv)
 
@@ -92,16 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (SubstitutionError, config.ConfigError) as error:
             say(f"ERROR: {error}")
             return INVALID
-        cloud_run = CloudRun(engine, scratch / "cloudrun", project.number, say)
+        record = args.record.resolve() if args.record else scratch / "record.jsonl"
+        record.write_text("")
+        cloud_run = CloudRun(engine, state / "cloudrun", project.number, say, record)
         stack.callback(cloud_run.close)
-        if args.record:
-            stack.callback(
-                lambda: (
-                    shutil.copyfile(cloud_run.record_file, args.record)
-                    if cloud_run.record_file.exists()
-                    else args.record.write_text("")
-                )
-            )
+        # What the build left in the registry, for the record.
+        stack.callback(lambda: cloud_run.record("registry", images=local_registry.images()))
         control = gcloud.serve(cloud_run)
         stack.callback(control.shutdown)
         tools = scratch / "bin"
@@ -124,9 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"ERROR: {failure}")
             return 1
         finally:
-            say(
-                f"cloudbuild: {time.monotonic() - began:.0f} s; the stand-in's record: {args.record or cloud_run.record_file}"
-            )
+            say(f"cloudbuild: {time.monotonic() - began:.0f} s; the stand-in's record: {record}")
         for result in results.values():
             say(f"  {result.step.id:12} {result.status:9} {result.seconds:6.1f} s")
     return 0

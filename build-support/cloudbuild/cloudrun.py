@@ -108,7 +108,7 @@ class CloudRun:
     state: Path
     project_number: str
     say: Callable[[str], None]
-    record_file: Path | None = None  # default: STATE/record.jsonl
+    record_to: Path | None = None  # where the record goes (default: STATE/record.jsonl)
     services: dict[str, Service] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,7 +117,7 @@ class CloudRun:
         certs = ensure_dev_certs(self.state / "certs")
         self.ca_cert = certs.ca_cert
         self.served: DevCerts = container_certs(certs, self.state / "container-certs")
-        self.record_file = self.record_file or self.state / "record.jsonl"
+        self.record_file: Path = self.record_to or self.state / "record.jsonl"
         self.services_file = self.state / "services.json"
         self._counter = itertools.count(1)
         if self.services_file.exists():
@@ -125,7 +125,6 @@ class CloudRun:
 
     # -- what gcloud asks ------------------------------------------------------------------------------------
     def record(self, command: str, **details: Any) -> None:
-        assert self.record_file is not None
         with self.lock, self.record_file.open("a") as out:
             out.write(json.dumps({"command": command, **details}) + "\n")
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cloudbuild.cloudrun import CloudRun, Revision, Route, Service
 from cloudbuild.gcloud import answer
 from cloudbuild.manifest import InvalidManifest, parse
+
 from deploy.reach import Topology, Vpc
 from deploy.render import render_manifest
 from engine.daemon import Engine
@@ -53,7 +53,11 @@ def test_unknown_flags_commands_and_missing_region_are_refused_and_recorded(clou
         2,
         "ERROR: (gcloud.run.services.replace) unrecognized arguments: --no-traffic\n",
     )
-    missing = answer(cloud_run, ["run", "services", "describe", "ping", "--project=demo-project", "--format=json"], Path("."))
+    missing = answer(
+        cloud_run,
+        ["run", "services", "describe", "ping", "--project=demo-project", "--format=json"],
+        Path("."),
+    )
     assert missing.code == 2 and "the following arguments are required: --region" in missing.stderr
     assert answer(cloud_run, ["run", "deploy", "ping", *WHERE], Path(".")).code == 2
     assert [r["command"] for r in records(cloud_run)] == ["refused"] * 3
@@ -68,7 +72,9 @@ def test_every_rendered_manifest_is_a_valid_cloud_run_service(tmp_path: Path) ->
 
 def test_manifests_cloud_run_would_refuse(tmp_path: Path, cloud_run: CloudRun) -> None:
     # Unrendered: ${IMAGE} is no image reference.
-    raw = answer(cloud_run, ["run", "services", "replace", str(ROOT / "services/ping/service.yaml"), *WHERE], Path("."))
+    raw = answer(
+        cloud_run, ["run", "services", "replace", str(ROOT / "services/ping/service.yaml"), *WHERE], Path(".")
+    )
     assert raw.code == 1 and "is not a registry image reference" in raw.stderr
     document = yaml.safe_load(rendered(tmp_path).read_text())
     container = document["spec"]["template"]["spec"]["containers"][0]
@@ -76,7 +82,9 @@ def test_manifests_cloud_run_would_refuse(tmp_path: Path, cloud_run: CloudRun) -
     document["spec"]["traffic"] = [{"latestRevision": True, "percent": 90}]
     with pytest.raises(InvalidManifest) as refused:
         parse(yaml.safe_dump(document))
-    assert "env PORT is reserved" in str(refused.value) and "percents must add up to 100" in str(refused.value)
+    assert "env PORT is reserved" in str(refused.value) and "percents must add up to 100" in str(
+        refused.value
+    )
     document = yaml.safe_load(rendered(tmp_path).read_text())
     document["spec"]["template"]["metadata"]["name"] = "other-sha-1"
     with pytest.raises(InvalidManifest, match="must be ping-<suffix>"):
@@ -85,7 +93,10 @@ def test_manifests_cloud_run_would_refuse(tmp_path: Path, cloud_run: CloudRun) -
 
 def test_describe_of_a_service_never_deployed(cloud_run: CloudRun) -> None:
     missing = answer(cloud_run, ["run", "services", "describe", "ping", *WHERE, "--format=json"], Path("."))
-    assert (missing.code, missing.stderr) == (1, "ERROR: (gcloud.run.services.describe) Cannot find service [ping]\n")
+    assert (missing.code, missing.stderr) == (
+        1,
+        "ERROR: (gcloud.run.services.describe) Cannot find service [ping]\n",
+    )
 
 
 def test_traffic_moves_by_revision_and_tag_as_cloud_run_moves_it(cloud_run: CloudRun) -> None:
@@ -106,10 +117,21 @@ def test_traffic_moves_by_revision_and_tag_as_cloud_run_moves_it(cloud_run: Clou
         ("ping-old", 0, "previous"),
         ("ping-new", 100, None),
     ]
-    described = json.loads(answer(cloud_run, ["run", "services", "describe", "ping", *WHERE, "--format=json"], Path(".")).stdout)
+    described = json.loads(
+        answer(cloud_run, ["run", "services", "describe", "ping", *WHERE, "--format=json"], Path(".")).stdout
+    )
     assert described["status"]["url"] == "https://localhost:1002"
-    assert {"revisionName": "ping-old", "percent": 0, "tag": "previous", "url": "https://localhost:1001"} in described["status"]["traffic"]
-    unknown = answer(cloud_run, ["run", "services", "update-traffic", "ping", "--to-revisions=ping-gone=100", *WHERE], Path("."))
+    assert {
+        "revisionName": "ping-old",
+        "percent": 0,
+        "tag": "previous",
+        "url": "https://localhost:1001",
+    } in described["status"]["traffic"]
+    unknown = answer(
+        cloud_run,
+        ["run", "services", "update-traffic", "ping", "--to-revisions=ping-gone=100", *WHERE],
+        Path("."),
+    )
     assert unknown.code == 1 and "Revision [ping-gone] of service [ping] does not exist" in unknown.stderr
 
 

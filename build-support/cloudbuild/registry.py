@@ -28,11 +28,15 @@ class Registry:
 
     def images(self) -> dict[str, list[str]]:
         """Repository -> its tags, as the registry's API lists them."""
+
         def get(path: str) -> dict[str, Any]:
             with urllib.request.urlopen(f"http://{self.address}/v2/{path}", timeout=5) as answer:
                 return dict(json.loads(answer.read()))
 
-        return {repo: sorted(get(f"{repo}/tags/list").get("tags") or []) for repo in get("_catalog")["repositories"]}
+        return {
+            repo: sorted(get(f"{repo}/tags/list").get("tags") or [])
+            for repo in get("_catalog")["repositories"]
+        }
 
     def stop(self) -> None:
         self.process.terminate()

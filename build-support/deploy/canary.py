@@ -145,9 +145,8 @@ def rollout_one(gcloud: Gcloud, release: Release, tag: str, steps: Sequence[int]
     )
     path = scratch / f"{release.name}.yaml"
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    say(
-        f"{release.name}: deploying {revision} with no traffic, tag {tag} (serving: {previous or 'nothing yet'})"
-    )
+    holding = f"no traffic (it stays on {previous})" if previous else "the traffic (a first deploy)"
+    say(f"{release.name}: deploying {revision} with {holding}, tag {tag}")
     gcloud("run", "services", "replace", str(path))
     described = gcloud.service(release.name)
     assert described is not None

@@ -91,7 +91,11 @@ def _health(channel: grpc.Channel, service: str) -> None:
 def _ping(channel: grpc.Channel, target: Target) -> None:
     stub = ping_pb2_grpc.PingServiceStub(channel)
     # The relay's upstream echoes what the relay sends it: the message, marked relayed.
-    rpc, name, echo = (stub.SendUpstream, "SendUpstream", "canary (relayed)") if target.relay else (stub.Send, "Send", "canary")
+    rpc, name, echo = (
+        (stub.SendUpstream, "SendUpstream", "canary (relayed)")
+        if target.relay
+        else (stub.Send, "Send", "canary")
+    )
     reply = _call(f"ping.{name}", rpc, ping_pb2.Request(message="canary"))
     if reply.pong.message != echo:
         raise SmokeFailed(f"ping.{name}: answered {reply.pong.message!r} to 'canary'")

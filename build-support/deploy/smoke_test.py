@@ -1,5 +1,6 @@
 """The canary's smoke test against the real local mesh (processes, TLS, ID tokens): every service passes;
-a routeguide started on the wrong database and a ping started with the wrong audience fail, naming the check."""
+a routeguide started on the wrong database and a ping started with the wrong audience fail, naming the check.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ async def test_a_routeguide_on_the_wrong_database_fails_its_call(mesh: Mesh, tmp
     write_database(generated_database(count=5), str(database))
     process = await broken(mesh, "routeguide", ROUTEGUIDE_DB=str(database))
     try:
-        with pytest.raises(smoke.SmokeFailed, match=r"^routeguide.GetFeature: the first canonical place is named ''"):
+        with pytest.raises(
+            smoke.SmokeFailed, match=r"^routeguide.GetFeature: the first canonical place is named ''"
+        ):
             await asyncio.to_thread(smoke.check, target(mesh, "routeguide", process.port))
     finally:
         await process.stop()

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from cloudbuild import config as build_config
 from cloudbuild.substitutions import BUILT_IN as RUNNER_BUILT_IN
+
 from deploy import affected, canary, invokers, render
 from deploy.reach import Vpc
 from tests.deploy.repo import ROOT
@@ -71,9 +71,16 @@ def test_the_schema_check_reports_an_invalid_config(tmp_path: Path) -> None:
 
 def test_substitutions_have_defaults_and_are_all_used() -> None:
     declared = config()["substitutions"]
-    assert {"_REGION", "_REPOSITORY", "_SERVICES", "_BASE_REF", "_VERIFY", "_VPC", "_NETWORK", "_SUBNET"} <= set(
-        declared
-    )
+    assert {
+        "_REGION",
+        "_REPOSITORY",
+        "_SERVICES",
+        "_BASE_REF",
+        "_VERIFY",
+        "_VPC",
+        "_NETWORK",
+        "_SUBNET",
+    } <= set(declared)
     assert all(isinstance(value, str) for value in declared.values())
     assert declared["_SERVICES"] == ""  # a push deploys what changed; a manual run sets all or a list
     # _REGISTRY is made of others (dynamicSubstitutions); every other declared one is named by a step.
