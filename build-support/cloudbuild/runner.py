@@ -67,15 +67,19 @@ class Runner:
         ]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                self._fail(
-                    BuildFailed(self.build.steps[0], f"build timed out after {self.build.timeout_s:g}s")
-                )
-                for t in threads:
-                    t.join(STOP_GRACE_S + 5)
-                break
+        try:
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    timeout = f"build timed out after {self.build.timeout_s:g}s"
+                    self._fail(BuildFailed(self.build.steps[0], timeout))
+                    break
+        except BaseException:  # the runner itself is stopped (Ctrl-C, a test's timeout): so are its steps
+            self._fail(BuildFailed(self.build.steps[0], "build cancelled"))
+            raise
+        finally:
+            for thread in threads:
+                thread.join(STOP_GRACE_S + 5)
         if self._failed:
             raise self._failed
         return self.results

@@ -38,6 +38,8 @@ TOP_LEVEL = [
     "cloudbuild.yaml", "libs", "pants", "pants.toml", "protos", "pyproject.toml", "python-default.lock",
     "requirements.txt", "services", "tests",
 ]  # fmt: skip
+# Each build packages, builds and deploys for real (1-4 minutes each); pytest's default timeout is 120 s.
+pytestmark = pytest.mark.timeout(900)
 REPLACE = "run services replace"
 TRAFFIC = "run services update-traffic"
 
