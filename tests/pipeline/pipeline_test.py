@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cloudbuild.__main__ import main as cloudbuild
+
 from engine import base_image, daemon
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,9 @@ class Project:
     def git(self, *argv: str) -> str:
         env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}  # fmt: skip
-        return subprocess.run(["git", *argv], cwd=self.repo, env=env, check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", *argv], cwd=self.repo, env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     def commit(self, message: str, path: str, edit: Any) -> str:
         target = self.repo / path
@@ -100,7 +102,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
         for name in TOP_LEVEL:
             source = ROOT / name
             if source.is_dir():
-                shutil.copytree(source, found.repo / name, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
+                shutil.copytree(
+                    source, found.repo / name, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True
+                )
             elif source.exists():
                 shutil.copy2(source, found.repo / name)
         found.git("init", "--quiet", "--initial-branch=main")
@@ -129,7 +133,9 @@ def services_now(project: Project) -> dict[str, Any]:
 
 
 def test_a_ping_only_commit_deploys_only_ping(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
-    sha = project.commit("ping: a comment", "services/ping/main.py", lambda t: t + "# touched by the pipeline test\n")
+    sha = project.commit(
+        "ping: a comment", "services/ping/main.py", lambda t: t + "# touched by the pipeline test\n"
+    )
     outcome = build(project, capsys, "ping")
     assert outcome.code == 0, outcome.output[-3000:]
     # ping's image serves both of ping's Cloud Run services; the upstream first.
@@ -138,19 +144,29 @@ def test_a_ping_only_commit_deploys_only_ping(project: Project, capsys: pytest.C
     for service in ("ping-upstream", "ping"):
         replaced = outcome.first(REPLACE, service)
         # Pulled back from the registry and serving (the stand-in records a replace once the probe passed).
-        assert replaced["revision"] == f"{service}-sha-{sha}" and replaced["image"].endswith(f"/mesh/ping:{sha}")
+        assert replaced["revision"] == f"{service}-sha-{sha}" and replaced["image"].endswith(
+            f"/mesh/ping:{sha}"
+        )
         # The smoke test's token, as one of the service's callers, for its audience.
         audience = f"https://{service}-123456789012.europe-west1.run.app"
-        assert any(r.get("audience") == audience for r in outcome.records if r["command"] == "auth print-identity-token")
+        assert any(
+            r.get("audience") == audience
+            for r in outcome.records
+            if r["command"] == "auth print-identity-token"
+        )
         assert outcome.last(TRAFFIC, service)["traffic"] == [
             {"revision": f"{service}-sha-{sha}", "percent": 100, "tag": None}
         ]
     assert "canary: ping: smoke test passed through tag sha-" in outcome.output
 
 
-def test_a_libs_commit_deploys_all_three_the_called_first(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_libs_commit_deploys_all_three_the_called_first(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = services_now(project)
-    sha = project.commit("libs: a comment", "libs/mesh/serving.py", lambda t: t + "# touched by the pipeline test\n")
+    sha = project.commit(
+        "libs: a comment", "libs/mesh/serving.py", lambda t: t + "# touched by the pipeline test\n"
+    )
     outcome = build(project, capsys, "libs")
     assert outcome.code == 0, outcome.output[-3000:]
     order = outcome.replaced()
@@ -186,7 +202,9 @@ def test_a_docs_only_commit_deploys_nothing(project: Project, capsys: pytest.Cap
 def test_a_revision_failing_its_smoke_test_moves_no_traffic_and_fails_the_build(
     project: Project, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    serving = next(r["revision"] for r in services_now(project)["routeguide"]["traffic"] if r["percent"] == 100)
+    serving = next(
+        r["revision"] for r in services_now(project)["routeguide"]["traffic"] if r["percent"] == 100
+    )
     # The image still starts and serves health; only its answers are wrong.
     sha = project.commit(
         "routeguide: a renamed place",
@@ -196,7 +214,11 @@ def test_a_revision_failing_its_smoke_test_moves_no_traffic_and_fails_the_build(
     outcome = build(project, capsys, "broken")
     assert outcome.code == 1
     assert outcome.replaced() == ["routeguide"]
-    assert outcome.first(REPLACE, "routeguide")["traffic"][0] == {"revision": serving, "percent": 100, "tag": None}
+    assert outcome.first(REPLACE, "routeguide")["traffic"][0] == {
+        "revision": serving,
+        "percent": 100,
+        "tag": None,
+    }
     assert (
         "canary: FAILED: routeguide: smoke test failed: routeguide.GetFeature: the first canonical place is named"
         " 'Somewhere Else, Jefferson, NJ, USA'; no traffic moved, tag sha-" + sha + " removed"
