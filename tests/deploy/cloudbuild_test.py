@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cloudbuild import config as build_config
+from cloudbuild.substitutions import BUILT_IN as RUNNER_BUILT_IN
 
-from deploy import affected, invokers, render
+from deploy import affected, canary, invokers, render
 from deploy.reach import Vpc
 from tests.deploy.repo import ROOT
 
@@ -69,14 +71,28 @@ def test_the_schema_check_reports_an_invalid_config(tmp_path: Path) -> None:
 
 def test_substitutions_have_defaults_and_are_all_used() -> None:
     declared = config()["substitutions"]
-    assert {"_REGION", "_REPOSITORY", "_SERVICES", "_BASE_REF", "_VPC", "_NETWORK", "_SUBNET"} <= set(
-        declared
-    )
+    assert {
+        "_REGION",
+        "_REPOSITORY",
+        "_SERVICES",
+        "_BASE_REF",
+        "_VERIFY",
+        "_VPC",
+        "_NETWORK",
+        "_SUBNET",
+    } <= set(declared)
     assert all(isinstance(value, str) for value in declared.values())
     assert declared["_SERVICES"] == ""  # a push deploys what changed; a manual run sets all or a list
-    used = references()
-    # Cloud Build fails a build whose config names an undeclared substitution (or declares an unused one).
+    # _REGISTRY is made of others (dynamicSubstitutions); every other declared one is named by a step.
+    assert config()["options"]["dynamicSubstitutions"] is True
+    parts = {m["braced"] or m["bare"] for m in REFERENCE.finditer(declared["_REGISTRY"])}
+    used = references() | parts
     assert used - BUILT_IN == set(declared)
+    # Cloud Build fails a build whose config names an undeclared substitution (or declares an unused one):
+    # the local runner applies the same rules, so the file loads there with every built-in filled in.
+    assert BUILT_IN <= set(RUNNER_BUILT_IN)
+    build = build_config.load(CLOUDBUILD.read_text(), {name: "x" for name in RUNNER_BUILT_IN}, {})
+    assert build.substitutions["_REGISTRY"] == "europe-west1-docker.pkg.dev/x/mesh"
 
 
 def test_every_dollar_is_a_substitution_or_escaped_for_bash() -> None:
@@ -96,11 +112,14 @@ def test_pipeline_steps_in_order() -> None:
         "python3.11 -m deploy.affected" in script["select"] and "/workspace/affected.txt" in script["select"]
     )
     assert "./pants --no-pantsd package" in script["package"] and "-m deploy.render" in script["package"]
-    assert "docker push" in script["images"] and ":${SHORT_SHA}" in script["images"]
+    assert "docker push" in script["images"] and '"${_REGISTRY}/$$svc:${SHORT_SHA}"' in script["images"]
     # What tests/images build is what Cloud Build builds: one script.
     assert "build-support/engine/build_image.sh" in script["images"]
-    assert "gcloud run services replace" in script["deploy"]
-    assert "docker.pkg.dev/${PROJECT_ID}/${_REPOSITORY}" in script["images"]
+    assert config()["substitutions"]["_REGISTRY"] == "${_REGION}-docker.pkg.dev/${PROJECT_ID}/${_REPOSITORY}"
+    # Every deploy is a canary: tagged, smoke-tested, then the traffic (build-support/deploy/canary.py).
+    assert "build-support/deploy:canary" in script["package"]
+    assert "canary.pex rollout" in script["deploy"] and '--tag="sha-${SHORT_SHA}"' in script["deploy"]
+    assert '--traffic-steps="${_TRAFFIC_STEPS}"' in script["deploy"]
 
 
 def test_named_files_and_programs_exist() -> None:
@@ -109,7 +128,9 @@ def test_named_files_and_programs_exist() -> None:
         ROOT / "build-support" / "deploy" / "builder.Dockerfile"
     ).is_file() and "build-support/deploy/builder.Dockerfile" in text
     assert (ROOT / "build-support" / "engine" / "build_image.sh").is_file()
-    programs = {module.__name__: module for module in (affected, invokers, render)}
+    programs = {module.__name__: module for module in (affected, canary, invokers, render)}
+    # The canary runs as the PEX the package step builds (build-support/deploy:canary, in dist/).
+    assert "dist/build-support.deploy/canary.pex" in text
     for name in set(re.findall(r"-m (deploy\.\w+)", text)):
         assert callable(getattr(programs.get(name), "main", None)), f"{name} is not a deploy program"
 
