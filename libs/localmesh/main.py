@@ -68,9 +68,10 @@ def print_endpoints(mesh: Mesh) -> None:
     say("")
 
 
-async def print_calls(mesh: Mesh, title: str) -> None:
-    """The services' call metrics (received over OTLP), one line per method."""
-    served = await mesh.calls.settled(quiet=0.7, timeout=3.0)
+async def print_calls(mesh: Mesh, title: str, *, running: bool = True) -> None:
+    """The services' call metrics (received over OTLP), one line per method; while the mesh runs, once the
+    exports have settled (after it stopped, nothing more arrives)."""
+    served = await mesh.calls.settled(quiet=0.7, timeout=3.0) if running else mesh.calls.calls()
     say(f"{title} (from the services' rpc.server.duration metrics):")
     for line in calls.table(served):
         say(f"  {line}")
@@ -108,7 +109,8 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         codes = await mesh.stop()
         if mesh.calls.calls():
-            await print_calls(mesh, "Calls served while the mesh ran")  # each service flushed on SIGTERM
+            # Each service flushed its last points on SIGTERM, before mesh.stop returned.
+            await print_calls(mesh, "Calls served while the mesh ran", running=False)
         crashed = {name: code for name, code in codes.items() if code not in (0, None)}
         if crashed:
             say(f"mesh: stopped; exit codes {crashed}")

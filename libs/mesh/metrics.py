@@ -46,7 +46,6 @@ DURATION_BUCKETS_MS = (
     1000.0, 2500.0, 5000.0, 7500.0, 10000.0, 60000.0,
 )  # fmt: skip
 MESSAGE_BUCKETS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 10000.0)
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _exporter(name: str) -> MetricExporter:
@@ -148,7 +147,3 @@ class RpcMetrics:
                 self._methods[name] = tracked
             return tracked
         return self._methods[name]
-
-
-def status_of(number: int) -> grpc.StatusCode:
-    return _CODES.get(number, grpc.StatusCode.UNKNOWN)

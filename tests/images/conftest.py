@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine import base_image, daemon
-from tests.images.containers import ServiceImage, build_image
+from tests.images.containers import ServiceImage, build_image, engine_or_skip
 
 # Service -> the gRPC service name its health reports.
 SERVICES = {
@@ -36,12 +36,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[daemon.Engine]:
-    try:
-        found = daemon.ensure()
-    except daemon.NoEngine as e:
-        if os.environ.get("REQUIRE_IMAGE_TESTS") == "1":
-            pytest.fail(f"REQUIRE_IMAGE_TESTS=1 but {e}", pytrace=False)
-        pytest.skip(str(e))
+    found = engine_or_skip()
     # Whatever in this session runs `docker` (the container mesh's launcher) reaches the same engine.
     os.environ.update(found.env())
     try:

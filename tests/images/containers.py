@@ -8,6 +8,7 @@ container shares the host's network and gets a free port of its own.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -18,14 +19,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine import daemon
 from engine.daemon import Engine
 from localmesh.containers import CLOUD_RUN_FLAGS
 from mesh.testing import NO_REUSEPORT
 
 BUILD_SCRIPT = Path("build-support/engine/build_image.sh")
 SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def engine_or_skip() -> Engine:
+    """The container engine (build-support/engine), or the test skipped with the one line saying why; under
+    REQUIRE_IMAGE_TESTS=1 (set by .ci/run) a failure instead, so that CI never passes by skipping."""
+    try:
+        return daemon.ensure()
+    except daemon.NoEngine as e:
+        if os.environ.get("REQUIRE_IMAGE_TESTS") == "1":
+            pytest.fail(f"REQUIRE_IMAGE_TESTS=1 but {e}", pytrace=False)
+        pytest.skip(str(e))
 
 
 @dataclass(frozen=True)

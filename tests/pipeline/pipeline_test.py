@@ -30,6 +30,7 @@ import pytest
 from cloudbuild.__main__ import main as cloudbuild
 
 from engine import base_image, daemon
+from tests.images.containers import engine_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
 # The repository's top level (the Pants sandbox also holds the test's own tools).
@@ -86,12 +87,7 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
-    try:
-        engine = daemon.ensure()
-    except daemon.NoEngine as e:
-        if os.environ.get("REQUIRE_IMAGE_TESTS") == "1":
-            pytest.fail(f"REQUIRE_IMAGE_TESTS=1 but {e}", pytrace=False)
-        pytest.skip(str(e))
+    engine = engine_or_skip()
     try:
         base_image.ensure(engine)
         os.environ.update(engine.env())
