@@ -11,6 +11,13 @@ from ping import ping_pb2, ping_pb2_grpc
 NO_UPSTREAM = "no upstream configured: set GRPC_PING_HOST to the upstream's host:port to use SendUpstream"
 
 
+def pong(request: ping_pb2.Request) -> ping_pb2.Response:
+    """Send's answer: the message echoed, with the time it was received."""
+    received = Timestamp()
+    received.GetCurrentTime()
+    return ping_pb2.Response(pong=ping_pb2.Pong(index=1, message=request.message, received_on=received))
+
+
 class PingServicer(ping_pb2_grpc.PingServiceServicer):
     def __init__(
         self, upstream: ping_pb2_grpc.PingServiceAsyncStub | None = None, upstream_name: str = ""
@@ -19,9 +26,7 @@ class PingServicer(ping_pb2_grpc.PingServiceServicer):
         self._upstream_name = upstream_name
 
     async def Send(self, request: ping_pb2.Request, context: grpc.aio.ServicerContext) -> ping_pb2.Response:
-        received = Timestamp()
-        received.GetCurrentTime()
-        return ping_pb2.Response(pong=ping_pb2.Pong(index=1, message=request.message, received_on=received))
+        return pong(request)
 
     async def SendUpstream(
         self, request: ping_pb2.Request, context: grpc.aio.ServicerContext
