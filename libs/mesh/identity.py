@@ -4,7 +4,7 @@
 Cache-Control max-age, refetched once on an unknown key id), its audience, issuer and times, then the
 caller's email against an optional allow-list. Verified tokens are cached until they expire, so a caller
 that reuses its token (as mesh.tokens does) pays a dict lookup per call, not an RSA verification.
-mesh.server_chain applies it (`admitter`) to every RPC of a grpc.aio server except the exempt methods.
+mesh.server_chain applies it (`admitter`) to every RPC of a server except the exempt methods.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from mesh.handler_kinds import Pending, Refusal, Threads
 from mesh.issuer_keys import IssuerKeys, b64decode
 from mesh.probes import HEALTH
 from mesh.settings import GOOGLE_CERTS_URL, GOOGLE_ISSUERS
@@ -162,7 +163,10 @@ class TokenVerifier:
         if time.time() > caller.expires_at + self._skew:
             self._cache.pop(token, None)
             raise _unauthenticated("token expired")
-        self._cache.move_to_end(token)
+        try:
+            self._cache.move_to_end(token)
+        except KeyError:  # evicted meanwhile by another thread's call (the threads model): still verified
+            pass
         self._check_allowed(caller)
         return caller
 
@@ -275,43 +279,58 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return credentials[7:].strip()
 
 
-# Admits a call from its context and metadata: None when done at once, else what to await.
-Admit = Callable[[grpc.aio.ServicerContext, Iterable[tuple[str, str | bytes]]], Awaitable[None] | None]
+# Admits a call from its context and metadata: None when done at once, else what the call settles first.
+Admit = Callable[[Any, Iterable[tuple[str, str | bytes]]], Pending | None]
 
 
 def admitter(verifier: TokenVerifier, method: str) -> Admit:
     """What admits a call of `method`, from its context and metadata: makes its verified caller current, or
-    aborts the call with the AuthError's status (logged, without token material).
+    refuses the call with the AuthError's status (logged, without token material).
 
-    It runs inside the handler's own task, so the caller is visible to the handler and to nothing else. A
-    token verified before is admitted at once; a new one returns the coroutine that verifies it.
+    It runs inside the handler's own context, so the caller is visible to the handler and to nothing else. A
+    token verified before is admitted at once; a new one is what the call settles before its handler.
     """
 
-    def admit(
-        context: grpc.aio.ServicerContext, metadata: Iterable[tuple[str, str | bytes]]
-    ) -> Awaitable[None] | None:
+    def admit(context: Any, metadata: Iterable[tuple[str, str | bytes]]) -> Pending | None:
         try:
             token = bearer_token(metadata)
             caller = verifier.known(token)
         except AuthError as error:
-            return _refuse(context, method, error)
+            return _refusal(method, error)
         if caller is None:
-            return _admit_new(verifier, token, context, method)
+            return _NewToken(verifier, token, method)
         _current_caller.set(caller)
         return None
 
     return admit
 
 
-async def _admit_new(
-    verifier: TokenVerifier, token: str, context: grpc.aio.ServicerContext, method: str
-) -> None:
-    try:
-        _current_caller.set(await verifier.verify(token))
-    except AuthError as error:
-        await _refuse(context, method, error)
+@dataclass(frozen=True, slots=True)
+class _NewToken:
+    """A token not verified before: verified (on the process's event loop, for the threads model) before the
+    call's handler runs."""
+
+    verifier: TokenVerifier
+    token: str
+    method: str
+
+    async def wait(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            caller = await self.verifier.verify(self.token)
+        except AuthError as error:
+            await _refusal(self.method, error).wait(context)
+            return
+        _current_caller.set(caller)
+
+    def block(self, context: grpc.ServicerContext, threads: Threads) -> None:
+        try:
+            caller = threads.run(self.verifier.verify(self.token), context)
+        except AuthError as error:
+            _refusal(self.method, error).block(context, threads)
+            return
+        _current_caller.set(caller)
 
 
-async def _refuse(context: grpc.aio.ServicerContext, method: str, error: AuthError) -> None:
+def _refusal(method: str, error: AuthError) -> Refusal:
     _log.info("rejected call to %s: %s (%s)", method, error.code.name, error.message)
-    await context.abort(error.code, error.message)
+    return Refusal(error.code, error.message)

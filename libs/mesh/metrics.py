@@ -29,7 +29,7 @@ from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
-from mesh.handlers import Messages
+from mesh.handler_kinds import Messages
 from mesh.probes import PROBE_SERVICES
 from mesh.resources import resource_from_env
 from mesh.settings import ConfigError, Env, names

@@ -3,23 +3,27 @@ metrics.
 
 Tracing (mesh.server_spans), ID-token verification (mesh.identity), deadline recording (mesh.deadlines) and
 the call's duration and messages (mesh.metrics) run in one wrapper around each method handler, made once,
-when the service is added to the server: `ServerChain(...).wrapping(grpc.aio.server(...))` is the server to
-add services to. Not a grpc.aio interceptor, which sees only the method and metadata: in the wrapper the
-token is checked inside the call's span and task, and a token seen before costs no coroutine.
+when the service is added to the server: `ServerChain(...).wrapping(server)` is the server to add services
+to, for either serving model (a grpc.aio.server, or a grpc.server: mesh.handler_kinds). Not an interceptor,
+which sees only the method and metadata: in the wrapper the token is checked inside the call's span and
+context, and a token seen before costs no coroutine.
 Order inside a call, outermost first: metrics, span, deadline, identity, the request's parse check, the
 handler; with verification on, a unary request is read after identity (mesh.handlers, `headers_first`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import grpc
 from opentelemetry import metrics, trace
 
 from mesh import deadlines, handlers, identity
+from mesh.handler_kinds import Messages, Pending, Refusal, Threads
 from mesh.identity import EXEMPT_METHODS, TokenVerifier
 from mesh.metrics import RpcMetrics
 from mesh.server_spans import UNTRACED_SERVICES, OpenSpan, ServerSpans, end_span, outcome
@@ -30,34 +34,32 @@ EXEMPT_CONCURRENCY = 16
 
 
 class _Entered(NamedTuple):
-    """What a call's entry leaves for its end (mesh.handlers.Entered)."""
+    """What a call's entry leaves for its end (mesh.handler_kinds.Entered)."""
 
     started: float  # perf_counter at entry
     span: OpenSpan | None
     deadline: Any  # what deadlines.forget takes
     gated: bool  # holds a slot of the exempt gate
-    pending: Awaitable[None] | None  # what to await before the handler: the caller's verification or refusal
+    pending: Pending | None  # what to settle before the handler: the caller's verification or refusal
 
 
 class _Gate:
-    """At most `limit` calls inside at once; the others are refused at once (one event loop: no lock)."""
+    """At most `limit` calls inside at once; the others are refused at once (from any thread)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.inside = 0
+        self._slots = threading.BoundedSemaphore(limit)
+        self._full = Refusal(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"too many calls without a token in flight (at most {limit}); retry later",
+        )
 
-    def enter(self, context: grpc.aio.ServicerContext) -> Awaitable[None] | None:
-        """None when the call is in (then `leave` when it ends), else the refusal to await."""
-        if self.inside >= self.limit:
-            return context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many calls without a token in flight (at most {self.limit}); retry later",
-            )
-        self.inside += 1
-        return None
+    def enter(self) -> Refusal | None:
+        """None when the call is in (then `leave` when it ends), else its refusal."""
+        return None if self._slots.acquire(blocking=False) else self._full
 
     def leave(self) -> None:
-        self.inside -= 1
+        self._slots.release()
 
 
 class ServerChain:
@@ -83,17 +85,19 @@ class ServerChain:
         self._verifier = verifier
         self._exempt = frozenset(exempt_methods)
         self._exempt_gate = _Gate(exempt_concurrency)
-        self._wrapped: handlers.HandlerCache[grpc.RpcMethodHandler] = handlers.HandlerCache()
 
-    def wrapping(self, server: grpc.aio.Server) -> grpc.aio.Server:
-        """`server`, with every handler added through it wrapped by this chain."""
-        return _WrappingServer(server, self)
+    def wrapping(self, server: Any) -> Any:
+        """`server` (a grpc.aio.Server, or a grpc.Server: the threads model, which must be wrapped on the
+        process's event loop), with every handler added through it wrapped by this chain."""
+        if isinstance(server, grpc.aio.Server):
+            return _WrappingServer(server, self)
+        return _WrappingThreadsServer(server, self, Threads(asyncio.get_running_loop()))
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """`handler` of `method` ("/package.Service/Method") run inside the chain (made once per method)."""
-        return self._wrapped.get(method, handler, self._wrap)
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler, threads: Threads | None = None
+    ) -> grpc.RpcMethodHandler:
+        """`handler` of `method` ("/package.Service/Method") run inside the chain, for a grpc.aio server or,
+        given `threads`, a grpc.server."""
         start = None if self._spans is None else self._spans.starter(method)
         measured = None if self._metrics is None else self._metrics.method(method)
         admit = gate = None
@@ -103,24 +107,21 @@ class ServerChain:
             else:
                 admit = identity.admitter(self._verifier, method)
 
-        def enter(context: grpc.aio.ServicerContext) -> _Entered:
+        def enter(context: Any) -> _Entered:
             # The metadata is read once for the span and the token: gRPC converts it anew on every read.
             metadata = (context.invocation_metadata() or ()) if start or admit else ()
             started = time.perf_counter()
             span = None if start is None else start(context, metadata)
             deadline = deadlines.record(context)
             if gate is not None:
-                refused = gate.enter(context)
+                refused = gate.enter()
                 return _Entered(started, span, deadline, refused is None, refused)
             return _Entered(
                 started, span, deadline, False, None if admit is None else admit(context, metadata)
             )
 
         def after(
-            entered: _Entered,
-            context: grpc.aio.ServicerContext,
-            error: BaseException | None,
-            messages: handlers.Messages | None,
+            entered: _Entered, context: Any, error: BaseException | None, messages: Messages | None
         ) -> None:
             if entered.gated:
                 self._exempt_gate.leave()
@@ -133,27 +134,37 @@ class ServerChain:
         # With verification on, every call is admitted from its headers alone, before its request is read: a
         # call refused (no token, a bad one, the exempt gate full) is answered at once and its request never
         # taken in, whatever its kind.
-        return handlers.wrap(handler, enter, after, method, headers_first=self._verifier is not None)
+        return handlers.wrap(
+            handler, enter, after, method, headers_first=self._verifier is not None, threads=threads
+        )
 
 
-class _WrappingServer(grpc.aio.Server):  # type: ignore[misc]
-    """A grpc.aio server as a service's generated `add_*Servicer_to_server` sees it: the handlers it adds
-    (generic and registered) are wrapped by the chain on the way in; the rest is the server's. A real
-    grpc.aio.Server subclass, because libraries pick their aio flavour by isinstance (reflection does)."""
+class _Adding:
+    """What a service's generated `add_*Servicer_to_server` calls, the handlers it adds (generic and registered)
+    wrapped by the chain on the way in (each made once per method) and handed to the server."""
 
-    def __init__(self, server: grpc.aio.Server, chain: ServerChain) -> None:
-        self._server = server
-        self._chain = chain
+    _server: Any
+    _chain: ServerChain
+    _threads: Threads | None
+
+    def _start_wrapping(self, server: Any, chain: ServerChain, threads: Threads | None) -> None:
+        self._server, self._chain, self._threads = server, chain, threads
+        self._wrapped: handlers.HandlerCache[grpc.RpcMethodHandler] = handlers.HandlerCache()
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return self._wrapped.get(method, handler, self._make)
+
+    def _make(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return self._chain.wrap(method, handler, self._threads)
 
     def add_generic_rpc_handlers(self, generic_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(_Wrapped(h, self._chain) for h in generic_handlers))
+        self._server.add_generic_rpc_handlers(tuple(_Wrapped(h, self) for h in generic_handlers))
 
     def add_registered_method_handlers(
         self, service: str, method_handlers: Mapping[str, grpc.RpcMethodHandler]
     ) -> None:
-        wrap = self._chain.wrap
         self._server.add_registered_method_handlers(
-            service, {name: wrap(f"/{service}/{name}", h) for name, h in method_handlers.items()}
+            service, {name: self.wrap(f"/{service}/{name}", h) for name, h in method_handlers.items()}
         )
 
     def add_insecure_port(self, address: str) -> int:
@@ -161,6 +172,14 @@ class _WrappingServer(grpc.aio.Server):  # type: ignore[misc]
 
     def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
         return int(self._server.add_secure_port(address, server_credentials))
+
+
+class _WrappingServer(_Adding, grpc.aio.Server):  # type: ignore[misc]
+    """A grpc.aio server with the chain around its handlers. A real grpc.aio.Server subclass, because
+    libraries pick their aio flavour by isinstance (reflection does)."""
+
+    def __init__(self, server: grpc.aio.Server, chain: ServerChain) -> None:
+        self._start_wrapping(server, chain, None)
 
     async def start(self) -> None:
         await self._server.start()
@@ -172,11 +191,27 @@ class _WrappingServer(grpc.aio.Server):  # type: ignore[misc]
         return bool(await self._server.wait_for_termination(timeout))
 
 
+class _WrappingThreadsServer(_Adding, grpc.Server):  # type: ignore[misc]
+    """A grpc.server with the chain around its handlers (and so, for reflection, not a grpc.aio.Server)."""
+
+    def __init__(self, server: grpc.Server, chain: ServerChain, threads: Threads) -> None:
+        self._start_wrapping(server, chain, threads)
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        return self._server.stop(grace)  # type: ignore[no-any-return]
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self._server.wait_for_termination(timeout))
+
+
 class _Wrapped(grpc.GenericRpcHandler):
-    def __init__(self, inner: grpc.GenericRpcHandler, chain: ServerChain) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler, adding: _Adding) -> None:
         self._inner = inner
-        self._chain = chain
+        self._adding = adding
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = self._inner.service(handler_call_details)
-        return None if handler is None else self._chain.wrap(handler_call_details.method, handler)
+        return None if handler is None else self._adding.wrap(handler_call_details.method, handler)

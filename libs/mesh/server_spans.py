@@ -208,11 +208,19 @@ def outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> g
 
 def _record_outcome(span: Span, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
     code = outcome(context, error)
-    if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+    if isinstance(error, Exception) and not _aborted(error, code):
         span.record_exception(error)
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code in _SERVER_FAULTS:
         span.set_status(Status(StatusCode.ERROR, f"{code}:{_details(context)}"))
+
+
+def _aborted(error: Exception, code: grpc.StatusCode) -> bool:
+    """Whether `error` is how the handler's abort ended the call: grpc.aio's AbortError, or the bare Exception
+    grpc.server's abort raises once it has set the call's code."""
+    if isinstance(error, grpc.aio.AbortError):
+        return True
+    return type(error) is Exception and not error.args and code is not grpc.StatusCode.UNKNOWN
 
 
 def _code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:

@@ -4,6 +4,7 @@ still propagated downstream."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -20,7 +21,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from mesh import propagation, tracing
 from mesh.server_chain import ServerChain
-from mesh.testing import NO_REUSEPORT, start_loopback
+from mesh.handler_kinds import Threads
+from mesh.testing import NO_REUSEPORT, Loopback, start_loopback
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from services.ping.servicer import PingServicer
@@ -45,11 +47,14 @@ def tracecontext() -> Iterator[None]:
     propagate.set_global_textmap(previous)
 
 
-async def serve(
-    traced: TracerProvider, servicer: object, add: Callable[[Any, grpc.aio.Server], object]
-) -> tuple[grpc.aio.Server, int]:
-    served = await start_loopback(functools.partial(add, servicer), chain=ServerChain(traced))
-    return served.server, served.port
+async def serve(traced: TracerProvider, servicer: object, add: Callable[[Any, Any], object]) -> Loopback:
+    """`servicer` behind the chain, on its model's server (PingServicer: threads; RouteGuide: grpc.aio)."""
+    threads = isinstance(servicer, PingServicer)
+    return await start_loopback(functools.partial(add, servicer), chain=ServerChain(traced), threads=threads)
+
+
+def relaying(stub: object, name: str) -> PingServicer:
+    return PingServicer(stub, name, Threads(asyncio.get_running_loop()))  # type: ignore[arg-type]
 
 
 def ping(port: int) -> tuple[grpc.aio.Channel, ping_pb2_grpc.PingServiceAsyncStub]:
@@ -63,12 +68,12 @@ def server_spans(exporter: InMemorySpanExporter) -> Sequence[ReadableSpan]:
 
 async def test_a_sampled_call_has_the_instrumentations_span() -> None:
     traced, spans = provider(ALWAYS_ON)
-    server, port = await serve(traced, PingServicer(), ping_pb2_grpc.add_PingServiceServicer_to_server)
-    channel, stub = ping(port)
+    server = await serve(traced, PingServicer(), ping_pb2_grpc.add_PingServiceServicer_to_server)
+    channel, stub = ping(server.port)
     for _ in range(2):  # the second call takes the cached, already wrapped handler
         await stub.Send(ping_pb2.Request(message="x"), timeout=5)
     await channel.close()
-    await server.stop(None)
+    await server.stop()
     found = server_spans(spans)
     assert len(found) == 2
     span = found[1]
@@ -91,13 +96,13 @@ async def test_status_codes_the_caller_sees_are_recorded() -> None:
     traced, spans = provider(ALWAYS_ON)
     # No upstream: FAILED_PRECONDITION (the caller's fault). An unreachable upstream: UNAVAILABLE (a fault).
     closed = grpc.aio.insecure_channel("127.0.0.1:1", options=NO_REUSEPORT)
-    for servicer in (PingServicer(), PingServicer(ping_pb2_grpc.PingServiceStub(closed), "nowhere")):  # type: ignore[arg-type]
-        server, port = await serve(traced, servicer, ping_pb2_grpc.add_PingServiceServicer_to_server)
-        channel, stub = ping(port)
+    for servicer in (PingServicer(), relaying(ping_pb2_grpc.PingServiceStub(closed), "nowhere")):
+        server = await serve(traced, servicer, ping_pb2_grpc.add_PingServiceServicer_to_server)
+        channel, stub = ping(server.port)
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.SendUpstream(ping_pb2.Request(message="x"), timeout=5)
         await channel.close()
-        await server.stop(None)
+        await server.stop()
     await closed.close()
     precondition, unavailable = server_spans(spans)
     assert precondition.attributes is not None and unavailable.attributes is not None
@@ -120,26 +125,24 @@ async def test_unsampled_calls_record_nothing_but_carry_the_trace_downstream(
 ) -> None:
     relay_traced, relay_spans = provider(ParentBased(ALWAYS_ON))
     upstream_traced, upstream_spans = provider(ALWAYS_ON)  # records whatever arrives, to show what arrived
-    upstream, upstream_port = await serve(
-        upstream_traced, PingServicer(), ping_pb2_grpc.add_PingServiceServicer_to_server
-    )
+    upstream = await serve(upstream_traced, PingServicer(), ping_pb2_grpc.add_PingServiceServicer_to_server)
     out = grpc.aio.insecure_channel(
-        f"127.0.0.1:{upstream_port}",
+        upstream.address,
         options=NO_REUSEPORT,
         interceptors=tracing.client_interceptors(relay_traced),
     )
-    relay, relay_port = await serve(
+    relay = await serve(
         relay_traced,
-        PingServicer(ping_pb2_grpc.PingServiceStub(out), "up"),  # type: ignore[arg-type]
+        relaying(ping_pb2_grpc.PingServiceStub(out), "up"),
         ping_pb2_grpc.add_PingServiceServicer_to_server,
     )
-    channel, stub = ping(relay_port)
+    channel, stub = ping(relay.port)
     unsampled = (("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-00"), *more)
     await stub.SendUpstream(ping_pb2.Request(message="x"), metadata=unsampled, timeout=5)
     for closing in (channel, out):
         await closing.close()
     for server in (relay, upstream):
-        await server.stop(None)
+        await server.stop()
     assert relay_spans.get_finished_spans() == ()
     (arrived,) = server_spans(upstream_spans)
     assert arrived.context.trace_id == int(TRACE_ID, 16)
@@ -151,10 +154,10 @@ async def test_unsampled_calls_record_nothing_but_carry_the_trace_downstream(
 async def test_a_stream_is_one_span_ended_when_the_stream_ends() -> None:
     traced, spans = provider(ALWAYS_ON)
     database = builtin_database()
-    server, port = await serve(
+    server = await serve(
         traced, RouteGuideServicer(database), route_guide_pb2_grpc.add_RouteGuideServicer_to_server
     )
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=NO_REUSEPORT)
+    channel = server.channel()
     stub = route_guide_pb2_grpc.RouteGuideStub(channel)
     world = route_guide_pb2.Rectangle(
         lo=route_guide_pb2.Point(latitude=-900000000, longitude=-1800000000),
@@ -162,7 +165,7 @@ async def test_a_stream_is_one_span_ended_when_the_stream_ends() -> None:
     )
     features = [f async for f in stub.ListFeatures(world, timeout=5)]
     await channel.close()
-    await server.stop(None)
+    await server.stop()
     assert len(features) == len(database.features)
     (span,) = server_spans(spans)
     assert span.name == "/routeguide.RouteGuide/ListFeatures"
@@ -204,21 +207,19 @@ def test_a_lone_traceparent_decides_only_where_the_propagators_let_it(configured
 async def test_a_sampled_outgoing_stream_is_a_client_span_parenting_the_server_span() -> None:
     client_traced, client_spans = provider(ALWAYS_ON)
     server_traced, spans = provider(ALWAYS_ON)
-    server, port = await serve(
+    server = await serve(
         server_traced,
         RouteGuideServicer(builtin_database()),
         route_guide_pb2_grpc.add_RouteGuideServicer_to_server,
     )
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", options=NO_REUSEPORT, interceptors=tracing.client_interceptors(client_traced)
-    )
+    channel = server.channel(interceptors=tracing.client_interceptors(client_traced))
     stub = route_guide_pb2_grpc.RouteGuideStub(channel)
     area = route_guide_pb2.Rectangle(
         lo=route_guide_pb2.Point(latitude=1), hi=route_guide_pb2.Point(latitude=2)
     )
     assert [f async for f in stub.ListFeatures(area, timeout=5)] == []
     await channel.close()
-    await server.stop(None)
+    await server.stop()
     (client,) = client_spans.get_finished_spans()
     (served,) = server_spans(spans)
     assert client.kind == SpanKind.CLIENT and client.name == "/routeguide.RouteGuide/ListFeatures"

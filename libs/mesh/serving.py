@@ -2,7 +2,8 @@
 
 `main("ping", factory)` reads the settings, configures logging and tracing, builds the service's servicers
 through `factory(runtime)`, serves them on $PORT (h2c, or TLS when TLS_CERT_FILE/TLS_KEY_FILE are set) with
-health and reflection, and on SIGTERM/SIGINT drains: health NOT_SERVING first, new calls refused, in-flight
+health and reflection, on the serving model their servicers are written for (a grpc.aio server for
+coroutines, a grpc.server's thread pool for functions: BENCHMARKS.md says which service uses which, and why), and on SIGTERM/SIGINT drains: health NOT_SERVING first, new calls refused, in-flight
 calls given the grace period, spans flushed, exit 0. With WORKER_PROCESSES above 1 (default: the container's
 CPU quota), the process supervises that many such servers on one port instead (mesh.workers).
 """
@@ -10,13 +11,14 @@ CPU quota), the process supervises that many such servers on one port instead (m
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from mesh import logs, metrics, propagation, tracing, workers
 from mesh.channels import MAX_MESSAGE_BYTES, Channels
+from mesh.handler_kinds import Threads
 from mesh.identity import TokenVerifier
 from mesh.server_chain import ServerChain
 from mesh.settings import (
@@ -78,16 +81,25 @@ def keepalive_policy(keepalive: Keepalive) -> list[tuple[str, int]]:
     ]
 
 
+# How a servicer is written, and so how it is served: coroutines and async generators on a grpc.aio server
+# ("asyncio"), or functions and generators on a grpc.server, each call on a thread of its pool ("threads").
+Model = Literal["asyncio", "threads"]
+ASYNCIO: Model = "asyncio"
+THREADS: Model = "threads"
+
+
 @dataclass(frozen=True)
 class Service:
-    """A servicer and how to add it, under its full service name (e.g. "ping.PingService"), and the largest
-    request message its contract needs: the server takes in no larger message (gRPC answers
-    RESOURCE_EXHAUSTED), so each call of a caller with no token yet costs at most that much."""
+    """A servicer and how to add it, under its full service name (e.g. "ping.PingService"), the serving model
+    it is written for, and the largest request message its contract needs: the server takes in no larger
+    message (gRPC answers RESOURCE_EXHAUSTED), so each call of a caller with no token yet costs at most that
+    much."""
 
     name: str
     servicer: Any
-    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    add_to_server: Callable[[Any, Any], None]
     max_request_bytes: int = MAX_MESSAGE_BYTES
+    model: Model = ASYNCIO
 
 
 class Runtime:
@@ -112,6 +124,10 @@ class Runtime:
     def channel(self, upstream: Upstream, *, idempotent: Sequence[str] = ()) -> grpc.aio.Channel:
         return self._channels.open(upstream, idempotent=idempotent)
 
+    def threads(self) -> Threads:
+        """How a servicer of the threads model awaits a call on one of these channels (`Threads.run`)."""
+        return Threads(asyncio.get_running_loop())
+
     async def close(self) -> None:
         await self._channels.close()
         if self._id_tokens is not None:
@@ -130,20 +146,29 @@ ServiceFactory = Callable[[Runtime], Sequence[Service]]
 
 
 class RunningServer:
-    def __init__(
-        self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer
-    ) -> None:
-        self.server = server
+    def __init__(self, server: Any, port: int, health_servicer: Any) -> None:
+        self.server = server  # a grpc.aio.Server, or a grpc.Server (the threads model)
         self.port = port
         self.health = health_servicer
 
+    async def not_serving(self) -> None:
+        """Every service NOT_SERVING: probes and load balancers stop sending."""
+        if isinstance(self.server, grpc.aio.Server):
+            await self.health.enter_graceful_shutdown()
+        else:
+            self.health.enter_graceful_shutdown()
+
     async def stop(self, grace: float) -> None:
-        """NOT_SERVING first (probes and load balancers stop sending), then drain in-flight calls."""
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        """NOT_SERVING first, then drain in-flight calls."""
+        await self.not_serving()
+        if isinstance(self.server, grpc.aio.Server):
+            await self.server.stop(grace)
+        else:
+            # The calls draining may still await on this loop (Threads.run): wait off it.
+            await asyncio.to_thread(self.server.stop(grace).wait)
 
 
-def _bind(server: grpc.aio.Server, settings: ServerSettings, host: str) -> int:
+def _bind(server: Any, settings: ServerSettings, host: str) -> int:
     credentials = None
     if settings.tls_cert_file and settings.tls_key_file:
         credentials = grpc.ssl_server_credentials(
@@ -177,23 +202,43 @@ async def start(
         "grpc.so_reuseport": int(settings.share_port),
         "grpc.max_receive_message_length": max_request,
     }
-    server = grpc.aio.server(
-        options=[*options.items(), *keepalive_policy(keepalive)],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    server_options = [*options.items(), *keepalive_policy(keepalive)]
+    threads = _model(services) == THREADS
+    server: Any
+    if threads:
+        pool = concurrent.futures.ThreadPoolExecutor(settings.server_threads, thread_name_prefix="call")
+        server = grpc.server(
+            pool, options=server_options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+        )
+        health_servicer: Any = health.HealthServicer()
+    else:
+        server = grpc.aio.server(options=server_options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+        health_servicer = health.aio.HealthServicer()
     if chain is not None:
         server = chain.wrapping(server)
-    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
         service.add_to_server(service.servicer, server)
     names = [s.name for s in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = _bind(server, settings, host)
-    await server.start()
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if threads:
+        server.start()
+        for name in ["", *names]:
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    else:
+        await server.start()
+        for name in ["", *names]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, port, health_servicer)
+
+
+def _model(services: Sequence[Service]) -> Model:
+    """The one serving model of the process's server (a server is one or the other)."""
+    models = {s.model for s in services}
+    if len(models) > 1:
+        raise ValueError(f"one server cannot serve both models: {', '.join(s.name for s in services)}")
+    return models.pop() if models else ASYNCIO
 
 
 def server_chain(

@@ -81,7 +81,7 @@ async def test_health_watch_streams_the_status_and_turns_not_serving_on_stop() -
                 health_pb2.HealthCheckRequest(service=""), timeout=5
             )
             first = await asyncio.wait_for(watch.read(), 5)
-            await server.health.enter_graceful_shutdown()  # what RunningServer.stop does first
+            await server.not_serving()  # what RunningServer.stop does first
             second = await asyncio.wait_for(watch.read(), 5)
             watch.cancel()
     assert first.status == SERVING

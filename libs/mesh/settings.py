@@ -163,6 +163,8 @@ class ServerSettings:
     # Cloud Run sends SIGKILL 10 s after SIGTERM: drain well within that.
     grace_seconds: float = 8.0
     max_concurrent_rpcs: int = 1000
+    # The threads model's pool: calls in progress at once (a stream holds its thread while open); more wait.
+    server_threads: int = 256
     # A worker of a multi-process instance (mesh.workers) shares the port with its siblings.
     share_port: bool = False
 
@@ -183,6 +185,7 @@ class ServerSettings:
             tls_key_file=key,
             grace_seconds=seconds(env, "SHUTDOWN_GRACE_SECONDS", 8.0, high=9.5),
             max_concurrent_rpcs=integer(env, "MAX_CONCURRENT_RPCS", 1000, low=1, high=100_000),
+            server_threads=integer(env, "SERVER_THREADS", 256, low=1, high=10_000),
             share_port=WORKER_INDEX_VARIABLE in env,
         )
 

@@ -4,6 +4,7 @@ loopback server for servicers under test (`loopback`), and `eventually` for what
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import time
@@ -22,14 +23,12 @@ from mesh.server_chain import ServerChain
 NO_REUSEPORT: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
 LOOPBACK = "127.0.0.1"
 
-Adds = Callable[
-    [grpc.aio.Server], object
-]  # e.g. functools.partial(add_PingServiceServicer_to_server, Ping())
+Adds = Callable[[Any], object]  # e.g. functools.partial(add_PingServiceServicer_to_server, Ping())
 Found = TypeVar("Found")
 
 
 class Loopback(NamedTuple):
-    server: grpc.aio.Server
+    server: Any  # a grpc.aio.Server, or a grpc.Server (the threads model)
     address: str  # host:port, on 127.0.0.1
 
     @property
@@ -44,16 +43,30 @@ class Loopback(NamedTuple):
             self.address, options=[*NO_REUSEPORT, *options], interceptors=interceptors
         )
 
+    async def stop(self) -> None:
+        """Stopped at once (no grace), either model."""
+        if isinstance(self.server, grpc.aio.Server):
+            await self.server.stop(None)
+        else:
+            await asyncio.to_thread(self.server.stop(None).wait)
+
 
 async def start_loopback(
     *adds: Adds,
     chain: ServerChain | None = None,
     credentials: grpc.ServerCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    threads: bool = False,
 ) -> Loopback:
     """A started server on a free loopback port with the services `adds` add (through `chain`, when given),
-    plaintext unless `credentials` are given. The caller stops it; `loopback` does so itself."""
-    server = grpc.aio.server(options=[*NO_REUSEPORT, *options])
+    plaintext unless `credentials` are given; a grpc.server (the threads model) with `threads`, else a
+    grpc.aio one. The caller stops it; `loopback` does so itself."""
+    server: Any
+    if threads:
+        pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="loopback")
+        server = grpc.server(pool, options=[*NO_REUSEPORT, *options])
+    else:
+        server = grpc.aio.server(options=[*NO_REUSEPORT, *options])
     if chain is not None:
         server = chain.wrapping(server)
     for add in adds:
@@ -62,7 +75,10 @@ async def start_loopback(
         port = server.add_insecure_port(f"{LOOPBACK}:0")
     else:
         port = server.add_secure_port(f"{LOOPBACK}:0", credentials)
-    await server.start()
+    if threads:
+        server.start()
+    else:
+        await server.start()
     return Loopback(server, f"{LOOPBACK}:{port}")
 
 
@@ -72,13 +88,16 @@ async def loopback(
     chain: ServerChain | None = None,
     credentials: grpc.ServerCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    threads: bool = False,
 ) -> AsyncIterator[Loopback]:
     """`start_loopback` for the block, the server stopped (no grace) when it ends."""
-    started = await start_loopback(*adds, chain=chain, credentials=credentials, options=options)
+    started = await start_loopback(
+        *adds, chain=chain, credentials=credentials, options=options, threads=threads
+    )
     try:
         yield started
     finally:
-        await started.server.stop(None)
+        await started.stop()
 
 
 async def eventually(

@@ -1,0 +1,161 @@
+"""The handler wrapper of the threads model (grpc.server): the handler is a function or a generator, every
+call runs on a thread of the server's pool, and in a contextvars.Context of its own, made for the call (a
+thread's context would otherwise carry one call's caller, span and deadline into the next call)."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from mesh.handler_kinds import (
+    KINDS,
+    UNDECODABLE,
+    After,
+    Enter,
+    Messages,
+    Threads,
+    kind_of,
+    no_request,
+    not_a_message,
+    tolerant,
+)
+
+
+class _InContext:
+    """A response stream whose every step runs in the call's own context (a generator has none of its own)."""
+
+    __slots__ = ("_context", "_next")
+
+    def __init__(self, context: contextvars.Context, responses: Iterator[Any]) -> None:
+        self._context = context
+        self._next = responses.__next__
+
+    def __iter__(self) -> _InContext:
+        return self
+
+    def __next__(self) -> Any:
+        return self._context.run(self._next)
+
+
+def _parsed(
+    requests: Iterator[Any], context: grpc.ServicerContext, method: str, messages: Messages, threads: Threads
+) -> Iterator[Any]:
+    for request in requests:
+        messages.received += 1
+        if request is UNDECODABLE:
+            not_a_message(method).block(context, threads)
+        yield request
+
+
+def _one(requests: Iterator[Any], context: grpc.ServicerContext, method: str, threads: Threads) -> Any:
+    for request in requests:
+        return request
+    no_request(method).block(context, threads)
+
+
+def _reading_after_entry(
+    handler: grpc.RpcMethodHandler, method: str, threads: Threads
+) -> grpc.RpcMethodHandler:
+    """A unary-request handler served as a request-streaming one (see mesh.aio_handlers' namesake)."""
+    inner = getattr(handler, kind_of(handler).behavior)
+
+    def reading(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return inner(_one(requests, context, method, threads), context)  # a response, or a response stream
+
+    return KINDS[True, bool(handler.response_streaming)].factory(
+        reading,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def wrap(
+    handler: grpc.RpcMethodHandler,
+    enter: Enter,
+    after: After,
+    method: str,
+    headers_first: bool,
+    threads: Threads,
+) -> grpc.RpcMethodHandler:
+    """See mesh.handlers.wrap."""
+    unary_call = not handler.request_streaming and not handler.response_streaming  # metrics: no counts
+    client_streams = handler.request_streaming  # as the service defines it, before `_reading_after_entry`
+    if headers_first and not handler.request_streaming:
+        handler = _reading_after_entry(handler, method, threads)
+    kind = kind_of(handler)
+    behavior: Callable[[Any, grpc.ServicerContext], Any] = getattr(handler, kind.behavior)
+    deserializer = tolerant(handler.request_deserializer)
+    streaming_requests = handler.request_streaming
+
+    def checked(request: Any, context: grpc.ServicerContext, messages: Messages | None) -> Any:
+        if streaming_requests:
+            assert messages is not None
+            return _parsed(request, context, method, messages, threads)
+        if request is UNDECODABLE:
+            not_a_message(method).block(context, threads)
+        return request
+
+    def unary_call_body(request: Any, context: grpc.ServicerContext) -> Any:
+        entered = enter(context)
+        # A client stream's messages are counted; a unary call's are not (one each way).
+        messages = Messages() if streaming_requests else None
+        error: BaseException | None = None
+        try:
+            if entered.pending is not None:
+                entered.pending.block(context, threads)
+            if client_streams:
+                context.send_initial_metadata(())  # as mesh.aio_handlers._admitted says
+            return behavior(checked(request, context, messages), context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if messages is not None and error is None:
+                messages.sent = 1
+            after(entered, context, error, None if unary_call else messages)
+
+    def stream_call_body(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        entered = enter(context)
+        messages = Messages(0 if streaming_requests else 1)
+        ending = threading.Lock()
+        ended = False
+
+        def end(error: BaseException | None) -> None:
+            nonlocal ended
+            with ending:  # the RPC's end (a grpc thread) and the stream's last step may meet
+                if ended:
+                    return
+                ended = True
+            after(entered, context, error, messages)
+
+        # A stream the client abandons is not run to its end: end the call's work when the RPC ends.
+        context.add_callback(lambda: end(None))
+        try:
+            if entered.pending is not None:
+                entered.pending.block(context, threads)
+            if client_streams:
+                context.send_initial_metadata(())
+            for response in behavior(checked(request, context, messages), context):
+                messages.sent += 1
+                yield response
+        except BaseException as exc:
+            end(exc)
+            raise
+        end(None)
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        return contextvars.Context().run(unary_call_body, request, context)
+
+    def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        call = contextvars.Context()
+        return _InContext(call, stream_call_body(request, context))
+
+    return kind.factory(
+        streaming if handler.response_streaming else unary,
+        request_deserializer=deserializer,
+        response_serializer=handler.response_serializer,
+    )
