@@ -34,11 +34,12 @@ def wrap(
     refused after that (a caller refused by `enter` learns nothing about its request); for a grpc.aio server,
     or, given `threads`, for a grpc.server.
 
-    With `headers_first`, `enter` runs before a unary request is read too (the handler is served as a
-    request-streaming one that reads its one request itself), as it always does for request streams."""
+    With `headers_first` (always on grpc.server), `enter` runs before a unary request is read too (the handler
+    is served as a request-streaming one that reads its one request itself), as it always does for request
+    streams."""
     if threads is None:
         return aio_handlers.wrap(handler, enter, after, method, headers_first)
-    return thread_handlers.wrap(handler, enter, after, method, headers_first, threads)
+    return thread_handlers.wrap(handler, enter, after, method, threads)
 
 
 Made = TypeVar("Made")

@@ -74,17 +74,15 @@ def _reading_after_entry(
 
 
 def wrap(
-    handler: grpc.RpcMethodHandler,
-    enter: Enter,
-    after: After,
-    method: str,
-    headers_first: bool,
-    threads: Threads,
+    handler: grpc.RpcMethodHandler, enter: Enter, after: After, method: str, threads: Threads
 ) -> grpc.RpcMethodHandler:
-    """See mesh.handlers.wrap."""
+    """See mesh.handlers.wrap; `enter` always runs before a unary request is read."""
     unary_call = not handler.request_streaming and not handler.response_streaming  # metrics: no counts
     client_streams = handler.request_streaming  # as the service defines it, before `_reading_after_entry`
-    if headers_first and not handler.request_streaming:
+    # Always here, headers_first or not: grpc.server answers a unary call without its one message with
+    # UNIMPLEMENTED "requires exactly one request message"; read here, it is INVALID_ARGUMENT, as it is on
+    # grpc.aio (whose server instead waits for the rest of a truncated message until the deadline).
+    if not handler.request_streaming:
         handler = _reading_after_entry(handler, method, threads)
     kind = kind_of(handler)
     behavior: Callable[[Any, grpc.ServicerContext], Any] = getattr(handler, kind.behavior)
