@@ -73,6 +73,20 @@ def parse(output: str) -> Summary:
     )
 
 
+def latencies_ms(log: str) -> list[float]:
+    """Per-request latencies from h2load's --log-file: tab-separated start (us since epoch), HTTP status (-1
+    for a failed stream), microseconds to the end of the response. A failed request is a ValueError."""
+    times = []
+    for line in log.splitlines():
+        if not line.strip():
+            continue
+        _, status, micros, *_ = line.split("\t")
+        if status != "200":
+            raise ValueError(f"h2load logged a request with status {status}: {line!r}")
+        times.append(int(micros) / 1000.0)
+    return times
+
+
 def find_or_install() -> str | None:
     """The h2load executable; installs Debian's nghttp2-client when root and apt-get exist; else None."""
     path = shutil.which("h2load")
@@ -101,11 +115,15 @@ def command(
     streams: int,
     duration_s: float | None = None,
     count: int | None = None,
+    log_file: Path | None = None,
 ) -> list[str]:
-    """One h2load run, bounded by a duration or by a request count (never unbounded)."""
+    """One h2load run, bounded by a duration or by a request count (never unbounded); with `log_file`, each
+    request's time is written there (see latencies_ms)."""
     if (duration_s is None) == (count is None):
         raise ValueError("give exactly one of duration_s and count")
     argv = [h2load, "-c", str(clients), "-m", str(streams), "-t", "1", "-d", str(body)]
+    if log_file is not None:
+        argv += ["--log-file", str(log_file)]
     for header in (*GRPC_HEADERS, *headers):
         argv += ["-H", header]
     argv += ["-D", f"{duration_s:g}"] if duration_s is not None else ["-n", str(count)]

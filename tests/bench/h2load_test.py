@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.h2load import command, grpc_frame, parse
+from tests.bench.h2load import command, grpc_frame, latencies_ms, parse
 
 OUTPUT = """starting benchmark...
 finished in 10.00s, 5123.40 req/s, 1.02MB/s
@@ -40,3 +40,20 @@ def test_command_is_always_bounded() -> None:
     assert argv[-3:] == ["-n", "10", "http://127.0.0.1:1/x"]
     with pytest.raises(ValueError):
         command("h2load", "u", Path("b"), headers=(), clients=1, streams=1)
+
+
+def test_latencies_come_from_the_log_in_milliseconds() -> None:
+    log = "1764190000000000\t200\t1500\n1764190000000100\t200\t250\t0\n\n"
+    assert latencies_ms(log) == [1.5, 0.25]
+
+
+def test_a_failed_request_in_the_log_is_an_error() -> None:
+    with pytest.raises(ValueError, match="status -1"):
+        latencies_ms("1764190000000000\t200\t1500\n1764190000000100\t-1\t250\n")
+
+
+def test_command_asks_for_the_log_when_given_one() -> None:
+    argv = command(
+        "h2load", "u", Path("b"), headers=(), clients=1, streams=1, duration_s=1, log_file=Path("times.tsv")
+    )
+    assert argv[argv.index("--log-file") + 1] == "times.tsv"

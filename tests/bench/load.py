@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.bench import h2load, pyload
@@ -34,6 +34,7 @@ class Load:
     seconds: float
     calls: int
     messages: int
+    latencies_ms: list[float] = field(default_factory=list)  # per call, when the run was asked for them
 
     @property
     def rate(self) -> float:
@@ -58,34 +59,47 @@ class Generator:
         self.streams = streams
         self.name = "h2load" if h2load_path else "python grpc.aio (fallback)"
 
-    async def run(self, target: Target, *, duration_s: float | None = None, count: int | None = None) -> Load:
+    async def run(
+        self,
+        target: Target,
+        *,
+        duration_s: float | None = None,
+        count: int | None = None,
+        latencies: bool = False,
+    ) -> Load:
+        """With `latencies`, the returned Load carries every call's time (h2load's --log-file)."""
         bound = (duration_s or 0) + 120  # the wall-clock cap on top of the load's own bound
         if self.h2load:
-            return await asyncio.wait_for(self._h2load(target, duration_s, count), bound)
-        return await asyncio.wait_for(self._python(target, duration_s, count), bound)
+            return await asyncio.wait_for(self._h2load(target, duration_s, count, latencies), bound)
+        return await asyncio.wait_for(self._python(target, duration_s, count, latencies), bound)
 
-    async def _h2load(self, target: Target, duration_s: float | None, count: int | None) -> Load:
+    async def _h2load(
+        self, target: Target, duration_s: float | None, count: int | None, latencies: bool
+    ) -> Load:
         assert self.h2load is not None
         scheme = "https" if target.tls_ca else "http"
         headers: tuple[str, ...] = (f"authorization: Bearer {target.token}",) if target.token else ()
         headers += tuple(f"{key}: {value}" for key, value in target.metadata)
-        with tempfile.NamedTemporaryFile(prefix="bench-body-", suffix=".bin") as body:
-            body.write(h2load.grpc_frame(target.request))
-            body.flush()
+        with tempfile.TemporaryDirectory(prefix="bench-h2load-") as work:
+            body, log = Path(work) / "body.bin", Path(work) / "times.tsv"
+            body.write_bytes(h2load.grpc_frame(target.request))
             argv = h2load.command(
                 self.h2load,
                 f"{scheme}://{target.address}{target.method}",
-                Path(body.name),
+                body,
                 headers=headers,
                 clients=self.clients,
                 streams=self.streams,
                 duration_s=duration_s,
                 count=count,
+                log_file=log if latencies else None,
             )
             output = await _output(argv, self.core)
+            times = h2load.latencies_ms(log.read_text()) if latencies else []
         summary = h2load.parse(output)
         problems = []
-        if summary.failed or summary.errored or summary.timeout or summary.status_2xx != summary.requests:
+        # In duration mode h2load may count a 2xx for a response that ends after the run's last "done" one.
+        if summary.failed or summary.errored or summary.timeout or summary.status_2xx < summary.requests:
             problems.append(
                 f"{summary.failed} failed, {summary.errored} errored, {summary.timeout} timeout, "
                 f"{summary.status_2xx} 2xx of {summary.requests}"
@@ -99,9 +113,14 @@ class Generator:
             )
         if problems or summary.requests == 0:
             raise LoadError(f"{target.method}: " + ("; ".join(problems) or "no calls completed"))
-        return Load(summary.seconds, summary.requests, summary.requests * target.messages_per_call)
+        if latencies and len(times) < summary.requests:
+            raise LoadError(f"{target.method}: h2load logged {len(times)} of {summary.requests} requests")
+        messages = summary.requests * target.messages_per_call
+        return Load(summary.seconds, summary.requests, messages, times)
 
-    async def _python(self, target: Target, duration_s: float | None, count: int | None) -> Load:
+    async def _python(
+        self, target: Target, duration_s: float | None, count: int | None, latencies: bool
+    ) -> Load:
         header: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {target.token}"),) if target.token else ()
         )
@@ -117,6 +136,7 @@ class Generator:
             concurrency=self.clients * self.streams,
             duration_s=duration_s,
             count=count,
+            latencies=latencies,
         )
         result = json.loads(await _output(pyload.argv(plan), self.core))
         if result["ok"] != result["calls"] or result["calls"] == 0:
@@ -124,7 +144,7 @@ class Generator:
                 f"{target.method}: {result['calls'] - result['ok']} of {result['calls']} calls failed "
                 f"(first: {result['first_error']})"
             )
-        return Load(result["seconds"], result["calls"], result["messages"])
+        return Load(result["seconds"], result["calls"], result["messages"], result["latencies_ms"])
 
 
 async def _output(argv: list[str], core: int | None) -> str:

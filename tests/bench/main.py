@@ -1,8 +1,9 @@
-"""The mesh's benchmark: what TLS, ID-token verification and tracing cost against a bare grpc.aio server.
+"""The mesh's benchmark: what TLS, ID-token verification and tracing cost against bare gRPC servers (grpc.aio,
+grpc.aio on uvloop, sync with 4 and 256 workers) and against a naive full-featured sync build.
 
 `./pants run tests/bench:bench -- [--quick]` (from the repo root). Servers run on one core and the load
 generator on another; every configuration gets fresh servers, a checked real call, a warm-up, then runs
-whose median is reported. Prints a Markdown table, the targets, and `full-featured/raw: X.XX` last.
+whose median is reported. Prints Markdown tables, the targets, and `full-featured/raw: X.XX` last.
 """
 
 from __future__ import annotations
@@ -15,19 +16,25 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.bench import h2load
-from tests.bench.fixture import Fixture, service_argv
+from tests.bench.fixture import CLOUD_RUN_UNSAMPLED, Fixture, service_argv
 from tests.bench.layered_server import LAYERS
 from tests.bench.load import Generator
 from tests.bench.processes import cores, pin
-from tests.bench.scenarios import Bench, Plan, Throughput, pex_env, pex_forms, source_argv
+from tests.bench.scenarios import OPEN_STREAMS, Bench, Plan, Throughput, pex_env, pex_forms, source_argv
 from tests.bench.stats import median, table
 
-RAW_PING = service_argv("tests.bench.raw_server") + ["ping"]
-RAW_ROUTES = service_argv("tests.bench.raw_server") + ["routeguide"]
+RAW = service_argv("tests.bench.raw_server")
+RAW_ROUTES = RAW + ["routeguide"]
+NAIVE = service_argv("tests.bench.naive_server")
 LAYERED = service_argv("tests.bench.layered_server")
+
+
+TRACE_NAMES = {True: "Cloud Run's unsampled traceparent", False: "no trace context (1% sampled, exported)"}
 
 
 def machine() -> str:
@@ -86,41 +93,75 @@ async def started(args: argparse.Namespace) -> Bench:
     return Bench(fx, generator, plan, (server_core, load_core))
 
 
+@dataclass(frozen=True)
+class Unary:
+    """One measured unary configuration of the main table."""
+
+    name: str
+    result: Throughput
+    traced: bool = True  # its calls carry Cloud Run's unsampled traceparent (False: no trace context)
+
+
+@dataclass(frozen=True)
+class RawBase:
+    column: str  # its ratio column, "vs <column>"
+    model: str  # raw_server's argument
+    name: str
+
+
+# The ratio columns: the raw servers, then the naive full build (with the row's trace condition).
+RAW_BASES = (
+    RawBase("raw aio", "aio", "raw grpc.aio (h2c, no interceptors)"),
+    RawBase("raw uvloop", "uvloop", "raw grpc.aio on uvloop"),
+    RawBase("raw sync w4", "sync4", "raw sync grpc.server, 4 workers"),
+    RawBase("raw sync w256", "sync256", "raw sync grpc.server, 256 workers (holds 250 streams)"),
+)
+NAIVE_WORKERS = (4, 256)
+
+
 async def run(args: argparse.Namespace) -> int:
     bench = await started(args)
     fx = bench.fx
-    rows: list[list[str]] = []
     ping_main = service_argv("services.ping.main")
     routes_main = service_argv("services.routeguide.main")
-
-    def unary_row(name: str, result: Throughput, base: Throughput | None) -> None:
-        rows.append(
-            [
-                name,
-                f"{result.rate:,.0f} calls/s",
-                ratio(result.rate, base.rate) if base else "1.00",
-                f"{result.cpu_us:.0f}",
-                f"{result.peak_rss_kb / 1024:.0f}",
-                " / ".join(f"{r:,.0f}" for r in result.runs),
-            ]
-        )
+    featured = fx.featured_env("ping")
+    raw: dict[str, Throughput] = {}
+    naive: dict[tuple[int, bool], Throughput] = {}  # (workers, traced)
+    unary: list[Unary] = []
+    contexts = {True: CLOUD_RUN_UNSAMPLED, False: ()}
 
     try:
-        step("ping.Send, raw")
-        raw = await bench.ping_send(RAW_PING, fx.base_env(), False, None)
-        unary_row("ping.Send raw grpc.aio (h2c, no interceptors)", raw, None)
-        step("ping.Send, full-featured")
-        full = await bench.ping_send(ping_main, fx.featured_env("ping"), True, "ping")
-        unary_row("ping.Send full: TLS + ID token + tracing (Cloud Run's unsampled traceparent)", full, raw)
-        step("ping.Send, full-featured, calls without trace context (1% start sampled, exported traces)")
-        rooted = await bench.ping_send(ping_main, fx.featured_env("ping"), True, "ping", trace_context=())
-        unary_row("ping.Send full, no traceparent: 1% of calls sampled + exported (OTLP)", rooted, raw)
+        for base in RAW_BASES:
+            step(f"ping.Send, {base.name}")
+            raw[base.column] = await bench.ping_send(RAW + ["ping", base.model], fx.base_env(), False, None)
+            unary.append(Unary(f"ping.Send {base.name}", raw[base.column]))
+        for workers in NAIVE_WORKERS:
+            for traced, context in contexts.items():
+                step(f"ping.Send, naive full sync build, {workers} workers, {TRACE_NAMES[traced]}")
+                result = await bench.ping_send(
+                    NAIVE + [str(workers)], featured, True, "ping", trace_context=context
+                )
+                naive[(workers, traced)] = result
+                unary.append(
+                    Unary(
+                        f"ping.Send naive full sync, {workers} workers, {TRACE_NAMES[traced]}", result, traced
+                    )
+                )
+        full: dict[bool, Throughput] = {}
+        for traced, context in contexts.items():
+            step(f"ping.Send, full-featured, {TRACE_NAMES[traced]}")
+            full[traced] = await bench.ping_send(ping_main, featured, True, "ping", trace_context=context)
+            unary.append(
+                Unary(
+                    f"ping.Send full: TLS + ID token + tracing, {TRACE_NAMES[traced]}", full[traced], traced
+                )
+            )
         step("ping.Send, full-featured over h2c")
-        full_h2c = await bench.ping_send(ping_main, fx.h2c(fx.featured_env("ping")), False, "ping")
-        unary_row("ping.Send full over h2c (Cloud Run: TLS ends at the front end)", full_h2c, raw)
+        full_h2c = await bench.ping_send(ping_main, fx.h2c(featured), False, "ping")
+        unary.append(Unary("ping.Send full over h2c (Cloud Run: TLS ends at the front end)", full_h2c))
         step("relay")
         relay, calls, minted = await bench.relay()
-        unary_row("ping.SendUpstream relay, one hop (all full)", relay, raw)
+        unary.append(Unary("ping.SendUpstream relay, one hop (all full)", relay))
 
         step("ListFeatures, raw")
         raw_stream = await bench.list_features(RAW_ROUTES, fx.base_env(), False, None)
@@ -128,36 +169,23 @@ async def run(args: argparse.Namespace) -> int:
         full_stream = await bench.list_features(
             routes_main, fx.featured_env("routeguide"), True, "routeguide"
         )
-        for name, result, base in (
-            ("ListFeatures raw grpc.aio (500 features/call)", raw_stream, None),
-            ("ListFeatures full: TLS + ID token + tracing", full_stream, raw_stream),
-        ):
-            rows.append(
-                [
-                    name,
-                    f"{result.rate:,.0f} msgs/s",
-                    ratio(result.rate, base.rate) if base else "1.00",
-                    f"{result.cpu_us:.1f}/msg",
-                    f"{result.peak_rss_kb / 1024:.0f}",
-                    " / ".join(f"{r:,.0f}" for r in result.runs),
-                ]
-            )
+
+        step(f"GetFeature, full-featured, alone and beside {OPEN_STREAMS} open RouteChat streams")
+        alone, beside = await bench.get_feature_beside_streams()
 
         step("Survey at 1 call in flight")
         latency = await bench.survey()
         slowest = max(latency[k] for k in ("ping.Send", "ListFeatures", "RecordRoute"))
 
         step("cold start")
-        starts: dict[str, list[float]] = {
-            "from source": await bench.cold_start(source_argv(), fx.featured_env("ping"))
-        }
+        starts: dict[str, list[float]] = {"from source": await bench.cold_start(source_argv(), featured)}
         pex = ensure_pex(Path(args.pex))
         if pex is None:
             print(f"no {args.pex}: run ./pants package services/ping:ping for the packaged cold start")
         else:
             with tempfile.TemporaryDirectory(prefix="bench-pex-") as work:
                 root = Path(work)
-                env = pex_env(fx.featured_env("ping"), root / "pex_root")
+                env = pex_env(featured, root / "pex_root")
                 for form, argv in (await asyncio.to_thread(pex_forms, pex, root)).items():
                     if form == "ping.pex":  # its first run builds a venv under PEX_ROOT: shown apart
                         starts["ping.pex, first run (builds its venv)"] = await bench.cold_start(
@@ -167,8 +195,78 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         await fx.stop()
 
+    def unary_row(row: Unary) -> list[str]:
+        bases = [*raw.values(), *(naive[(w, row.traced)] for w in NAIVE_WORKERS)]
+        return [
+            row.name,
+            f"{row.result.rate:,.0f}",
+            *(ratio(row.result.rate, b.rate) for b in bases),
+            f"{row.result.cpu_us:.0f}",
+            f"{row.result.peak_rss_kb / 1024:.0f}",
+            " / ".join(f"{r:,.0f}" for r in row.result.runs),
+        ]
+
     print()
-    print(table(["configuration", "throughput", "vs raw", "server CPU us/call", "peak RSS MB", "runs"], rows))
+    vs = [f"vs {b.column}" for b in RAW_BASES] + [f"vs naive w{w}" for w in NAIVE_WORKERS]
+    header = ["ping, unary", "calls/s", *vs, "server CPU us/call", "peak RSS MB", "runs"]
+    print(table(header, [unary_row(row) for row in unary]))
+    print(
+        "(vs naive: the naive build with the row's trace condition; raw rows carry Cloud Run's unsampled one)"
+    )
+    print()
+    print(
+        table(
+            [
+                "ListFeatures (500 features/call)",
+                "msgs/s",
+                "vs raw",
+                "server CPU us/msg",
+                "peak RSS MB",
+                "runs",
+            ],
+            [
+                [
+                    name,
+                    f"{result.rate:,.0f}",
+                    ratio(result.rate, raw_stream.rate),
+                    f"{result.cpu_us:.1f}",
+                    f"{result.peak_rss_kb / 1024:.0f}",
+                    " / ".join(f"{r:,.0f}" for r in result.runs),
+                ]
+                for name, result in (
+                    ("ListFeatures raw grpc.aio", raw_stream),
+                    ("ListFeatures full: TLS + ID token + tracing", full_stream),
+                )
+            ],
+        )
+    )
+    print()
+    print(
+        table(
+            [
+                "GetFeature full (routeguide)",
+                "calls/s",
+                "vs alone",
+                "p99 ms",
+                "server CPU us/call",
+                "peak RSS MB",
+            ],
+            [
+                [
+                    name,
+                    f"{result.rate:,.0f}",
+                    ratio(result.rate, alone.rate),
+                    f"{result.p99_ms:.2f}",
+                    f"{result.cpu_us:.0f}",
+                    f"{result.peak_rss_kb / 1024:.0f}",
+                ]
+                for name, result in (
+                    ("alone", alone),
+                    (f"beside {OPEN_STREAMS} open RouteChat streams", beside),
+                )
+            ],
+        )
+    )
     print()
     survey_rows = [[name, f"{value:.2f}"] for name, value in latency.items()]
     print(table(["Survey at 1 in flight", "p50 ms"], survey_rows))
@@ -186,11 +284,33 @@ async def run(args: argparse.Namespace) -> int:
     )
 
     image_form = starts.get("venv from ping.pex (the image's form)")
+    honest, small = raw["raw sync w256"], raw["raw sync w4"]
+    best_name, best = max(raw.items(), key=lambda item: item[1].rate)
     targets = [
-        ("full-featured unary QPS / raw >= 0.85", full.rate / raw.rate >= 0.85, ratio(full.rate, raw.rate)),
+        *(
+            (
+                f"full ping (TLS) >= 1.1 x naive full sync, {TRACE_NAMES[traced]}",
+                all(full[traced].rate >= 1.1 * naive[(w, traced)].rate for w in NAIVE_WORKERS),
+                ", ".join(
+                    f"{ratio(full[traced].rate, naive[(w, traced)].rate)} vs w{w}" for w in NAIVE_WORKERS
+                ),
+            )
+            for traced in contexts
+        ),
         (
-            "ListFeatures msgs/s / raw >= 0.90",
-            full_stream.rate / raw_stream.rate >= 0.90,
+            "full ping (TLS) >= 0.80 x raw sync w256",
+            full[True].rate >= 0.80 * honest.rate,
+            f"{ratio(full[True].rate, honest.rate)} (vs w4: {ratio(full[True].rate, small.rate)}; "
+            f"vs the best raw, {best_name}: {ratio(full[True].rate, best.rate)})",
+        ),
+        (
+            "full-featured unary QPS / raw aio >= 0.85",
+            full[True].rate >= 0.85 * raw["raw aio"].rate,
+            ratio(full[True].rate, raw["raw aio"].rate),
+        ),
+        (
+            "ListFeatures full msgs/s >= raw aio",
+            full_stream.rate >= raw_stream.rate,
             ratio(full_stream.rate, raw_stream.rate),
         ),
         (
@@ -199,17 +319,27 @@ async def run(args: argparse.Namespace) -> int:
             f"{latency['survey']:.2f} vs {slowest:.2f} ms",
         ),
         (
+            f"unary beside {OPEN_STREAMS} RouteChat streams vs alone (reported)",
+            None,
+            f"throughput {ratio(beside.rate, alone.rate)}, p99 {beside.p99_ms:.2f} vs {alone.p99_ms:.2f} ms",
+        ),
+        (
             "cold start (installed venv) <= 300 ms",
             bool(image_form) and median(image_form or [0]) <= 300,
             f"{median(image_form):.0f} ms" if image_form else "no PEX",
         ),
-        ("RSS under load <= 70 MB", full.peak_rss_kb <= 70 * 1024, f"{full.peak_rss_kb / 1024:.0f} MB"),
+        (
+            "RSS under load <= 70 MB",
+            full[True].peak_rss_kb <= 70 * 1024,
+            f"{full[True].peak_rss_kb / 1024:.0f} MB",
+        ),
         ("1 ID token minted per audience", minted == 1, f"{minted} for {calls:,} calls"),
     ]
     print()
-    print(table(["target", "met", "measured"], [[n, "yes" if ok else "NO", m] for n, ok, m in targets]))
+    met = {True: "yes", False: "NO", None: "-"}
+    print(table(["target", "met", "measured"], [[n, met[ok], m] for n, ok, m in targets]))
     print()
-    print(f"full-featured/raw: {full.rate / raw.rate:.2f}")
+    print(f"full-featured/raw: {full[True].rate / raw['raw aio'].rate:.2f}")
     return 0
 
 
@@ -219,7 +349,7 @@ async def layers(args: argparse.Namespace) -> int:
     fx = bench.fx
     h2c = fx.h2c(fx.featured_env("ping"))
     steps: list[tuple[str, list[str], dict[str, str], bool, str | None]] = [
-        ("raw grpc.aio (h2c, no interceptors)", RAW_PING, fx.base_env(), False, None)
+        ("raw grpc.aio (h2c, no interceptors)", RAW + ["ping", "aio"], fx.base_env(), False, None)
     ]
     for layer, what in LAYERS.items():
         token = "ping" if list(LAYERS).index(layer) >= list(LAYERS).index("token") else None
@@ -315,8 +445,11 @@ async def operating(args: argparse.Namespace) -> int:
     return 0
 
 
+_BEGUN = time.monotonic()
+
+
 def step(name: str) -> None:
-    print(f"... {name}", flush=True)
+    print(f"... {time.monotonic() - _BEGUN:4.0f} s: {name}", flush=True)
 
 
 def main() -> None:

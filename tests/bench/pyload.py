@@ -2,7 +2,8 @@
 
 It costs about five times h2load's CPU per call, so on a small machine it may saturate before the server
 does; figures from it are lower bounds. Unlike h2load it sees every call's grpc-status.
-`python -m tests.bench.pyload JSON` (see `Plan`) prints {"seconds", "calls", "ok", "messages", "first_error"}.
+`python -m tests.bench.pyload JSON` (see `Plan`) prints {"seconds", "calls", "ok", "messages", "first_error",
+"latencies_ms"}.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Plan:
     concurrency: int = 128
     duration_s: float | None = None
     count: int | None = None
+    latencies: bool = False  # report every successful call's time
 
 
 def _identity(data: bytes) -> bytes:
@@ -50,6 +52,7 @@ async def run(plan: Plan) -> dict[str, Any]:
     request = bytes.fromhex(plan.request_hex)
     calls = ok = messages = 0
     first_error = ""
+    times: list[float] = []
     limit = plan.count if plan.count is not None else 10**9
     deadline = time.monotonic() + (plan.duration_s if plan.duration_s is not None else 600.0)
     async with channel:
@@ -62,6 +65,7 @@ async def run(plan: Plan) -> dict[str, Any]:
             nonlocal calls, ok, messages, first_error
             while calls < limit and time.monotonic() < deadline:
                 calls += 1
+                started = time.perf_counter()
                 try:
                     if plan.streaming:
                         async for _ in stream(request, metadata=plan.metadata, timeout=30):
@@ -70,13 +74,22 @@ async def run(plan: Plan) -> dict[str, Any]:
                         await unary(request, metadata=plan.metadata, timeout=30)
                         messages += 1
                     ok += 1
+                    if plan.latencies:
+                        times.append((time.perf_counter() - started) * 1000)
                 except grpc.aio.AioRpcError as err:
                     first_error = first_error or f"{err.code().name}: {err.details()}"
 
-        started = time.perf_counter()
+        began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
-        seconds = time.perf_counter() - started
-    return {"seconds": seconds, "calls": calls, "ok": ok, "messages": messages, "first_error": first_error}
+        seconds = time.perf_counter() - began
+    return {
+        "seconds": seconds,
+        "calls": calls,
+        "ok": ok,
+        "messages": messages,
+        "first_error": first_error,
+        "latencies_ms": times,
+    }
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from tests.bench.stats import median, percentile
 MESSAGE = "benchmark " + "x" * 54  # 64 characters
 SEND, SEND_UPSTREAM = "/ping.PingService/Send", "/ping.PingService/SendUpstream"
 LIST_FEATURES = "/routeguide.RouteGuide/ListFeatures"
+GET_FEATURE = "/routeguide.RouteGuide/GetFeature"
+OPEN_STREAMS = 250  # RouteChat streams held open: service.yaml's containerConcurrency
 WORLD = route_guide_pb2.Rectangle(
     lo=route_guide_pb2.Point(latitude=-900000000, longitude=-1800000000),
     hi=route_guide_pb2.Point(latitude=900000000, longitude=1800000000),
@@ -42,11 +45,12 @@ class Plan:
     runs: int
     cold_starts: int
     survey_rounds: int
+    hold_s: float = 300.0  # the deadline of a held-open RouteChat stream: longer than its measurement
     token_calls: int = 10_000
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1.0, 3.0, 1, 2, 60) if quick else cls(3.0, 10.0, 3, 5, 300)
+        return cls(1.0, 3.0, 1, 2, 60, token_calls=2_000) if quick else cls(3.0, 10.0, 3, 5, 300)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Throughput:
     runs: list[float] = field(default_factory=list)
     rss_kb: int = 0
     peak_rss_kb: int = 0
+    p99_ms: float = 0.0  # median of the runs' p99 call latency, when measured
 
 
 def _ping(channel: grpc.aio.Channel) -> ping_pb2_grpc.PingServiceAsyncStub:
@@ -84,20 +89,25 @@ class Bench:
     def _metadata(self, service: str | None, trace_context: Headers = CLOUD_RUN_UNSAMPLED) -> Headers:
         return ((("authorization", f"Bearer {self.fx.token(service)}"),) if service else ()) + trace_context
 
-    async def _measure(self, server: Server, target: Target, streaming: bool = False) -> Throughput:
+    async def _measure(
+        self, server: Server, target: Target, streaming: bool = False, latencies: bool = False
+    ) -> Throughput:
         # Streams run by count, sized from the warm-up: h2load's duration mode cuts streams off mid-way, and
         # then neither its counts nor its bytes can be checked against whole answers.
         warm = await self.gen.run(target, **self._bound(streaming, None))  # thrown away
-        rates, costs = [], []
+        rates, costs, p99s = [], [], []
         for _ in range(self.plan.runs):
             cpu = server.cpu_seconds()
-            load: Load = await self.gen.run(target, **self._bound(streaming, warm.rate))
+            load: Load = await self.gen.run(target, latencies=latencies, **self._bound(streaming, warm.rate))
             spent = server.cpu_seconds() - cpu
             units = load.messages if streaming else load.calls
             rates.append(load.message_rate if streaming else load.rate)
             costs.append(spent / units * 1e6)
+            if latencies:
+                p99s.append(percentile(load.latencies_ms, 0.99))
         memory = server.memory_kb()
-        return Throughput(median(rates), median(costs), rates, memory["VmRSS"], memory["VmHWM"])
+        p99 = median(p99s) if p99s else 0.0
+        return Throughput(median(rates), median(costs), rates, memory["VmRSS"], memory["VmHWM"], p99)
 
     def _bound(self, streaming: bool, rate: float | None) -> dict[str, Any]:
         if not streaming:
@@ -198,6 +208,78 @@ class Bench:
                 messages_per_call=len(features),
             )
             return await self._measure(server, target, streaming=True)
+
+    # Unary beside open streams -------------------------------------------------------------------------
+    async def get_feature_beside_streams(self) -> tuple[Throughput, Throughput]:
+        """GetFeature on the full-featured routeguide (throughput, p99): alone, then with OPEN_STREAMS
+        RouteChat streams held open on the same server."""
+        env = self.fx.featured_env("routeguide")
+        async with Server(
+            "routeguide", service_argv("services.routeguide.main"), env, self.server_core
+        ) as server:
+            stored = generated_database().features[0]
+            point = route_guide_pb2.Point(latitude=stored.latitude, longitude=stored.longitude)
+            answer = route_guide_pb2.Feature(name=stored.name, location=point)
+            target = Target(
+                f"127.0.0.1:{server.port}",
+                GET_FEATURE,
+                point.SerializeToString(),
+                tls_ca=self.fx.certs.ca_cert,
+                token=self.fx.token("routeguide"),
+                metadata=CLOUD_RUN_UNSAMPLED,
+                min_response_bytes=5 + answer.ByteSize(),  # not exact: see load.Generator on h2load's counts
+            )
+            await self._check_feature(server.port, point, answer)
+            alone = await self._measure(server, target, latencies=True)
+            async with self._open_chats(server.port, OPEN_STREAMS):
+                beside = await self._measure(server, target, latencies=True)
+            await self._check_feature(server.port, point, answer)
+        return alone, beside
+
+    async def _check_feature(
+        self, port: int, point: route_guide_pb2.Point, answer: route_guide_pb2.Feature
+    ) -> None:
+        async with self.fx.channel(port, True) as channel:
+            found = await _routes(channel).GetFeature(
+                point, metadata=self._metadata("routeguide"), timeout=10
+            )
+        if found != answer:
+            raise AssertionError(f"GetFeature answered {found}, not {answer}")
+
+    @contextlib.asynccontextmanager
+    async def _open_chats(self, port: int, count: int) -> AsyncIterator[None]:
+        """`count` RouteChat streams, each with one note sent (at a location of its own) and then idle, held
+        open for the block (each with a deadline) and cancelled after. Checked before and after the block:
+        the server has every stream's note, and no stream has ended."""
+
+        def note(i: int) -> route_guide_pb2.RouteNote:
+            where = route_guide_pb2.Point(latitude=400_000_000 + i * 1_000, longitude=-740_000_000)
+            return route_guide_pb2.RouteNote(location=where, message=f"held open {i}")
+
+        async with self.fx.channel(port, True) as channel:
+            chat = _routes(channel).RouteChat
+            metadata = self._metadata("routeguide")
+            calls = []
+            try:
+                for i in range(count):
+                    call = chat(metadata=metadata, timeout=self.plan.hold_s)
+                    await call.write(note(i))
+                    calls.append(call)
+                # One more stream posts a note at each of those locations: the server answers each with the
+                # held stream's note, so each arrived.
+                probe = chat(iter([note(i) for i in range(count)]), metadata=metadata, timeout=30)
+                echoed = [n.message async for n in probe]
+                if echoed != [note(i).message for i in range(count)]:
+                    raise AssertionError(f"{len(echoed)} of {count} held RouteChat notes reached the server")
+                if any(c.done() for c in calls):
+                    raise AssertionError("a held RouteChat stream ended before the load")
+                yield
+                ended = [c for c in calls if c.done()]
+                if ended:
+                    raise AssertionError(f"{len(ended)} held RouteChat streams ended during the load")
+            finally:
+                for call in calls:
+                    call.cancel()
 
     # Survey --------------------------------------------------------------------------------------------
     async def survey(self) -> dict[str, float]:
