@@ -12,6 +12,8 @@ from services.ping.servicer import PingServicer
 
 SERVICE_NAME = "ping.PingService"
 MAX_REQUEST = 64 * 1024  # a Request is one message string: a ping, not a payload
+# BENCHMARKS.md, "Serving model": per core, ping is faster on grpc.server's threads than on grpc.aio.
+MODEL = serving.THREADS
 
 
 def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
@@ -33,7 +35,7 @@ def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
             servicer,
             ping_pb2_grpc.add_PingServiceServicer_to_server,
             max_request_bytes=MAX_REQUEST,
-            model=serving.THREADS,  # BENCHMARKS.md, "Serving model": per core, the faster one for ping
+            model=MODEL,
         )
     ]
 

@@ -20,6 +20,7 @@ from mesh import propagation, serving
 from mesh.server_chain import ServerChain
 from mesh.settings import AuthSettings, ServerSettings
 from ping import ping_pb2_grpc
+from services.ping.main import MODEL
 from services.ping.servicer import PingServicer
 
 # Each layer includes the ones before it.
@@ -47,7 +48,9 @@ def chain(layer: str, env: dict[str, str]) -> ServerChain | None:
 async def serve(layer: str) -> None:
     settings = ServerSettings(service="ping", port=0)
     services = [
-        serving.Service("ping.PingService", PingServicer(), ping_pb2_grpc.add_PingServiceServicer_to_server)
+        serving.Service(
+            "ping.PingService", PingServicer(), ping_pb2_grpc.add_PingServiceServicer_to_server, model=MODEL
+        )
     ]
     running = await serving.start(services, settings, chain=chain(layer, dict(os.environ)), host="127.0.0.1")
     print(json.dumps({"event": "serving", "port": running.port}), flush=True)

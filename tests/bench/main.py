@@ -349,7 +349,14 @@ async def layers(args: argparse.Namespace) -> int:
     fx = bench.fx
     h2c = fx.h2c(fx.featured_env("ping"))
     steps: list[tuple[str, list[str], dict[str, str], bool, str | None]] = [
-        ("raw grpc.aio (h2c, no interceptors)", RAW + ["ping", "aio"], fx.base_env(), False, None)
+        # The service's own model (services.ping.main.MODEL: threads), with the pool it gets (SERVER_THREADS).
+        (
+            "raw grpc.server, 256 threads (h2c, no interceptors)",
+            RAW + ["ping", "sync256"],
+            fx.base_env(),
+            False,
+            None,
+        )
     ]
     for layer, what in LAYERS.items():
         token = "ping" if list(LAYERS).index(layer) >= list(LAYERS).index("token") else None
