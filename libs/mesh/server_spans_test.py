@@ -20,8 +20,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh import propagation, tracing
-from mesh.server_chain import ServerChain
 from mesh.handler_kinds import Threads
+from mesh.server_chain import ServerChain
 from mesh.testing import NO_REUSEPORT, Loopback, start_loopback
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc

@@ -36,6 +36,12 @@ class SlowUpstream(ping_pb2_grpc.PingServiceServicer):
             raise
         return pong(request)
 
+    async def SendUpstream(
+        self, request: ping_pb2.Request, context: grpc.aio.ServicerContext
+    ) -> ping_pb2.Response:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the end of the line")
+        raise AssertionError("abort raises")
+
 
 def relay_env(address: str) -> dict[str, str]:
     return {"GRPC_PING_HOST": address, "GRPC_PING_INSECURE": "true"}
