@@ -9,14 +9,26 @@ span is made.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from mesh.probes import PROBE_SERVICES
 from mesh.server_spans import SCHEMA_URL, SCOPE, drops_unsampled_parents
+
+
+class _Injected(NamedTuple):
+    """What `textmap` injected for `context`: the same for as long as both are the same objects (an
+    OpenTelemetry context is immutable: a change to it makes a new one)."""
+
+    context: Context
+    textmap: TextMapPropagator
+    headers: dict[str, str]
 
 
 class ClientSpans:
@@ -27,6 +39,9 @@ class ClientSpans:
         self._tracer = provider.get_tracer(SCOPE, schema_url=SCHEMA_URL)
         self._skip_unsampled = drops_unsampled_parents(provider, remote=False)
         self._methods: dict[str | bytes, tuple[str, dict[str, Any]] | None] = {}
+        # The headers of the last unsampled context: a call that fans out (a Survey's three calls) sends the
+        # same ones on each, so they are made once per incoming call, not once per outgoing one.
+        self._last_unsampled: _Injected | None = None
 
     def _method(self, method: str | bytes) -> tuple[str, dict[str, Any]] | None:
         """(span name, static attributes) per method, or None for probes and tooling; made once per method."""
@@ -48,15 +63,22 @@ class ClientSpans:
         return plan
 
     def start(self, method: str | bytes) -> tuple[Span | None, dict[str, str]]:
-        """The recording span (or None) and the trace context to send with the call."""
+        """The recording span (or None) and the trace context to send with the call (not to be changed:
+        the headers of an unsampled context are shared by its calls)."""
         carrier: dict[str, str] = {}
         plan = self._method(method)
         if plan is None:
             return None, carrier
-        current = trace.get_current_span().get_span_context()
-        if self._skip_unsampled and current.is_valid and not current.trace_flags.sampled:
-            propagate.inject(carrier)  # the unsampled caller's context, as it is
-            return None, carrier
+        if self._skip_unsampled:
+            context, textmap = otel_context.get_current(), propagate.get_global_textmap()
+            last = self._last_unsampled
+            if last is not None and last.context is context and last.textmap is textmap:
+                return None, last.headers
+            current = trace.get_current_span(context).get_span_context()
+            if current.is_valid and not current.trace_flags.sampled:
+                textmap.inject(carrier, context=context)  # the unsampled caller's context, as it is
+                self._last_unsampled = _Injected(context, textmap, carrier)
+                return None, carrier
         started = self._tracer.start_span(plan[0], kind=SpanKind.CLIENT, attributes=plan[1])
         propagate.inject(carrier, context=trace.set_span_in_context(started))
         return (started if started.is_recording() else None), carrier

@@ -13,6 +13,7 @@ import concurrent.futures
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,6 +54,7 @@ def _is_ip(host: str) -> bool:
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]
 _log = logging.getLogger(__name__)
+_FRESH_RECHECK_S = 1.0
 
 
 def _in_daemon_thread(work: Callable[[], T]) -> concurrent.futures.Future[T]:
@@ -83,12 +85,22 @@ class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
         self._refresh_lock = threading.Lock()
         self._token: str | None = None
         self._metadata: tuple[tuple[str, str], ...] = ()
+        # time.monotonic() until which the token counts as fresh without asking google-auth again.
+        self._fresh_until = 0.0
 
     def cached(self) -> tuple[tuple[str, str], ...] | None:
-        """The prepared metadata while google-auth deems the token fresh; None when it needs a refresh."""
+        """The prepared metadata while google-auth deems the token fresh; None when it needs a refresh.
+
+        google-auth's verdict (two clock reads and datetime arithmetic) is taken at most every
+        `_FRESH_RECHECK_S` per token: a token turns stale minutes before it expires, so one deemed fresh a
+        second ago is still valid, and this runs on every call."""
         credentials = self._credentials
         if self._token is not None and credentials.token is self._token:
+            now = time.monotonic()
+            if now < self._fresh_until:
+                return self._metadata
             if credentials.token_state is TokenState.FRESH:
+                self._fresh_until = now + _FRESH_RECHECK_S
                 return self._metadata
         return None
 
