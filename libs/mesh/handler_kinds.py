@@ -10,6 +10,7 @@ a thread of the server's pool, in a fresh contextvars.Context, as a task would b
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -23,9 +24,12 @@ Result = TypeVar("Result")
 class Threads:
     """The threads serving model: calls run on grpc.server's pool; what must be awaited on their behalf (a new
     token's verification, a downstream call on the process's channels) runs on `loop`, the process's event
-    loop, so one client chain serves both models."""
+    loop, so one client chain serves both models. The methods marked `never_waits` run on `quick`, a pool of a
+    few threads, when one is given (BENCHMARKS.md, "Serving model": a call handed to one of many idle threads
+    costs more CPU than one taken from the queue by a busy thread)."""
 
     loop: asyncio.AbstractEventLoop
+    quick: concurrent.futures.ThreadPoolExecutor | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, Result], context: grpc.ServicerContext) -> Result:
         """`coroutine`'s result, awaited on the loop in a copy of the calling thread's context (the call's
@@ -35,6 +39,22 @@ class Threads:
         if not context.add_callback(future.cancel):
             future.cancel()  # the call has already ended
         return future.result()
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+_NEVER_WAITS = "mesh_never_waits"
+
+
+def never_waits(method: Method) -> Method:
+    """Marks a servicer method of the threads model that answers from its request and CPU alone (no downstream
+    call, no lock held for long, no stream): the server runs it on its few quick threads (Threads.quick)."""
+    setattr(method, _NEVER_WAITS, True)
+    return method
+
+
+def waits(behavior: Callable[..., Any]) -> bool:
+    """Whether a handler's behavior may wait (anything not marked `never_waits`)."""
+    return not getattr(behavior, _NEVER_WAITS, False)
 
 
 class Pending(Protocol):

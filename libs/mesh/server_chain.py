@@ -14,6 +14,7 @@ handler; with verification on, a unary request is read after identity (mesh.hand
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -86,12 +87,13 @@ class ServerChain:
         self._exempt = frozenset(exempt_methods)
         self._exempt_gate = _Gate(exempt_concurrency)
 
-    def wrapping(self, server: Any) -> Any:
+    def wrapping(self, server: Any, quick: concurrent.futures.ThreadPoolExecutor | None = None) -> Any:
         """`server` (a grpc.aio.Server, or a grpc.Server: the threads model, which must be wrapped on the
-        process's event loop), with every handler added through it wrapped by this chain."""
+        process's event loop, its `never_waits` methods run on `quick` when given), with every handler added
+        through it wrapped by this chain."""
         if isinstance(server, grpc.aio.Server):
             return _WrappingServer(server, self)
-        return _WrappingThreadsServer(server, self, Threads(asyncio.get_running_loop()))
+        return _WrappingThreadsServer(server, self, Threads(asyncio.get_running_loop(), quick))
 
     def wrap(
         self, method: str, handler: grpc.RpcMethodHandler, threads: Threads | None = None

@@ -69,6 +69,12 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+# The threads model's pool for the methods marked never_waits (mesh.handler_kinds): a few threads, each taking
+# the next call from the queue while it is busy, cost less CPU per call than many idle threads each woken for
+# one (BENCHMARKS.md, "Serving model"). More threads would not add CPU: the interpreter runs one at a time.
+QUICK_THREADS = 4
+
+
 def keepalive_policy(keepalive: Keepalive) -> list[tuple[str, int]]:
     """What the server accepts from its callers' keepalive (mesh.channels.connection_options): pings on idle
     connections, and pings twice as often as they are sent (every 10 s at least, for callers outside the
@@ -205,8 +211,10 @@ async def start(
     server_options = [*options.items(), *keepalive_policy(keepalive)]
     threads = _model(services) == THREADS
     server: Any
+    quick = None
     if threads:
         pool = concurrent.futures.ThreadPoolExecutor(settings.server_threads, thread_name_prefix="call")
+        quick = concurrent.futures.ThreadPoolExecutor(QUICK_THREADS, thread_name_prefix="quick")
         server = grpc.server(
             pool, options=server_options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs
         )
@@ -215,7 +223,7 @@ async def start(
         server = grpc.aio.server(options=server_options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         health_servicer = health.aio.HealthServicer()
     if chain is not None:
-        server = chain.wrapping(server)
+        server = chain.wrapping(server, quick)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
         service.add_to_server(service.servicer, server)

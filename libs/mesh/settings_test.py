@@ -117,6 +117,7 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
     (server, {"SHUTDOWN_GRACE_SECONDS": "30"}, "SHUTDOWN_GRACE_SECONDS"),
     (server, {"SHUTDOWN_GRACE_SECONDS": "soon"}, "SHUTDOWN_GRACE_SECONDS"),
     (server, {"MAX_CONCURRENT_RPCS": "0"}, "MAX_CONCURRENT_RPCS"),
+    (server, {"SERVER_THREADS": "none"}, "SERVER_THREADS"),
     (server, {"TLS_CERT_FILE": "/no/such/cert.pem", "TLS_KEY_FILE": "/no/such/key.pem"}, "TLS_CERT_FILE"),
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "alice"}, "AUTH_ALLOWED_CALLERS"),
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": " , "}, "AUTH_ALLOWED_CALLERS"),

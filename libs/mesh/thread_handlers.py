@@ -1,10 +1,10 @@
-"""The handler wrapper of the threads model (grpc.server): the handler is a function or a generator, every
-call runs on a thread of the server's pool, and in a contextvars.Context of its own, made for the call (a
-thread's context would otherwise carry one call's caller, span and deadline into the next call)."""
+"""The handler wrapper of the threads model (grpc.server): the handler is a function or a generator, and every
+call runs on a thread of the server's pool (of its quick pool, for a method marked `never_waits`), in a
+contextvars.Context of its own that grpc.server makes for the call (threads_test checks it: a thread's context
+would otherwise carry one call's caller, span and deadline into the next call)."""
 
 from __future__ import annotations
 
-import contextvars
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,23 +22,8 @@ from mesh.handler_kinds import (
     no_request,
     not_a_message,
     tolerant,
+    waits,
 )
-
-
-class _InContext:
-    """A response stream whose every step runs in the call's own context (a generator has none of its own)."""
-
-    __slots__ = ("_context", "_next")
-
-    def __init__(self, context: contextvars.Context, responses: Iterator[Any]) -> None:
-        self._context = context
-        self._next = responses.__next__
-
-    def __iter__(self) -> _InContext:
-        return self
-
-    def __next__(self) -> Any:
-        return self._context.run(self._next)
 
 
 def _parsed(
@@ -79,6 +64,7 @@ def wrap(
     """See mesh.handlers.wrap; `enter` always runs before a unary request is read."""
     unary_call = not handler.request_streaming and not handler.response_streaming  # metrics: no counts
     client_streams = handler.request_streaming  # as the service defines it, before `_reading_after_entry`
+    quick = None if waits(getattr(handler, kind_of(handler).behavior)) else threads.quick
     # Always here, headers_first or not: grpc.server answers a unary call without its one message with
     # UNIMPLEMENTED "requires exactly one request message"; read here, it is INVALID_ARGUMENT, as it is on
     # grpc.aio (whose server instead waits for the rest of a truncated message until the deadline).
@@ -97,7 +83,7 @@ def wrap(
             not_a_message(method).block(context, threads)
         return request
 
-    def unary_call_body(request: Any, context: grpc.ServicerContext) -> Any:
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
         entered = enter(context)
         # A client stream's messages are counted; a unary call's are not (one each way).
         messages = Messages() if streaming_requests else None
@@ -116,7 +102,7 @@ def wrap(
                 messages.sent = 1
             after(entered, context, error, None if unary_call else messages)
 
-    def stream_call_body(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         entered = enter(context)
         messages = Messages(0 if streaming_requests else 1)
         ending = threading.Lock()
@@ -145,15 +131,11 @@ def wrap(
             raise
         end(None)
 
-    def unary(request: Any, context: grpc.ServicerContext) -> Any:
-        return contextvars.Context().run(unary_call_body, request, context)
-
-    def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        call = contextvars.Context()
-        return _InContext(call, stream_call_body(request, context))
-
+    served: Any = streaming if handler.response_streaming else unary
+    if quick is not None:
+        served.experimental_thread_pool = quick  # grpc.server's pool for this method
     return kind.factory(
-        streaming if handler.response_streaming else unary,
+        served,
         request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )

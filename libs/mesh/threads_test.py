@@ -1,5 +1,6 @@
 """The threads serving model (ping): a call's downstream call runs on the process's loop and ends with the
-call, the drain lets relays in flight finish, and every call starts with a context of its own."""
+call, the drain lets relays in flight finish, every call starts with a context of its own, and the methods
+that never wait run on the few quick threads."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import threading
 
 import grpc
 import pytest
 
-from mesh import handlers
-from mesh.handler_kinds import Threads
+from mesh import handlers, serving
+from mesh.handler_kinds import Threads, never_waits
 from mesh.testing import NO_REUSEPORT, eventually, loopback, running
 from ping import ping_pb2, ping_pb2_grpc
 from services.ping.main import build
@@ -123,3 +125,30 @@ async def test_every_call_starts_with_a_context_of_its_own_on_a_reused_thread() 
     finally:
         await asyncio.to_thread(server.stop(None).wait)
     assert seen == ["nothing", "nothing"]
+
+
+class WhereServed(ping_pb2_grpc.PingServiceServicer):
+    """Answers with the name of the thread each call ran on."""
+
+    @never_waits
+    def Send(self, request: ping_pb2.Request, context: grpc.ServicerContext) -> ping_pb2.Response:
+        return ping_pb2.Response(pong=ping_pb2.Pong(message=threading.current_thread().name))
+
+    def SendUpstream(self, request: ping_pb2.Request, context: grpc.ServicerContext) -> ping_pb2.Response:
+        return ping_pb2.Response(pong=ping_pb2.Pong(message=threading.current_thread().name))
+
+
+def where_served(runtime: serving.Runtime) -> list[serving.Service]:
+    add = ping_pb2_grpc.add_PingServiceServicer_to_server
+    return [serving.Service("ping.PingService", WhereServed(), add, model=serving.THREADS)]
+
+
+async def test_a_method_that_never_waits_runs_on_the_quick_threads_the_others_on_the_pool() -> None:
+    async with running("ping", where_served) as server:
+        channel, stub = ping(server.port)
+        quick = {(await stub.Send(ping_pb2.Request(), timeout=5)).pong.message for _ in range(20)}
+        pooled = (await stub.SendUpstream(ping_pb2.Request(), timeout=5)).pong.message
+        await channel.close()
+    assert all(name.startswith("quick") for name in quick), quick
+    assert len(quick) <= serving.QUICK_THREADS
+    assert pooled.startswith("call"), pooled

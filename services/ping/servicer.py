@@ -6,7 +6,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mesh.downstream import reported
-from mesh.handler_kinds import Threads
+from mesh.handler_kinds import Threads, never_waits
 from ping import ping_pb2, ping_pb2_grpc
 
 NO_UPSTREAM = "no upstream configured: set GRPC_PING_HOST to the upstream's host:port to use SendUpstream"
@@ -35,6 +35,7 @@ class PingServicer(ping_pb2_grpc.PingServiceServicer):
         self._upstream_name = upstream_name
         self._threads = threads
 
+    @never_waits
     def Send(self, request: ping_pb2.Request, context: grpc.ServicerContext) -> ping_pb2.Response:
         return pong(request)
 
