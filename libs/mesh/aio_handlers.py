@@ -18,6 +18,7 @@ from mesh.handler_kinds import (
     kind_of,
     no_request,
     not_a_message,
+    one_answered,
     tolerant,
 )
 
@@ -122,9 +123,7 @@ def wrap(
             error = exc
             raise
         finally:
-            if messages is not None and error is None:
-                messages.sent = 1
-            after(entered, context, error, None if unary_call else messages)
+            one_answered(after, entered, context, error, None if unary_call else messages)
 
     async def writing(request: Any, context: grpc.aio.ServicerContext) -> None:
         entered = enter(context)

@@ -105,6 +105,16 @@ Enter = Callable[[Any], Entered]
 After = Callable[[Any, Any, BaseException | None, Messages | None], None]
 
 
+def one_answered(
+    after: After, entered: Entered, context: Any, error: BaseException | None, messages: Messages | None
+) -> None:
+    """The end of a call with one response: a client stream's count of it (`messages`; None for a unary call,
+    whose messages are not counted), then `after`."""
+    if messages is not None and error is None:
+        messages.sent = 1
+    after(entered, context, error, messages)
+
+
 class Kind(NamedTuple):
     behavior: str  # the RpcMethodHandler attribute that holds the servicer's method
     factory: Callable[..., grpc.RpcMethodHandler]  # what makes a handler of this kind

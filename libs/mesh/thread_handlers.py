@@ -21,6 +21,7 @@ from mesh.handler_kinds import (
     kind_of,
     no_request,
     not_a_message,
+    one_answered,
     tolerant,
     waits,
 )
@@ -98,9 +99,7 @@ def wrap(
             error = exc
             raise
         finally:
-            if messages is not None and error is None:
-                messages.sent = 1
-            after(entered, context, error, None if unary_call else messages)
+            one_answered(after, entered, context, error, None if unary_call else messages)
 
     def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         entered = enter(context)
