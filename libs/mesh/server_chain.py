@@ -145,11 +145,7 @@ class _Adding:
     """What a service's generated `add_*Servicer_to_server` calls, the handlers it adds (generic and registered)
     wrapped by the chain on the way in (each made once per method) and handed to the server."""
 
-    _server: Any
-    _chain: ServerChain
-    _threads: Threads | None
-
-    def _start_wrapping(self, server: Any, chain: ServerChain, threads: Threads | None) -> None:
+    def __init__(self, server: Any, chain: ServerChain, threads: Threads | None = None) -> None:
         self._server, self._chain, self._threads = server, chain, threads
         self._wrapped: handlers.HandlerCache[grpc.RpcMethodHandler] = handlers.HandlerCache()
 
@@ -180,9 +176,6 @@ class _WrappingServer(_Adding, grpc.aio.Server):  # type: ignore[misc]
     """A grpc.aio server with the chain around its handlers. A real grpc.aio.Server subclass, because
     libraries pick their aio flavour by isinstance (reflection does)."""
 
-    def __init__(self, server: grpc.aio.Server, chain: ServerChain) -> None:
-        self._start_wrapping(server, chain, None)
-
     async def start(self) -> None:
         await self._server.start()
 
@@ -195,9 +188,6 @@ class _WrappingServer(_Adding, grpc.aio.Server):  # type: ignore[misc]
 
 class _WrappingThreadsServer(_Adding, grpc.Server):  # type: ignore[misc]
     """A grpc.server with the chain around its handlers (and so, for reflection, not a grpc.aio.Server)."""
-
-    def __init__(self, server: grpc.Server, chain: ServerChain, threads: Threads) -> None:
-        self._start_wrapping(server, chain, threads)
 
     def start(self) -> None:
         self._server.start()

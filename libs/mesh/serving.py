@@ -167,11 +167,24 @@ class RunningServer:
     async def stop(self, grace: float) -> None:
         """NOT_SERVING first, then drain in-flight calls."""
         await self.not_serving()
-        if isinstance(self.server, grpc.aio.Server):
-            await self.server.stop(grace)
-        else:
-            # The calls draining may still await on this loop (Threads.run): wait off it.
-            await asyncio.to_thread(self.server.stop(grace).wait)
+        await stop_server(self.server, grace)
+
+
+async def start_server(server: Any) -> None:
+    """Starts a grpc.aio.Server or a grpc.Server (the threads model)."""
+    if isinstance(server, grpc.aio.Server):
+        await server.start()
+    else:
+        server.start()
+
+
+async def stop_server(server: Any, grace: float | None) -> None:
+    """Stops a grpc.aio.Server or a grpc.Server, its calls given `grace` seconds to end (None: none)."""
+    if isinstance(server, grpc.aio.Server):
+        await server.stop(grace)
+    else:
+        # The calls draining may still await on this loop (Threads.run): wait off it.
+        await asyncio.to_thread(server.stop(grace).wait)
 
 
 def _bind(server: Any, settings: ServerSettings, host: str) -> int:
@@ -230,14 +243,11 @@ async def start(
     names = [s.name for s in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = _bind(server, settings, host)
-    if threads:
-        server.start()
-        for name in ["", *names]:
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    else:
-        await server.start()
-        for name in ["", *names]:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await start_server(server)
+    for name in ["", *names]:
+        marked = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if not threads:
+            await marked  # grpc.aio's health servicer sets it in a coroutine
     return RunningServer(server, port, health_servicer)
 
 

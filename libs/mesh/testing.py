@@ -45,10 +45,7 @@ class Loopback(NamedTuple):
 
     async def stop(self) -> None:
         """Stopped at once (no grace), either model."""
-        if isinstance(self.server, grpc.aio.Server):
-            await self.server.stop(None)
-        else:
-            await asyncio.to_thread(self.server.stop(None).wait)
+        await serving.stop_server(self.server, None)
 
 
 async def start_loopback(
@@ -75,10 +72,7 @@ async def start_loopback(
         port = server.add_insecure_port(f"{LOOPBACK}:0")
     else:
         port = server.add_secure_port(f"{LOOPBACK}:0", credentials)
-    if threads:
-        server.start()
-    else:
-        await server.start()
+    await serving.start_server(server)
     return Loopback(server, f"{LOOPBACK}:{port}")
 
 
