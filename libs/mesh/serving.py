@@ -75,15 +75,25 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 QUICK_THREADS = 4
 
 
+# Pings that come too early (see keepalive_policy) a connection may send before it is told GOAWAY
+# ENHANCE_YOUR_CALM "too_many_pings": gRPC's default, stated because the bound on a PING flood rests on it (0
+# would mean no bound). gRPC forgives the strikes whenever the server sends headers, data or a window update,
+# so a caller whose calls are answered never collects them. The bound does not close a connection whose flood
+# goes on: gRPC closes it only once its writes go idle, and the flood's PING ACKs keep them busy; the front
+# end (Cloud Run's, or Envoy here) is what ends such a flood (RELIABILITY.md, "PING flood").
+MAX_PING_STRIKES = 2
+
+
 def keepalive_policy(keepalive: Keepalive) -> list[tuple[str, int]]:
     """What the server accepts from its callers' keepalive (mesh.channels.connection_options): pings on idle
     connections, and pings twice as often as they are sent (every 10 s at least, for callers outside the
     mesh), so that no caller with the same settings collects the ping strikes that end in GOAWAY
-    "too_many_pings"."""
+    "too_many_pings"; a caller that pings faster is told so at its third early ping."""
     interval = min(10.0, keepalive.time / 2)
     return [
         ("grpc.http2.min_ping_interval_without_data_ms", max(1, round(interval * 1000))),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
     ]
 
 
