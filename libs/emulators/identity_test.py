@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ import google.auth.transport.requests
 import google.oauth2.id_token
 import pytest
 
-from emulators.identity import IdentityEmulator
+from emulators.identity import IdentityEmulator, basic_authorization
 
 ALICE = "alice@proj.iam.gserviceaccount.com"
 AUD = "https://svc.example"
@@ -51,9 +50,10 @@ def get(url: str, flavor: bool = True, authorization: str = "") -> tuple[int, di
 
 
 def as_requests_send(host: str) -> tuple[str, str]:
-    """GCE_METADATA_HOST's `user:secret@host:port` as the address and the Authorization header requests sends."""
+    """GCE_METADATA_HOST's `metadata:SECRET@host:port` as the address and the Authorization header that
+    requests sends for it."""
     userinfo, _, address = host.rpartition("@")
-    return address, "Basic " + base64.b64encode(userinfo.encode()).decode()
+    return address, basic_authorization(userinfo.partition(":")[2])
 
 
 def subprocess_env(extra: dict[str, str]) -> dict[str, str]:

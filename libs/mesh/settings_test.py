@@ -80,15 +80,6 @@ def test_values_are_read() -> None:
 
 
 @pytest.mark.parametrize(
-    "certs_url",
-    [
-        "https://www.googleapis.com/oauth2/v3/certs",
-        "http://127.0.0.1:8123/certs",
-        "http://[::1]:80/c",
-        "http://localhost/c",
-    ],
-)
-@pytest.mark.parametrize(
     "given, bound",
     [(None, "::"), ("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("[::1]", "::1"), (" 0.0.0.0 ", "0.0.0.0")],
 )
@@ -97,6 +88,15 @@ def test_the_server_listens_on_every_interface_unless_bind_host_says(given: str 
     assert server({} if given is None else {"BIND_HOST": given}).bind_host == bound
 
 
+@pytest.mark.parametrize(
+    "certs_url",
+    [
+        "https://www.googleapis.com/oauth2/v3/certs",
+        "http://127.0.0.1:8123/certs",
+        "http://[::1]:80/c",
+        "http://localhost/c",
+    ],
+)
 def test_certs_come_over_https_or_from_loopback(certs_url: str) -> None:
     assert auth({"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": certs_url}).certs_url == certs_url
 

@@ -58,8 +58,16 @@ def _listening_on(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Addre
             if state == "0A" and int(hexport, 16) == port:
                 raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
                 words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-                found.append(ipaddress.ip_address(words))
+                found.append(_unmapped(ipaddress.ip_address(words)))
     return found
+
+
+def _unmapped(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """gRPC listens on 127.0.0.1 through an IPv6 socket bound to ::ffff:127.0.0.1: that IPv4 address."""
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
 
 
 def _trace_trees(output: str) -> list[str]:
