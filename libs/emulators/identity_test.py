@@ -107,7 +107,7 @@ def test_a_process_not_given_the_accounts_secret_cannot_mint(emulator: IdentityE
     emulator.add_account(bob)
     identity = f"http://{emulator.metadata_host(ALICE)}/computeMetadata/v1/instance/service-accounts/default/"
     for authorization in ("", "Basic bWV0YWRhdGE6Z3Vlc3M=", emulator.authorization(bob)):  # none, a guess, Bob's
-        for path in ("", "identity?audience=" + AUD, "email"):
+        for path in ("identity?audience=" + AUD, "email", "?recursive=true"):
             status, headers, body = get(identity + path, authorization=authorization)
             assert status == 403 and headers["Metadata-Flavor"] == "Google", (path, status, body)
             assert "did not carry the account's secret" in body
