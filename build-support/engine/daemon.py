@@ -65,7 +65,11 @@ class Engine:
         kwargs.setdefault("capture_output", "stdout" not in kwargs and "stderr" not in kwargs)
         kwargs.setdefault("text", True)
         result = subprocess.run(
-            ["docker", *argv], env={**self.docker_env(), **(env or {})}, timeout=timeout, check=False, **kwargs
+            ["docker", *argv],
+            env={**self.docker_env(), **(env or {})},
+            timeout=timeout,
+            check=False,
+            **kwargs,
         )
         if check and result.returncode != 0:
             detail = (

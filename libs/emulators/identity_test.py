@@ -106,13 +106,20 @@ def test_a_process_not_given_the_accounts_secret_cannot_mint(emulator: IdentityE
     bob = "bob@proj.iam.gserviceaccount.com"
     emulator.add_account(bob)
     identity = f"http://{emulator.metadata_host(ALICE)}/computeMetadata/v1/instance/service-accounts/default/"
-    for authorization in ("", "Basic bWV0YWRhdGE6Z3Vlc3M=", emulator.authorization(bob)):  # none, a guess, Bob's
+    for authorization in (
+        "",
+        "Basic bWV0YWRhdGE6Z3Vlc3M=",
+        emulator.authorization(bob),
+    ):  # none, a guess, Bob's
         for path in ("identity?audience=" + AUD, "email", "?recursive=true"):
             status, headers, body = get(identity + path, authorization=authorization)
             assert status == 403 and headers["Metadata-Flavor"] == "Google", (path, status, body)
             assert "did not carry the account's secret" in body
     # google-auth's own path, as a local process that knows only the address would run it: no identity.
-    address = {"GCE_METADATA_HOST": emulator.metadata_host(ALICE), "GCE_METADATA_IP": emulator.metadata_host(ALICE)}
+    address = {
+        "GCE_METADATA_HOST": emulator.metadata_host(ALICE),
+        "GCE_METADATA_IP": emulator.metadata_host(ALICE),
+    }
     done = subprocess.run(
         [sys.executable, "-c", MINT], env=subprocess_env({**address, "GCE_METADATA_DETECT_RETRIES": "1"}),
         capture_output=True, text=True, timeout=60, check=False,

@@ -9,8 +9,8 @@ grpc-ping sample).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit

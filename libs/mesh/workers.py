@@ -111,7 +111,9 @@ def supervise(argv: Sequence[str], count: int, env: Mapping[str, str], grace_sec
     returns the instance's exit status."""
     # Held open (bound, never listening, so it takes no connections) while the instance lives: between a
     # worker's exit and the instance's, no other process can take the port.
-    reserved = _reserve(ip_literal(env, "BIND_HOST", ALL_INTERFACES), integer(env, "PORT", 8080, low=0, high=65535))
+    reserved = _reserve(
+        ip_literal(env, "BIND_HOST", ALL_INTERFACES), integer(env, "PORT", 8080, low=0, high=65535)
+    )
     port = reserved.getsockname()[1]
     stopping = False
 

@@ -140,7 +140,9 @@ async def test_the_mesh_listens_on_this_machine_only(tmp_path: Path) -> None:
     # may be reachable from the network the developer's machine is on.
     async with Mesh(tmp_path, only=["ping-upstream"]) as mesh:
         ports = {name: endpoint.port for name, endpoint in mesh.endpoints.items()}
-        ports["spans"] = int(urlsplit(mesh.service_env(mesh.specs[0])["OTEL_EXPORTER_OTLP_ENDPOINT"]).port or 0)
+        ports["spans"] = int(
+            urlsplit(mesh.service_env(mesh.specs[0])["OTEL_EXPORTER_OTLP_ENDPOINT"]).port or 0
+        )
         ports["certs"] = int(urlsplit(mesh.identity.certs_url).port or 0)
         ports["metadata"] = int(mesh.identity.metadata_host(DEVELOPER).rsplit(":", 1)[1])
         listening = {name: _listening_on(port) for name, port in ports.items()}
