@@ -280,7 +280,8 @@ class CloudRun:
         container = f"cloudrun-{name}-{uuid.uuid4().hex[:6]}"
         mount = self.served.ca_cert.parent
         argv = ["run", "--detach", f"--name={container}", *CLOUD_RUN_FLAGS, f"--volume={mount}:{mount}:ro"]
-        self.engine.docker(*argv, *(f"--env={k}={v}" for k, v in env.items()), spec.image)
+        # Names only: the values (the metadata server's secret among them) come from the CLI's environment.
+        self.engine.docker(*argv, *(f"--env={k}" for k in env), spec.image, env=env)
         revision = Revision(name, spec.service, spec.image, port, container, env)
         try:
             self._wait_ready(revision, spec.probe_service)

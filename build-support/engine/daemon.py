@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,24 @@ class Engine:
         return {**debian.system_env(), **self.env()}
 
     def docker(
-        self, *argv: str, check: bool = True, timeout: float = 600, **kwargs: Any
+        self,
+        *argv: str,
+        check: bool = True,
+        timeout: float = 600,
+        env: Mapping[str, str] | None = None,
+        **kwargs: Any,
     ) -> subprocess.CompletedProcess:
-        """Run the docker CLI against this engine (output captured as text unless redirected)."""
+        """Run the docker CLI against this engine (output captured as text unless redirected); `env` adds to
+        the CLI's environment, e.g. the values of `--env=NAME` flags, which keeps secrets off the command line
+        (which every local user can read)."""
         kwargs.setdefault("capture_output", "stdout" not in kwargs and "stderr" not in kwargs)
         kwargs.setdefault("text", True)
         result = subprocess.run(
-            ["docker", *argv], env=self.docker_env(), timeout=timeout, check=False, **kwargs
+            ["docker", *argv],
+            env={**self.docker_env(), **(env or {})},
+            timeout=timeout,
+            check=False,
+            **kwargs,
         )
         if check and result.returncode != 0:
             detail = (

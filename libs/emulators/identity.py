@@ -5,6 +5,14 @@ listener, as each Cloud Run service has its own metadata server; google-auth fin
 `GCE_METADATA_HOST`/`GCE_METADATA_IP` (see `env_for`) and runs its real code path against it.
 One shared listener serves the signing keys, as Google's certs endpoints do.
 
+A metadata server answers only who was given its account's secret: on Cloud Run only the instance can reach
+its metadata server, here every local process and user (and every host-network container) can reach
+loopback. google-auth lets a caller set nothing but the host string, which it pastes into
+`http://{host}/computeMetadata/v1/`, and requests (google-auth's HTTP transport) sends a URL's user
+information as HTTP basic authentication; so `env_for` gives `GCE_METADATA_HOST=metadata:SECRET@127.0.0.1:PORT`
+and anything that comes without the secret gets 403. Whoever can read the environment of a process given
+it (its own user, root) or the launcher's state can mint for that account; no one else can.
+
 Run it: `python -m emulators.identity --account a@p.iam.gserviceaccount.com` prints one JSON line with
 the addresses, then serves until SIGTERM/SIGINT.
 """
@@ -16,6 +24,7 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 import signal
 import sys
 import threading
@@ -57,6 +66,13 @@ class Names:
 
 
 _FLAVOR = "Google"
+# The user name of the basic authentication that carries an account's secret (any name would do).
+_SECRET_USER = "metadata"
+_NO_SECRET = (
+    "This metadata server answers only the processes the local mesh started for its account: the request "
+    "did not carry the account's secret (GCE_METADATA_HOST=metadata:SECRET@127.0.0.1:PORT, given only to "
+    "those processes).\n"
+)
 _IDENTITY_PREFIX = "/computeMetadata/v1/instance/service-accounts/"
 
 
@@ -123,6 +139,8 @@ class _Listener:
         self._handler = handler
         self._owner = owner
         self._account = account
+        # Kept across restarts, like the port: the processes given it keep working.
+        self.secret = secrets.token_urlsafe(32)
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -137,6 +155,7 @@ class _Listener:
         server = _Server(("127.0.0.1", self.port), self._handler)
         server.emulator = self._owner  # type: ignore[attr-defined]
         server.account_email = self._account  # type: ignore[attr-defined]
+        server.authorization = basic_authorization(self.secret)  # type: ignore[attr-defined]
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
@@ -199,6 +218,10 @@ class _MetadataHandler(_Handler):
         flavored = {"Metadata-Flavor": _FLAVOR}
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        given = self.headers.get("Authorization") or ""
+        if not hmac.compare_digest(given.encode(), self.server.authorization.encode()):
+            self._send(403, _NO_SECRET, "text/plain", flavored)
+            return
         if url.path == "/":
             self._send(200, "computeMetadata/\n", "application/text", flavored)
             return
@@ -320,9 +343,18 @@ class IdentityEmulator:
         return f"127.0.0.1:{listener.port}"
 
     def env_for(self, email: str) -> dict[str, str]:
-        """Environment that points google-auth at this account's metadata server."""
-        host = self.add_account(email)
+        """Environment that points google-auth at this account's metadata server, with its secret: a secret
+        itself, to be given only to the processes that act as `email` (never on a command line)."""
+        host = f"{_SECRET_USER}:{self._secret_of(email)}@{self.add_account(email)}"
         return {"GCE_METADATA_HOST": host, "GCE_METADATA_IP": host}
+
+    def authorization(self, email: str) -> str:
+        """The Authorization header value that google-auth's requests send to `email`'s metadata server."""
+        return basic_authorization(self._secret_of(email))
+
+    def _secret_of(self, email: str) -> str:
+        self.add_account(email)
+        return self._accounts[email].secret
 
     @property
     def certs_url(self) -> str:
@@ -436,6 +468,11 @@ class IdentityEmulator:
             "jwks_url": self.jwks_url,
             "accounts": {email: self.env_for(email) for email in self._accounts},
         }
+
+
+def basic_authorization(secret: str) -> str:
+    """What requests sends for a URL whose user information is `metadata:SECRET`."""
+    return "Basic " + base64.b64encode(f"{_SECRET_USER}:{secret}".encode()).decode("ascii")
 
 
 def _subject(email: str) -> str:

@@ -16,7 +16,7 @@ import google.auth.transport.requests
 import google.oauth2.id_token
 import pytest
 
-from emulators.identity import IdentityEmulator
+from emulators.identity import IdentityEmulator, basic_authorization
 
 ALICE = "alice@proj.iam.gserviceaccount.com"
 AUD = "https://svc.example"
@@ -29,13 +29,31 @@ def emulator() -> Iterator[IdentityEmulator]:
         yield emu
 
 
-def get(url: str, flavor: bool = True) -> tuple[int, dict[str, str], str]:
-    request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"} if flavor else {})
+# google-auth's own fetch_id_token_credentials path (ping, account info, identity), as a service runs it.
+MINT = (
+    "import google.auth.transport.requests as r, google.oauth2.id_token as t\n"
+    "req = r.Request(); c = t.fetch_id_token_credentials(%r, request=req); c.refresh(req)\n"
+    "print(type(c).__module__, c.service_account_email, c.token)\n" % AUD
+)
+
+
+def get(url: str, flavor: bool = True, authorization: str = "") -> tuple[int, dict[str, str], str]:
+    headers = {"Metadata-Flavor": "Google"} if flavor else {}
+    if authorization:
+        headers["Authorization"] = authorization
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, dict(response.headers), response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read().decode()
+
+
+def as_requests_send(host: str) -> tuple[str, str]:
+    """GCE_METADATA_HOST's `metadata:SECRET@host:port` as the address and the Authorization header that
+    requests sends for it."""
+    userinfo, _, address = host.rpartition("@")
+    return address, basic_authorization(userinfo.partition(":")[2])
 
 
 def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
@@ -47,14 +65,8 @@ def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
 def test_google_auth_mints_through_the_emulator_and_verifies_against_its_certs(
     emulator: IdentityEmulator,
 ) -> None:
-    # google-auth's own fetch_id_token_credentials path (ping, account info, identity), in a fresh process.
-    code = (
-        "import google.auth.transport.requests as r, google.oauth2.id_token as t\n"
-        "req = r.Request(); c = t.fetch_id_token_credentials(%r, request=req); c.refresh(req)\n"
-        "print(type(c).__module__, c.service_account_email, c.token)\n" % AUD
-    )
     done = subprocess.run(
-        [sys.executable, "-c", code], env=subprocess_env(emulator.env_for(ALICE)),
+        [sys.executable, "-c", MINT], env=subprocess_env(emulator.env_for(ALICE)),
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,21 +83,67 @@ def test_google_auth_mints_through_the_emulator_and_verifies_against_its_certs(
 
 def test_metadata_endpoints(emulator: IdentityEmulator) -> None:
     root = f"http://{emulator.metadata_host(ALICE)}"
-    status, headers, _ = get(root + "/")
+    secret = emulator.authorization(ALICE)
+    status, headers, _ = get(root + "/", authorization=secret)
     assert status == 200 and headers["Metadata-Flavor"] == "Google"
     sa = root + "/computeMetadata/v1/instance/service-accounts/default/"
-    assert get(sa + "email")[2] == ALICE
-    status, headers, body = get(sa + "?recursive=true")
+    assert get(sa + "email", authorization=secret)[2] == ALICE
+    status, headers, body = get(sa + "?recursive=true", authorization=secret)
     assert (
         status == 200 and headers["Content-Type"] == "application/json" and json.loads(body)["email"] == ALICE
     )
-    assert get(root + "/computeMetadata/v1/project/project-id")[2] == "local-project"
-    status, _, token = get(sa + "identity?audience=" + AUD + "&format=full")
+    assert get(root + "/computeMetadata/v1/project/project-id", authorization=secret)[2] == "local-project"
+    status, _, token = get(sa + "identity?audience=" + AUD + "&format=full", authorization=secret)
     assert status == 200 and token.count(".") == 2
-    assert get(sa + "identity?audience=" + AUD, flavor=False)[0] == 403
-    assert get(sa + "identity")[0] == 400
-    assert get(root + "/computeMetadata/v1/instance/service-accounts/someone-else@x/email")[0] == 404
+    assert get(sa + "identity?audience=" + AUD, flavor=False, authorization=secret)[0] == 403
+    assert get(sa + "identity", authorization=secret)[0] == 400
+    other = root + "/computeMetadata/v1/instance/service-accounts/someone-else@x/email"
+    assert get(other, authorization=secret)[0] == 404
     assert emulator.identity_requests(ALICE, AUD) == 1  # the refused ones do not count
+
+
+def test_a_process_not_given_the_accounts_secret_cannot_mint(emulator: IdentityEmulator) -> None:
+    bob = "bob@proj.iam.gserviceaccount.com"
+    emulator.add_account(bob)
+    identity = f"http://{emulator.metadata_host(ALICE)}/computeMetadata/v1/instance/service-accounts/default/"
+    for authorization in (
+        "",
+        "Basic bWV0YWRhdGE6Z3Vlc3M=",
+        emulator.authorization(bob),
+    ):  # none, a guess, Bob's
+        for path in ("identity?audience=" + AUD, "email", "?recursive=true"):
+            status, headers, body = get(identity + path, authorization=authorization)
+            assert status == 403 and headers["Metadata-Flavor"] == "Google", (path, status, body)
+            assert "did not carry the account's secret" in body
+    # google-auth's own path, as a local process that knows only the address would run it: no identity.
+    address = {
+        "GCE_METADATA_HOST": emulator.metadata_host(ALICE),
+        "GCE_METADATA_IP": emulator.metadata_host(ALICE),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", MINT], env=subprocess_env({**address, "GCE_METADATA_DETECT_RETRIES": "1"}),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "DefaultCredentialsError" in done.stderr, done.stderr[-3000:]
+    assert emulator.identity_requests() == 0
+    # The same process, given the secret, mints (so the refusal above is the secret's doing, not the path's).
+    done = subprocess.run(
+        [sys.executable, "-c", MINT], env=subprocess_env(emulator.env_for(ALICE)),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.split()[1] == ALICE, done.stderr[-3000:]
+    assert emulator.identity_requests(ALICE, AUD) == 1
+
+
+def test_each_account_has_its_own_secret_kept_across_a_restart(emulator: IdentityEmulator) -> None:
+    bob = "bob@proj.iam.gserviceaccount.com"
+    assert emulator.env_for(ALICE)["GCE_METADATA_HOST"] != emulator.env_for(bob)["GCE_METADATA_HOST"]
+    before = emulator.env_for(ALICE)
+    emulator.stop()
+    emulator.start()
+    assert emulator.env_for(ALICE) == before
+    address, authorization = as_requests_send(before["GCE_METADATA_HOST"])
+    assert get(f"http://{address}/", authorization=authorization)[0] == 200
 
 
 def test_certs_are_published_with_cache_headers(emulator: IdentityEmulator) -> None:
@@ -128,7 +186,8 @@ def test_stop_leaves_no_threads() -> None:
         emulator.add_account(f"sa{i}@proj.iam.gserviceaccount.com")
     for i in range(3):
         get(emulator.certs_url)
-        get(f"http://{emulator.metadata_host(f'sa{i}@proj.iam.gserviceaccount.com')}/")
+        account = f"sa{i}@proj.iam.gserviceaccount.com"
+        get(f"http://{emulator.metadata_host(account)}/", authorization=emulator.authorization(account))
     emulator.stop()
     assert set(threading.enumerate()) <= before
 
@@ -141,11 +200,12 @@ def test_runs_as_a_program_until_sigterm() -> None:
     try:
         assert process.stdout is not None
         described = json.loads(process.stdout.readline())
-        assert described["accounts"][ALICE]["GCE_METADATA_HOST"].startswith("127.0.0.1:")
+        assert described["accounts"][ALICE]["GCE_METADATA_HOST"].startswith("metadata:")
         status, headers, _ = get(described["certs_url"])
         assert status == 200 and headers["Cache-Control"] == "public, max-age=7"
-        host = described["accounts"][ALICE]["GCE_METADATA_HOST"]
-        assert get(f"http://{host}/computeMetadata/v1/instance/service-accounts/default/email")[2] == ALICE
+        host, authorization = as_requests_send(described["accounts"][ALICE]["GCE_METADATA_HOST"])
+        email = f"http://{host}/computeMetadata/v1/instance/service-accounts/default/email"
+        assert get(email, authorization=authorization)[2] == ALICE
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:

@@ -19,6 +19,9 @@ from localmesh.calls import CallStore, add_receiver
 from localmesh.processes import COLOURS, ServiceProcess, child_env, python_module
 from localmesh.spans import SpanStore, start_receiver
 
+# Where the services listen and are called: this machine only (their health and reflection take no token).
+LOOPBACK = "127.0.0.1"
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -27,22 +30,25 @@ class Endpoint:
 
     @property
     def address(self) -> str:
-        return f"localhost:{self.port}"
+        return f"{LOOPBACK}:{self.port}"
 
 
 def write_cli(path: Path, env: Mapping[str, str]) -> None:
     """An executable at `path` that runs the CLI (services.cli.main) with this interpreter, this import path and
     `env`: commands that use it answer in a second terminal while the mesh runs, where `./pants run` would
-    wait on the lock that the running mesh holds."""
+    wait on the lock that the running mesh holds. `env` holds the developer's metadata secret, so only the
+    developer's user may read or run it (made so before anything is written)."""
     settings = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "#!/bin/sh\n"
-        "# Written by the local mesh when it started, removed when it stops: the CLI, as the mesh's developer.\n"
-        f'{settings} exec {shlex.quote(sys.executable)} -m services.cli.main "$@"\n',
-        encoding="utf-8",
-    )
-    path.chmod(0o755)
+    path.unlink(missing_ok=True)
+    script = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+    with open(script, "w", encoding="utf-8") as out:
+        out.write(
+            "#!/bin/sh\n"
+            "# Written by the local mesh when it started, removed when it stops: the CLI, as the mesh's "
+            "developer.\n"
+            f'{settings} exec {shlex.quote(sys.executable)} -m services.cli.main "$@"\n'
+        )
 
 
 class Mesh:
@@ -123,6 +129,7 @@ class Mesh:
         callers = [topology.DEVELOPER, *(topology.account(c) for c in spec.callers)]
         env = {
             "K_SERVICE": spec.name,
+            "BIND_HOST": LOOPBACK,
             "TLS_CERT_FILE": str(self._served.server_cert),
             "TLS_KEY_FILE": str(self._served.server_key),
             "TLS_CA_FILE": str(self._served.ca_cert),

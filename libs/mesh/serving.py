@@ -1,8 +1,8 @@
 """The one way in: a service's process, from environment to drained shutdown.
 
 `main("ping", factory)` reads the settings, configures logging and tracing, builds the service's servicers
-through `factory(runtime)`, serves them on $PORT (h2c, or TLS when TLS_CERT_FILE/TLS_KEY_FILE are set) with
-health and reflection, on the serving model their servicers are written for (a grpc.aio server for
+through `factory(runtime)`, serves them on $PORT of $BIND_HOST (every interface unless set; h2c, or TLS when
+TLS_CERT_FILE/TLS_KEY_FILE are set) with health and reflection, on the serving model their servicers are written for (a grpc.aio server for
 coroutines, a grpc.server's thread pool for functions: BENCHMARKS.md says which service uses which, and why), and on SIGTERM/SIGINT drains: health NOT_SERVING first, new calls refused, in-flight
 calls given the grace period, spans flushed, exit 0. With WORKER_PROCESSES above 1 (default: the container's
 CPU quota), the process supervises that many such servers on one port instead (mesh.workers).
@@ -33,6 +33,7 @@ from mesh.handler_kinds import Threads
 from mesh.identity import TokenVerifier
 from mesh.server_chain import ServerChain
 from mesh.settings import (
+    ALL_INTERFACES,
     AuthSettings,
     CallSettings,
     ConfigError,
@@ -197,20 +198,21 @@ async def stop_server(server: Any, grace: float | None) -> None:
         await asyncio.to_thread(server.stop(grace).wait)
 
 
-def _bind(server: Any, settings: ServerSettings, host: str) -> int:
+def _bind(server: Any, settings: ServerSettings) -> int:
     credentials = None
     if settings.tls_cert_file and settings.tls_key_file:
         credentials = grpc.ssl_server_credentials(
             [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
         )
-    for candidate in (host, "0.0.0.0") if host == "[::]" else (host,):  # hosts without IPv6 fall back
-        address = f"{candidate}:{settings.port}"
+    host = settings.bind_host
+    for candidate in (host, "0.0.0.0") if host == ALL_INTERFACES else (host,):  # hosts without IPv6 fall back
+        address = f"[{candidate}]:{settings.port}" if ":" in candidate else f"{candidate}:{settings.port}"
         try:
             if credentials:
                 return server.add_secure_port(address, credentials)
             return server.add_insecure_port(address)
         except RuntimeError:
-            if candidate != "[::]":
+            if candidate != ALL_INTERFACES:
                 raise
     raise AssertionError("unreachable")
 
@@ -220,7 +222,6 @@ async def start(
     settings: ServerSettings,
     *,
     chain: ServerChain | None = None,
-    host: str = "[::]",
     keepalive: Keepalive = Keepalive(),
 ) -> RunningServer:
     # One server per process, so one receive limit: the largest its services need (health and reflection
@@ -252,7 +253,7 @@ async def start(
         service.add_to_server(service.servicer, server)
     names = [s.name for s in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = _bind(server, settings, host)
+    port = _bind(server, settings)
     await start_server(server)
     for name in ["", *names]:
         marked = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -9,6 +9,7 @@ grpc-ping sample).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 # Set by mesh.workers in the environment of each worker it starts: its number (0-based).
 WORKER_INDEX_VARIABLE = "MESH_WORKER_INDEX"
+# BIND_HOST's default: every interface (IPv6 and, through it, IPv4), as a container on Cloud Run must listen.
+ALL_INTERFACES = "::"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -123,6 +126,18 @@ def pem_file(env: Env, name: str, marker: str) -> Path | None:
     return path
 
 
+def ip_literal(env: Env, name: str, default: str) -> str:
+    """An IP address to listen on, IPv6 with or without brackets (`::1`, `[::1]`); returned without them."""
+    raw = text(env, name, default) or default
+    try:
+        return str(ipaddress.ip_address(raw.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        raise ConfigError(
+            f"{name}={raw!r} is not valid; set {name} to an IP address, e.g. 127.0.0.1 or ::1 (this machine "
+            "only) or :: (every interface)"
+        ) from None
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -154,10 +169,15 @@ def https_url(env: Env, name: str, default: str) -> str:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """How the process serves: port, optional TLS, shutdown grace and load bounds."""
+    """How the process serves: address, optional TLS, shutdown grace and load bounds."""
 
     service: str
     port: int = 8080
+    # The address the server listens on. Every interface by default, as a container on Cloud Run must (the
+    # front end reaches it from outside); the local mesh and the test stacks set loopback, so a developer's
+    # services (token-less health and reflection among them) are not reachable from the network. BIND_HOST, not
+    # HOST: csh and tcsh export HOST as the machine's name.
+    bind_host: str = ALL_INTERFACES
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # Cloud Run sends SIGKILL 10 s after SIGTERM: drain well within that.
@@ -181,6 +201,7 @@ class ServerSettings:
         return cls(
             service=text(env, "K_SERVICE", default_service) or default_service,
             port=integer(env, "PORT", 8080, low=0, high=65535),
+            bind_host=ip_literal(env, "BIND_HOST", ALL_INTERFACES),
             tls_cert_file=cert,
             tls_key_file=key,
             grace_seconds=seconds(env, "SHUTDOWN_GRACE_SECONDS", 8.0, high=9.5),

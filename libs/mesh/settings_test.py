@@ -80,6 +80,15 @@ def test_values_are_read() -> None:
 
 
 @pytest.mark.parametrize(
+    "given, bound",
+    [(None, "::"), ("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("[::1]", "::1"), (" 0.0.0.0 ", "0.0.0.0")],
+)
+def test_the_server_listens_on_every_interface_unless_bind_host_says(given: str | None, bound: str) -> None:
+    # Every interface by default: on Cloud Run the front end reaches the container from outside it.
+    assert server({} if given is None else {"BIND_HOST": given}).bind_host == bound
+
+
+@pytest.mark.parametrize(
     "certs_url",
     [
         "https://www.googleapis.com/oauth2/v3/certs",
@@ -119,6 +128,10 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
     (server, {"MAX_CONCURRENT_RPCS": "0"}, "MAX_CONCURRENT_RPCS"),
     (server, {"SERVER_THREADS": "none"}, "SERVER_THREADS"),
     (server, {"TLS_CERT_FILE": "/no/such/cert.pem", "TLS_KEY_FILE": "/no/such/key.pem"}, "TLS_CERT_FILE"),
+    # An address to listen on, not a name: a host name could resolve to an interface of the network.
+    (server, {"BIND_HOST": "localhost"}, "BIND_HOST"),
+    (server, {"BIND_HOST": "127.0.0.1:8080"}, "BIND_HOST"),
+    (server, {"BIND_HOST": "my-laptop"}, "BIND_HOST"),
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "alice"}, "AUTH_ALLOWED_CALLERS"),
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": " , "}, "AUTH_ALLOWED_CALLERS"),
     (auth, {"AUTH_ALLOWED_CALLERS": "a@x.com"}, "AUTH_AUDIENCE"),  # an allow-list that nothing would enforce

@@ -132,12 +132,13 @@ async def running(
     exporters: Sequence[SpanExporter] = (),
     metric_readers: Sequence[MetricReader] = (),
 ) -> AsyncIterator[serving.RunningServer]:
-    """Serve `factory` on a free port with `env` (PORT defaults to 0) until the block ends, then drain.
+    """Serve `factory` on a free port of loopback with `env` (PORT defaults to 0, BIND_HOST to 127.0.0.1) until
+    the block ends, then drain.
 
     Like serving.main, installs the propagators of OTEL_PROPAGATORS; they are process-wide (the server and
     client spans read the global propagator), so the innermost `running` block's win until it ends.
     """
-    env = {"PORT": "0", **env}
+    env = {"PORT": "0", "BIND_HOST": LOOPBACK, **env}
     propagator = propagation.propagator_from_env(env)
     stop = asyncio.Event()
     ready: asyncio.Future[serving.RunningServer] = asyncio.get_running_loop().create_future()

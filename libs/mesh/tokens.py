@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import ipaddress
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,16 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# The user information of a URL (`scheme://user:secret@host`): google-auth names the metadata URL it failed to
+# read in its messages, and the local identity emulator's carries the account's secret there.
+_USERINFO = re.compile(r"(?<=://)[^/\s@]*@")
+
+
+def described(exc: BaseException) -> str:
+    """`Type: message` of a google-auth failure, for a log or a status, with no URL's user information."""
+    return _USERINFO.sub("", f"{type(exc).__name__}: {exc}")
 
 
 T = TypeVar("T")
@@ -139,8 +150,8 @@ class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
             try:
                 metadata = self.refreshed(context)
             except Exception as exc:  # gRPC fails the call with this; keep the reason
-                # google-auth's messages name the endpoint and status, never a token.
-                callback((), RuntimeError(f"cannot mint an ID token: {type(exc).__name__}: {exc}"))
+                # google-auth's messages name the endpoint and status, never a token (nor, described, a secret).
+                callback((), RuntimeError(f"cannot mint an ID token: {described(exc)}"))
                 return
         callback(metadata, None)
 
@@ -213,8 +224,8 @@ class IdTokens:
     @staticmethod
     def _report(audience: str, refresh: concurrent.futures.Future[Metadata]) -> None:
         if not refresh.cancelled() and (exc := refresh.exception()) is not None:
-            # google-auth's messages name the endpoint and status, never a token.
-            _log.warning("cannot mint an ID token for %s: %s: %s", audience, type(exc).__name__, exc)
+            # google-auth's messages name the endpoint and status, never a token (nor, described, a secret).
+            _log.warning("cannot mint an ID token for %s: %s", audience, described(exc))
 
     def _entry(self, audience: str) -> tuple[_IdTokenPlugin, grpc.CallCredentials]:
         entry = self._credentials.get(audience)
@@ -246,7 +257,7 @@ class IdTokens:
             raise NoCredentialsError(
                 "no identity to mint ID tokens with: set GOOGLE_APPLICATION_CREDENTIALS to a service-account "
                 "key file, run where a metadata server answers (Cloud Run, or the local identity emulator via "
-                f"GCE_METADATA_HOST), or run unauthenticated for local development ({exc})"
+                f"GCE_METADATA_HOST), or run unauthenticated for local development ({described(exc)})"
             ) from exc
         return found
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mesh.settings import WORKER_INDEX_VARIABLE, ConfigError, Env, integer
+from mesh.settings import ALL_INTERFACES, WORKER_INDEX_VARIABLE, ConfigError, Env, integer, ip_literal
 
 WORKERS_VARIABLE = "WORKER_PROCESSES"
 MAX_WORKERS = 64
@@ -84,13 +84,14 @@ def command_of(main_module: str | None) -> list[str]:
     return list(sys.orig_argv)
 
 
-def _reserve(port: int) -> socket.socket:
-    """A bound, never listening socket on `port` with SO_REUSEPORT: it fixes the port (PORT=0 picks one) for
-    the workers, and fails at once, with one line, if another process holds the port."""
-    reserved = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+def _reserve(host: str, port: int) -> socket.socket:
+    """A bound, never listening socket on `host`:`port` (where the workers listen) with SO_REUSEPORT: it fixes
+    the port (PORT=0 picks one) for the workers, and fails at once, with one line, if another process holds
+    the port."""
+    reserved = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        reserved.bind(("::", port))
+        reserved.bind((host, port))
     except OSError as error:
         reserved.close()
         raise ConfigError(f"PORT={port}: cannot bind ({error.strerror}); set PORT to a free port") from None
@@ -110,7 +111,9 @@ def supervise(argv: Sequence[str], count: int, env: Mapping[str, str], grace_sec
     returns the instance's exit status."""
     # Held open (bound, never listening, so it takes no connections) while the instance lives: between a
     # worker's exit and the instance's, no other process can take the port.
-    reserved = _reserve(integer(env, "PORT", 8080, low=0, high=65535))
+    reserved = _reserve(
+        ip_literal(env, "BIND_HOST", ALL_INTERFACES), integer(env, "PORT", 8080, low=0, high=65535)
+    )
     port = reserved.getsockname()[1]
     stopping = False
 

@@ -46,13 +46,13 @@ def chain(layer: str, env: dict[str, str]) -> ServerChain | None:
 
 
 async def serve(layer: str) -> None:
-    settings = ServerSettings(service="ping", port=0)
+    settings = ServerSettings(service="ping", port=0, bind_host="127.0.0.1")
     services = [
         serving.Service(
             "ping.PingService", PingServicer(), ping_pb2_grpc.add_PingServiceServicer_to_server, model=MODEL
         )
     ]
-    running = await serving.start(services, settings, chain=chain(layer, dict(os.environ)), host="127.0.0.1")
+    running = await serving.start(services, settings, chain=chain(layer, dict(os.environ)))
     print(json.dumps({"event": "serving", "port": running.port}), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

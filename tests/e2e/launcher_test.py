@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from localmesh import main
 from localmesh.launcher import Mesh
 from localmesh.supervisor import StartError
+from localmesh.topology import DEVELOPER
 from services.routeguide.features import builtin_database
 
 SERVICES = ("ping-upstream", "routeguide", "ping", "aggregator")
@@ -45,6 +48,28 @@ def _children_of(launcher_pid: int) -> list[int]:
     return found
 
 
+def _listening_on(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The local addresses of this machine's sockets listening (state 0A) on TCP `port`, from /proc/net."""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hexport = local.rsplit(":", 1)
+            if state == "0A" and int(hexport, 16) == port:
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append(_unmapped(ipaddress.ip_address(words)))
+    return found
+
+
+def _unmapped(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """gRPC listens on 127.0.0.1 through an IPv6 socket bound to ::ffff:127.0.0.1: that IPv4 address."""
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
 def _trace_trees(output: str) -> list[str]:
     return re.findall(r"^trace [0-9a-f]{32}\n(?:.+\n)+", output, flags=re.MULTILINE)
 
@@ -61,7 +86,7 @@ def test_the_demo_command_prints_the_services_the_results_and_the_trace_trees(tm
     assert launcher.returncode == 0, output
     for name in SERVICES:
         assert re.search(
-            rf"^  {name} +localhost:\d+ +audience https://{name}\.mesh\.local$", output, re.M
+            rf"^  {name} +127\.0\.0\.1:\d+ +audience https://{name}\.mesh\.local$", output, re.M
         ), output
     assert "pong #1 'hello from the demo (relayed)'" in output
     assert re.search(r"== aggregator\.Survey -> pong 'survey', [1-9]\d* features", output), output
@@ -109,6 +134,23 @@ async def test_a_service_that_cannot_start_is_reported_with_its_own_output(tmp_p
     assert _children_of(os.getpid()) == []
 
 
+@pytest.mark.asyncio
+async def test_the_mesh_listens_on_this_machine_only(tmp_path: Path) -> None:
+    # A service (its health and reflection take no token), the span receiver and the identity emulator: none
+    # may be reachable from the network the developer's machine is on.
+    async with Mesh(tmp_path, only=["ping-upstream"]) as mesh:
+        ports = {name: endpoint.port for name, endpoint in mesh.endpoints.items()}
+        ports["spans"] = int(
+            urlsplit(mesh.service_env(mesh.specs[0])["OTEL_EXPORTER_OTLP_ENDPOINT"]).port or 0
+        )
+        ports["certs"] = int(urlsplit(mesh.identity.certs_url).port or 0)
+        ports["metadata"] = int(mesh.identity.metadata_host(DEVELOPER).rsplit(":", 1)[1])
+        listening = {name: _listening_on(port) for name, port in ports.items()}
+    assert set(listening) == {"ping-upstream", "spans", "certs", "metadata"}
+    for name, addresses in listening.items():
+        assert addresses and all(address.is_loopback for address in addresses), (name, addresses)
+
+
 def test_the_demo_command_reports_a_service_that_cannot_start_and_exits_1(tmp_path: Path) -> None:
     # The launcher passes its own environment on to the services (minus the variables it sets itself).
     env = _launcher_env(tmp_path, ROUTEGUIDE_DB=str(tmp_path / "nonexistent.json"))
@@ -147,6 +189,8 @@ def test_the_printed_cli_commands_answer_as_pasted_while_the_mesh_serves(tmp_pat
                 break
         printed = [line.strip() for line in output if line.startswith("  .mesh/cli ")]
         assert len(printed) == 3, "".join(output)
+        # The script holds the developer's metadata secret: no other user may read it.
+        assert (tmp_path / ".mesh" / "cli").stat().st_mode & 0o077 == 0
         shell = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PEX", "GCE_METADATA"))}
         answers = {  # by the service the command calls: `... --audience AUD SERVICE RPC ...`
             command.split(" --audience ")[1].split()[1]: subprocess.run(
