@@ -40,7 +40,8 @@ class _Entered(NamedTuple):
     """What a call's entry leaves for its end (mesh.handler_kinds.Entered)."""
 
     started: float  # perf_counter at entry
-    span: OpenSpan | _SpanOnAdmission | None  # the latter: a span opened, if at all, once the call is admitted
+    # _SpanOnAdmission: a new token's call, whose span opens (if at all) once the call is admitted
+    span: OpenSpan | _SpanOnAdmission | None
     deadline: Any  # what deadlines.forget takes
     gated: bool  # holds a slot of the exempt gate
     pending: Pending | None  # what to settle before the handler: the caller's verification or refusal

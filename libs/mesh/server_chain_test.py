@@ -182,7 +182,9 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
     certs = TimedCerts(emulator.certs_url)
     verifier = TokenVerifier(AUDIENCE, certs.url, allowed_callers=frozenset({ALICE}))
     chain = ServerChain(provider, verifier, meters=MeterProvider(metric_readers=[reader]))
-    add = functools.partial(ping_pb2_grpc.add_PingServiceServicer_to_server, ThreadsPing() if threads else Ping())
+    add = functools.partial(
+        ping_pb2_grpc.add_PingServiceServicer_to_server, ThreadsPing() if threads else Ping()
+    )
     alice = emulator.mint(ALICE, AUDIENCE)
     refused = {
         "no token": (),

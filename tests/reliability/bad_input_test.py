@@ -1,7 +1,8 @@
 """Bad input to every method of the three services, as real h2c processes: out-of-range coordinates, rectangles
 in every corner order, empty routes and routes past the Survey's cap, messages over the 4 MiB limit and over
 each service's own, bytes that are no protobuf, and frames no gRPC client would send (lying length prefixes,
-truncated messages). Each gets a precise status, and a healthy client calling throughout never sees an error."""
+truncated messages). Each gets a precise status, and a healthy client calling throughout never sees an
+error."""
 
 from __future__ import annotations
 

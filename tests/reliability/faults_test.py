@@ -48,7 +48,8 @@ async def test_sigterm_with_many_unary_calls_in_flight_drains_them_all_and_exits
         surveys = [
             asyncio.ensure_future(
                 stub.Survey(
-                    aggregator_pb2.SurveyRequest(message=f"s{n}", route=route(MAX_ROUTE_POINTS, n)), timeout=30
+                    aggregator_pb2.SurveyRequest(message=f"s{n}", route=route(MAX_ROUTE_POINTS, n)),
+                    timeout=30,
                 )
             )
             for n in range(16)
