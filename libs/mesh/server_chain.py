@@ -161,7 +161,7 @@ class ServerChain:
                 self._exempt_gate.leave()
             deadlines.forget(entered.deadline)
             span = entered.span
-            if type(span) is _SpanOnAdmission:
+            if isinstance(span, _SpanOnAdmission):
                 span = span.opened
             if span is not None:
                 end_span(span, context, error)

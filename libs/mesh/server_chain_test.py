@@ -136,6 +136,10 @@ class ThreadsPing(ping_pb2_grpc.PingServiceServicer):
     def Send(self, request: ping_pb2.Request, context: Any) -> ping_pb2.Response:
         return _seen()
 
+    def SendUpstream(self, request: ping_pb2.Request, context: Any) -> ping_pb2.Response:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "no upstream in this test")
+        raise AssertionError("unreachable")
+
 
 class TimedCerts:
     """The emulator's certs, served through here: when a verification fetched them (time.time_ns)."""
