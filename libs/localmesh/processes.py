@@ -70,6 +70,11 @@ class ServiceProcess:
         if self._process is not None:
             self._process.kill()
 
+    def signal(self, signum: int) -> None:
+        """For tests of faults: e.g. SIGSTOP, a service that stops answering with its connections open."""
+        if self._process is not None:
+            self._process.signal(signum)
+
 
 def _readable(line: str) -> str:
     try:

@@ -7,9 +7,10 @@ A call coming in, module by module, in order:
                  (handler_kinds.Threads: what a thread awaits runs on the process's event loop)
   server_chain   one wrapper per method, made when a service is added; in each call, outermost first:
     metrics        the call's duration and messages (none for probes: probes.PROBE_SERVICES)
-    server_spans   the SERVER span, child of the caller's trace context (propagation)
     deadlines      the incoming deadline, kept in a ContextVar for the calls made downstream
     identity       the caller's ID token checked against the issuer's keys (issuer_keys); Check is exempt
+    server_spans   the SERVER span, child of the caller's trace context (propagation), once the caller is
+                   admitted (a refused call has none; a new token's span is dated from the call's entry)
   handlers       the wrapper of each of the four handler kinds, per model (aio_handlers, thread_handlers; what
                  they share: handler_kinds): unary requests read after identity, requests that do not parse
                  refused with INVALID_ARGUMENT; then the servicer's method

@@ -5,10 +5,12 @@ Tracing (mesh.server_spans), ID-token verification (mesh.identity), deadline rec
 the call's duration and messages (mesh.metrics) run in one wrapper around each method handler, made once,
 when the service is added to the server: `ServerChain(...).wrapping(server)` is the server to add services
 to, for either serving model (a grpc.aio.server, or a grpc.server: mesh.handler_kinds). Not an interceptor,
-which sees only the method and metadata: in the wrapper the token is checked inside the call's span and
-context, and a token seen before costs no coroutine.
-Order inside a call, outermost first: metrics, span, deadline, identity, the request's parse check, the
-handler; with verification on, a unary request is read after identity (mesh.handlers, `headers_first`).
+which sees only the method and metadata: in the wrapper the token is checked inside the call's context, and
+a token seen before costs no coroutine.
+Order inside a call, outermost first: metrics, deadline, identity, span, the request's parse check, the
+handler; with verification on, a unary request is read after identity (mesh.handlers, `headers_first`). The
+span starts once the caller is admitted, so a refused call records none; a new token's span is dated from the
+call's entry and covers its verification.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mesh import deadlines, handlers, identity
 from mesh.handler_kinds import Messages, Pending, Refusal, Threads
 from mesh.identity import EXEMPT_METHODS, TokenVerifier
 from mesh.metrics import RpcMetrics
-from mesh.server_spans import UNTRACED_SERVICES, OpenSpan, ServerSpans, end_span, outcome
+from mesh.server_spans import UNTRACED_SERVICES, OpenSpan, ServerSpans, Start, end_span, outcome
 
 # Calls that take no token, in flight at once: enough for Cloud Run's probes (one a second at most), too few
 # to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates.
@@ -38,10 +40,34 @@ class _Entered(NamedTuple):
     """What a call's entry leaves for its end (mesh.handler_kinds.Entered)."""
 
     started: float  # perf_counter at entry
-    span: OpenSpan | None
+    # _SpanOnAdmission: a new token's call, whose span opens (if at all) once the call is admitted
+    span: OpenSpan | _SpanOnAdmission | None
     deadline: Any  # what deadlines.forget takes
     gated: bool  # holds a slot of the exempt gate
     pending: Pending | None  # what to settle before the handler: the caller's verification or refusal
+
+
+class _SpanOnAdmission:
+    """A new token's verification (what the call settles before its handler), then, if it admits the call, the
+    call's span, dated from the call's entry so that it covers the verification as it did when it was opened
+    there. A call the verification refuses records no span."""
+
+    __slots__ = ("_verification", "_start", "_metadata", "_started_ns", "opened")
+
+    def __init__(self, verification: Pending, start: Start, metadata: Any) -> None:
+        self._verification = verification
+        self._start = start
+        self._metadata = metadata
+        self._started_ns = time.time_ns()
+        self.opened: OpenSpan | None = None
+
+    async def wait(self, context: grpc.aio.ServicerContext) -> None:
+        await self._verification.wait(context)  # a refusal ends the call here (the abort raises)
+        self.opened = self._start(context, self._metadata, self._started_ns)
+
+    def block(self, context: grpc.ServicerContext, threads: Threads) -> None:
+        self._verification.block(context, threads)
+        self.opened = self._start(context, self._metadata, self._started_ns)
 
 
 class _Gate:
@@ -113,14 +139,20 @@ class ServerChain:
             # The metadata is read once for the span and the token: gRPC converts it anew on every read.
             metadata = (context.invocation_metadata() or ()) if start or admit else ()
             started = time.perf_counter()
-            span = None if start is None else start(context, metadata)
             deadline = deadlines.record(context)
             if gate is not None:
                 refused = gate.enter()
+                span = None if start is None or refused else start(context, metadata, None)
                 return _Entered(started, span, deadline, refused is None, refused)
-            return _Entered(
-                started, span, deadline, False, None if admit is None else admit(context, metadata)
-            )
+            pending = None if admit is None else admit(context, metadata)
+            # The span starts once the call is admitted: a refused call records none, whatever its caller's
+            # trace context asks for (a sampled `traceparent` would otherwise make every refusal an export).
+            if start is None or type(pending) is Refusal:
+                return _Entered(started, None, deadline, False, pending)
+            if pending is None:  # admitted at once (no verification, or a token seen before): the common path
+                return _Entered(started, start(context, metadata, None), deadline, False, None)
+            admitting = _SpanOnAdmission(pending, start, metadata)  # a new token, verified before the handler
+            return _Entered(started, admitting, deadline, False, admitting)
 
         def after(
             entered: _Entered, context: Any, error: BaseException | None, messages: Messages | None
@@ -128,8 +160,11 @@ class ServerChain:
             if entered.gated:
                 self._exempt_gate.leave()
             deadlines.forget(entered.deadline)
-            if entered.span is not None:
-                end_span(entered.span, context, error)
+            span = entered.span
+            if isinstance(span, _SpanOnAdmission):
+                span = span.opened
+            if span is not None:
+                end_span(span, context, error)
             if measured is not None:
                 measured.record(entered.started, outcome(context, error), messages)
 

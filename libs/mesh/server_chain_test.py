@@ -1,20 +1,28 @@
 """ServerChain: span, identity and deadline together in one wrapper, on a real grpc.aio server.
 
 Each part has its own tests (server_spans_test, identity_test, deadlines_test); these check how they meet:
-what the handler sees at once, the span of a refused call, and which refusal comes first."""
+what the handler sees at once, which refusal comes first, and the spans of admitted and refused calls: a refused
+call records none, whatever its caller's trace context asks for, and is still counted in the metrics."""
 
 from __future__ import annotations
 
 import functools
+import threading
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from emulators.identity import IdentityEmulator
@@ -30,14 +38,19 @@ SEND = "/ping.PingService/Send"
 NOT_A_MESSAGE = b"\xff\xff\xff"  # wire type 7 does not exist: no protobuf parses this
 
 
+def _seen() -> ping_pb2.Response:
+    """What a handler sees: caller, time left for downstream calls, whether a span is current."""
+    caller = current_caller()
+    span = trace.get_current_span().get_span_context()
+    seen = f"{caller.email if caller else None}|{deadlines.remaining(1000.0) < 100}|{span.is_valid}"
+    return ping_pb2.Response(pong=ping_pb2.Pong(index=1, message=seen))
+
+
 class Ping(ping_pb2_grpc.PingServiceServicer):
-    """Answers with what it sees: caller, time left for downstream calls, whether a span is current."""
+    """Answers with what it sees (grpc.aio)."""
 
     async def Send(self, request: ping_pb2.Request, context: Any) -> ping_pb2.Response:
-        caller = current_caller()
-        span = trace.get_current_span().get_span_context()
-        seen = f"{caller.email if caller else None}|{deadlines.remaining(1000.0) < 100}|{span.is_valid}"
-        return ping_pb2.Response(pong=ping_pb2.Pong(index=1, message=seen))
+        return _seen()
 
     async def SendUpstream(self, request: ping_pb2.Request, context: Any) -> ping_pb2.Response:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no upstream in this test")
@@ -90,7 +103,7 @@ async def test_handler_sees_caller_deadline_and_span_at_once(
     assert codes(exporter) == [(SEND, 0, StatusCode.UNSET)] * 2
 
 
-async def test_a_refused_call_has_its_span_and_no_caller(
+async def test_a_refused_call_has_no_span_and_no_caller(
     channel: grpc.aio.Channel, exporter: InMemorySpanExporter
 ) -> None:
     stub: Any = ping_pb2_grpc.PingServiceStub(channel)
@@ -98,8 +111,7 @@ async def test_a_refused_call_has_its_span_and_no_caller(
         await stub.Send(ping_pb2.Request(message="hi"), timeout=10)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "missing credentials" in (refused.value.details() or "")
-    # UNAUTHENTICATED is the client's fault: recorded as its code, not as a span error.
-    assert codes(exporter) == [(SEND, grpc.StatusCode.UNAUTHENTICATED.value[0], StatusCode.UNSET)]
+    assert codes(exporter) == []
 
 
 async def test_the_token_is_checked_before_the_parse_check(
@@ -115,4 +127,112 @@ async def test_the_token_is_checked_before_the_parse_check(
         await send_bytes(NOT_A_MESSAGE, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert invalid.value.details() == f"the request is not a valid message for {SEND}"
-    assert [code for _, code, _ in codes(exporter)] == [16, 3]
+    assert [code for _, code, _ in codes(exporter)] == [3]  # the refused call has no span
+
+
+class ThreadsPing(ping_pb2_grpc.PingServiceServicer):
+    """Answers with what it sees (the threads model)."""
+
+    def Send(self, request: ping_pb2.Request, context: Any) -> ping_pb2.Response:
+        return _seen()
+
+    def SendUpstream(self, request: ping_pb2.Request, context: Any) -> ping_pb2.Response:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "no upstream in this test")
+        raise AssertionError("unreachable")
+
+
+class TimedCerts:
+    """The emulator's certs, served through here: when a verification fetched them (time.time_ns)."""
+
+    def __init__(self, upstream: str) -> None:
+        fetched = self.fetched = []  # type: list[int]
+
+        class Relay(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fetched.append(time.time_ns())
+                with urllib.request.urlopen(upstream, timeout=5) as answer:
+                    body = answer.read()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # stdlib signature
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/certs"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+BOB = "bob@proj.iam.gserviceaccount.com"  # verified, not on the allow-list
+CALLER_SPAN = 0x00F067AA0BA902B7
+SAMPLED = (("traceparent", f"00-0af7651916cd43dd8448eb211c80319c-{CALLER_SPAN:016x}-01"),)
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["asyncio", "threads"])
+async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted(
+    emulator: IdentityEmulator, threads: bool
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))  # only a sampled caller makes a span record
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    certs = TimedCerts(emulator.certs_url)
+    verifier = TokenVerifier(AUDIENCE, certs.url, allowed_callers=frozenset({ALICE}))
+    chain = ServerChain(provider, verifier, meters=MeterProvider(metric_readers=[reader]))
+    add = functools.partial(
+        ping_pb2_grpc.add_PingServiceServicer_to_server, ThreadsPing() if threads else Ping()
+    )
+    alice = emulator.mint(ALICE, AUDIENCE)
+    refused = {
+        "no token": (),
+        "not a token": (("authorization", "Bearer not.a.token"),),
+        "another audience": (("authorization", f"Bearer {emulator.mint(ALICE, 'https://elsewhere')}"),),
+        "a stranger, new": (("authorization", f"Bearer {emulator.mint(BOB, AUDIENCE)}"),),
+    }
+    refused["a stranger, seen before"] = refused["a stranger, new"]
+    try:
+        async with loopback(add, chain=chain, threads=threads) as served, served.channel() as channel:
+            stub: Any = ping_pb2_grpc.PingServiceStub(channel)
+            for _ in range(2):  # a new token (verified first, the certs fetched then), then the same one
+                answer = await stub.Send(
+                    ping_pb2.Request(), metadata=(*SAMPLED, ("authorization", f"Bearer {alice}")), timeout=10
+                )
+                assert answer.pong.message == f"{ALICE}|True|True"
+            codes_seen = {}
+            for what, metadata in refused.items():
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await stub.Send(ping_pb2.Request(), metadata=(*SAMPLED, *metadata), timeout=10)
+                codes_seen[what] = error.value.code()
+    finally:
+        certs.close()
+    assert codes_seen == {
+        "no token": grpc.StatusCode.UNAUTHENTICATED,
+        "not a token": grpc.StatusCode.UNAUTHENTICATED,
+        "another audience": grpc.StatusCode.UNAUTHENTICATED,
+        "a stranger, new": grpc.StatusCode.PERMISSION_DENIED,
+        "a stranger, seen before": grpc.StatusCode.PERMISSION_DENIED,
+    }
+    # The admitted calls only, each a child of the caller's span.
+    first, second = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert all(s.parent is not None and s.parent.span_id == CALLER_SPAN for s in (first, second))
+    # The new token's span covers its verification (the certs fetch), as when it opened at the call's entry.
+    (fetched,) = certs.fetched
+    assert first.start_time is not None and first.end_time is not None
+    assert first.start_time <= fetched <= first.end_time
+    # The refusals are still counted, by code.
+    counted = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == "rpc.server.duration":
+                    for point in metric.data.data_points:
+                        counted[(point.attributes or {})["rpc.grpc.status_code"]] = point.count  # type: ignore[union-attr]
+    assert counted == {0: 2, 16: 3, 7: 2}

@@ -93,7 +93,8 @@ class OpenSpan(NamedTuple):
     attached: object  # the OpenTelemetry context token that made it current, for detaching
 
 
-Start = Callable[[grpc.aio.ServicerContext, Metadata], OpenSpan]
+# (context, metadata, start time in ns since the epoch, None: now)
+Start = Callable[[grpc.aio.ServicerContext, Metadata, int | None], OpenSpan]
 
 
 class ServerSpans:
@@ -138,7 +139,9 @@ class ServerSpans:
             skipped = NonRecordingSpan(child)
             return OpenSpan(skipped, otel_context.attach(trace.set_span_in_context(skipped, parent)))
 
-        def start(context: grpc.aio.ServicerContext, metadata: Metadata) -> OpenSpan:
+        def start(
+            context: grpc.aio.ServicerContext, metadata: Metadata, started_ns: int | None = None
+        ) -> OpenSpan:
             if ids is not None and self._traceparent_decides():
                 # The hot path: no carrier, no propagator chain; what extract + the sampler would decide.
                 lone = _unsampled_traceparent(metadata)
@@ -151,7 +154,7 @@ class ServerSpans:
                 if caller.is_remote and not caller.trace_flags.sampled and caller.is_valid:
                     return unsampled_child(caller.trace_id, caller.trace_flags, caller.trace_state, parent)
             # The static attributes are copied by the SDK when (and only when) the span records.
-            span = tracer.start_span(method, parent, SpanKind.SERVER, attributes)
+            span = tracer.start_span(method, parent, SpanKind.SERVER, attributes, start_time=started_ns)
             if span.is_recording():
                 _describe_call(span, context, carrier)
             return OpenSpan(span, otel_context.attach(trace.set_span_in_context(span, parent)))

@@ -312,6 +312,12 @@ async def serve(
         verified = f"ID tokens verified for {auth.audience}" if auth.audience else "no token verification"
         if auth.iam_only and not auth.audience:
             verified += " (AUTH_IAM_ONLY: Cloud Run's IAM alone guards it)"
+        if auth.any_caller and auth.audience:
+            log.warning(
+                "AUTH_ANY_CALLER=true: every holder of a valid ID token for %s is admitted, any Google "
+                "account included; set AUTH_ALLOWED_CALLERS to admit only the mesh's callers",
+                auth.audience,
+            )
         log.info(
             "%s serving %s on port %d (%s, %s)",
             settings.service,

@@ -214,13 +214,19 @@ class ServerSettings:
 @dataclass(frozen=True)
 class AuthSettings:
     """Verification of incoming ID tokens; off unless AUTH_AUDIENCE is set, which on Cloud Run (K_SERVICE set)
-    takes AUTH_IAM_ONLY=true: there a forgotten variable must stop the revision, not open the service."""
+    takes AUTH_IAM_ONLY=true: there a forgotten variable must stop the revision, not open the service.
+
+    An audience wants an allow-list (AUTH_ALLOWED_CALLERS) everywhere: any Google account can mint an ID token
+    for any audience, so an audience alone admits strangers. Off Cloud Run, where no IAM stands in front, only
+    AUTH_ANY_CALLER=true lifts that (mesh.serving logs a warning at start); on Cloud Run, AUTH_IAM_ONLY=true.
+    """
 
     audience: str | None = None
     certs_url: str = GOOGLE_CERTS_URL
     issuers: tuple[str, ...] = GOOGLE_ISSUERS
     allowed_callers: frozenset[str] | None = None
     iam_only: bool = False  # Cloud Run's IAM (roles/run.invoker) alone guards the service
+    any_caller: bool = False  # off Cloud Run: every holder of a valid token for the audience is admitted
 
     @classmethod
     def from_env(cls, env: Env) -> AuthSettings:
@@ -238,7 +244,13 @@ class AuthSettings:
             issuers=tuple(i.strip() for i in issuers.split(",") if i.strip()) if issuers else GOOGLE_ISSUERS,
             allowed_callers=emails(env, "AUTH_ALLOWED_CALLERS"),
             iam_only=flag(env, "AUTH_IAM_ONLY"),
+            any_caller=flag(env, "AUTH_ANY_CALLER"),
         )
+        if settings.any_caller and settings.allowed_callers is not None:
+            raise ConfigError(
+                "AUTH_ANY_CALLER=true and AUTH_ALLOWED_CALLERS are both set; unset AUTH_ANY_CALLER to admit "
+                "only the listed callers, or unset AUTH_ALLOWED_CALLERS"
+            )
         on_cloud_run = text(env, "K_SERVICE")
         if on_cloud_run and not settings.iam_only:
             missing = "AUTH_AUDIENCE" if audience is None else None
@@ -250,6 +262,12 @@ class AuthSettings:
                     "service's URL and AUTH_ALLOWED_CALLERS to its callers' emails, or set AUTH_IAM_ONLY=true "
                     "if Cloud Run's IAM alone is meant to guard it"
                 )
+        elif not on_cloud_run and audience and settings.allowed_callers is None and not settings.any_caller:
+            raise ConfigError(
+                "AUTH_ALLOWED_CALLERS is not set but AUTH_AUDIENCE is, so any Google account could call; set "
+                "AUTH_ALLOWED_CALLERS to the callers' emails, or AUTH_ANY_CALLER=true to admit every holder "
+                "of a valid token for the audience"
+            )
         return settings
 
 

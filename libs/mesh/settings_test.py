@@ -3,6 +3,7 @@ started with a wrong value exits 2 with that one line on stderr."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from mesh.settings import (
     Upstream,
     log_level,
 )
+from mesh.testing import running
+from services.ping.main import build as build_ping
 
 
 def server(env: dict[str, str]) -> Any:
@@ -98,7 +101,8 @@ def test_the_server_listens_on_every_interface_unless_bind_host_says(given: str 
     ],
 )
 def test_certs_come_over_https_or_from_loopback(certs_url: str) -> None:
-    assert auth({"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": certs_url}).certs_url == certs_url
+    env = {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "a@x.com", "AUTH_CERTS_URL": certs_url}
+    assert auth(env).certs_url == certs_url
 
 
 def test_on_cloud_run_iam_alone_is_an_explicit_choice() -> None:
@@ -106,6 +110,28 @@ def test_on_cloud_run_iam_alone_is_an_explicit_choice() -> None:
     verified = auth({"K_SERVICE": "ping", "AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "a@x.com"})
     assert verified.allowed_callers == {"a@x.com"} and not verified.iam_only
     assert auth({}).audience is None  # off Cloud Run, no verification is still the default
+
+
+def test_off_cloud_run_any_caller_is_an_explicit_choice() -> None:
+    # Any Google account can mint a token for any audience: an audience alone would admit strangers.
+    with pytest.raises(ConfigError, match=r"^AUTH_ALLOWED_CALLERS is not set but AUTH_AUDIENCE is"):
+        auth({"AUTH_AUDIENCE": "https://ping"})
+    anyone = auth({"AUTH_AUDIENCE": "https://ping", "AUTH_ANY_CALLER": "true"})
+    assert anyone.any_caller and anyone.allowed_callers is None
+    listed = auth({"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "a@x.com"})
+    assert not listed.any_caller and listed.allowed_callers == {"a@x.com"}
+
+
+async def test_any_caller_is_one_warning_line_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    env = {"AUTH_AUDIENCE": "https://ping.example", "AUTH_ANY_CALLER": "true"}
+    async with running("ping", build_ping, env):
+        pass
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert warned[0].startswith(
+        "AUTH_ANY_CALLER=true: every holder of a valid ID token for https://ping.example"
+    )
 
 
 @pytest.fixture
@@ -135,6 +161,16 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "alice"}, "AUTH_ALLOWED_CALLERS"),
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": " , "}, "AUTH_ALLOWED_CALLERS"),
     (auth, {"AUTH_ALLOWED_CALLERS": "a@x.com"}, "AUTH_AUDIENCE"),  # an allow-list that nothing would enforce
+    # Off Cloud Run an audience wants an allow-list, or AUTH_ANY_CALLER=true; no IAM there to stand in for it.
+    (auth, {"AUTH_AUDIENCE": "https://ping"}, "AUTH_ALLOWED_CALLERS"),
+    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_IAM_ONLY": "true"}, "AUTH_ALLOWED_CALLERS"),
+    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ANY_CALLER": "false"}, "AUTH_ALLOWED_CALLERS"),
+    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ANY_CALLER": "everyone"}, "AUTH_ANY_CALLER"),
+    (
+        auth,
+        {"AUTH_AUDIENCE": "https://p", "AUTH_ALLOWED_CALLERS": "a@x.com", "AUTH_ANY_CALLER": "1"},
+        "AUTH_ANY_CALLER",
+    ),
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "ftp://certs"}, "AUTH_CERTS_URL"),
     # Keys over plain http could be swapped by anyone on the path: http only to a loopback emulator.
     (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "http://certs.example/v1"}, "AUTH_CERTS_URL"),
@@ -199,7 +235,13 @@ def test_tls_pair_is_read(tls_files: dict[str, str]) -> None:
 
 
 # One per place main() reads settings: before the event loop (logging), in it (tracing), in serve() (the rest).
-WRONG_IN_A_PROCESS = {"LOG_LEVEL": "chatty", "OTEL_TRACES_EXPORTER": "jaegr", "PORT": "eighty"}
+# And an audience with no allow-list, which the line names as what is missing.
+WRONG_IN_A_PROCESS = {
+    "LOG_LEVEL": "chatty",
+    "OTEL_TRACES_EXPORTER": "jaegr",
+    "PORT": "eighty",
+    "AUTH_AUDIENCE": "https://ping.example",
+}
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +278,10 @@ def test_a_process_with_a_wrong_value_exits_2_with_one_line_naming_it(
     assert len(lines) == 1, done.stderr
     assert variable in lines[0] and lines[0].startswith("config error: ")
     assert "serving" not in done.stdout  # it never started
+
+
+def test_a_process_with_an_audience_alone_names_the_missing_allow_list(
+    wrong_processes: dict[str, subprocess.CompletedProcess[str]],
+) -> None:
+    (line,) = wrong_processes["AUTH_AUDIENCE"].stderr.splitlines()
+    assert line.startswith("config error: AUTH_ALLOWED_CALLERS is not set") and "AUTH_ANY_CALLER=true" in line

@@ -11,6 +11,7 @@ from mesh.settings import ConfigError, Upstream
 from ping import ping_pb2_grpc
 from routeguide import route_guide_pb2_grpc
 from services.aggregator.servicer import AggregatorServicer
+from services.aggregator.survey import MAX_REQUEST_BYTES
 
 SERVICE_NAME = "aggregator.v1.Aggregator"
 
@@ -39,7 +40,9 @@ def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
         ping_pb2_grpc.PingServiceStub(ping),  # type: ignore[arg-type]
         route_guide_pb2_grpc.RouteGuideStub(routes),  # type: ignore[arg-type]
     )
-    return [serving.Service(SERVICE_NAME, servicer, aggregator_pb2_grpc.add_AggregatorServicer_to_server)]
+    add = aggregator_pb2_grpc.add_AggregatorServicer_to_server
+    # A Survey at its limits (survey.py says how it is counted), not gRPC's default 4 MiB.
+    return [serving.Service(SERVICE_NAME, servicer, add, max_request_bytes=MAX_REQUEST_BYTES)]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
 from mesh.downstream import reported
 from ping import ping_pb2_grpc
 from routeguide import route_guide_pb2_grpc
-from services.aggregator.survey import Survey, all_failed
+from services.aggregator.survey import Survey, all_failed, too_long
 from services.aggregator.tour import Tour
 
 
@@ -24,6 +24,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServicer):
     async def Survey(
         self, request: aggregator_pb2.SurveyRequest, context: grpc.aio.ServicerContext
     ) -> aggregator_pb2.SurveyResponse:
+        if refused := too_long(request):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
         response = await self._survey(request)
         if failure := all_failed(response):
             await context.abort(*failure)

@@ -13,6 +13,8 @@ from mesh import serving
 from mesh.testing import NO_REUSEPORT, running
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from services.aggregator.main import build as build_aggregator
+from services.aggregator.survey import MAX_ROUTE_POINTS
+from services.aggregator.testing import largest_survey
 from services.ping.main import build as build_ping
 from services.routeguide.features import load_database
 from services.routeguide.main import build as build_routeguide
@@ -94,6 +96,42 @@ async def test_survey_with_every_downstream_stopped_fails() -> None:
         await channel.close()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "every downstream call failed" in (err.value.details() or "")
+
+
+async def test_a_route_past_the_cap_is_refused_before_any_downstream_call() -> None:
+    # The downstreams are gone: a Survey that called them would fail UNAVAILABLE, not INVALID_ARGUMENT.
+    async with running("ping", build_ping) as ping, running("routeguide", build_routeguide) as routes:
+        ports = (ping.port, routes.port)
+    async with running("aggregator", build_aggregator, aggregator_env(*ports)) as aggregator:
+        channel, client = stub(aggregator.port)
+        past = aggregator_pb2.SurveyRequest(message="far", route=[BERKSHIRE] * (MAX_ROUTE_POINTS + 1))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.Survey(past, timeout=10)
+        # One point more than the largest valid request: past the request size limit.
+        with pytest.raises(grpc.aio.AioRpcError) as oversized:
+            await client.Survey(largest_survey(MAX_ROUTE_POINTS + 1), timeout=10)
+        await channel.close()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == (
+        f"route has {MAX_ROUTE_POINTS + 1} points; a Survey takes at most {MAX_ROUTE_POINTS} "
+        "(survey a longer route in parts)"
+    )
+    assert oversized.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_the_largest_valid_survey_is_answered_in_full() -> None:
+    async with (
+        running("ping", build_ping) as ping,
+        running("routeguide", build_routeguide) as routes,
+        running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
+    ):
+        channel, client = stub(aggregator.port)
+        request = largest_survey()
+        reply = await client.Survey(request, timeout=30)
+        await channel.close()
+    assert [c.code for c in reply.calls] == [0, 0, 0], reply.calls
+    assert reply.pong.message == request.message
+    assert reply.route_summary.point_count == MAX_ROUTE_POINTS and reply.route_summary.distance > 0
 
 
 async def test_tour_streams_an_arrival_per_stop_and_earlier_notes() -> None:

@@ -114,6 +114,7 @@ def tls_env(certs: DevCerts, emulator: IdentityEmulator, audience: str) -> dict[
         "TLS_KEY_FILE": str(certs.server_key),
         "AUTH_AUDIENCE": audience,
         "AUTH_CERTS_URL": emulator.certs_url,
+        "AUTH_ALLOWED_CALLERS": ALICE,
     }
 
 

@@ -75,8 +75,7 @@ class Server:
         return self._process.pid
 
     def cpu_seconds(self) -> float:
-        """User + system CPU the process and its workers (its child processes) have used so far."""
-        return sum(_cpu_seconds(pid) for pid in [self.pid, *_children(self.pid)])
+        return cpu_seconds(self.pid)
 
     def memory_kb(self) -> dict[str, int]:
         """VmRSS (now) and VmHWM (peak) in kB."""
@@ -96,6 +95,11 @@ class Server:
 def _stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process and its workers (its child processes) have used so far."""
+    return sum(_cpu_seconds(one) for one in [pid, *_children(pid)])
 
 
 def _cpu_seconds(pid: int) -> float:

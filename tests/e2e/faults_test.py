@@ -1,9 +1,11 @@
-"""The mesh under faults: deadlines and cancellation reach the downstream calls, a stopped routeguide leaves Survey a
-partial answer, and a restarted routeguide is found again by the aggregator's existing channels."""
+"""The mesh under faults: deadlines and cancellation reach the downstream calls (a Survey's upload to a frozen
+routeguide ends by its deadline), a stopped routeguide leaves Survey a partial answer, and a restarted
+routeguide is found again by the aggregator's existing channels."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,12 +15,14 @@ from aggregator.v1 import aggregator_pb2
 from localmesh.demo import WORLD, DemoClient, point
 from localmesh.launcher import Mesh
 from routeguide import route_guide_pb2
+from services.aggregator.survey import MAX_ROUTE_POINTS
 from tests.e2e import calls
 from tests.e2e.calls import describe, features, wait_span
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 TOUR = "/aggregator.v1.Aggregator/Tour"
+SURVEY = "/aggregator.v1.Aggregator/Survey"
 ROUTE_CHAT = "/routeguide.RouteGuide/RouteChat"
 RECORD_ROUTE = "/routeguide.RouteGuide/RecordRoute"
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -109,17 +113,28 @@ async def test_without_routeguide_survey_answers_in_part_and_heals_when_it_is_ba
 
 
 async def test_a_survey_deadline_cancels_its_route_upload(mesh: Mesh, client: DemoClient) -> None:
-    # Uploading this route to routeguide takes far longer than the wait below (tens of seconds).
-    route = [point(10 + i * 1e-5, 10) for i in range(250_000)]
+    # A route at the cap uploads in a fraction of a second; to routeguide frozen (SIGSTOP: its connection open,
+    # nothing answered) it cannot finish before the deadline.
+    route = [point(10 + i * 1e-5, 10) for i in range(MAX_ROUTE_POINTS)]
     request = aggregator_pb2.SurveyRequest(message="long walk", area=WORLD, route=route)
     stub = calls.aggregator(client.channel("aggregator"))
+    routeguide = mesh.processes["routeguide"]
     with client.traced("survey past its deadline") as trace_id:
-        # The upload's deadline is the Survey's less the margin: the Survey answers with the rest in time.
-        reply = await stub.Survey(request, timeout=1.0)
+        routeguide.signal(signal.SIGSTOP)
+        try:
+            # The upload's deadline is the Survey's less the margin: the Survey answers with the rest in time.
+            reply = await stub.Survey(request, timeout=1.0)
+        finally:
+            routeguide.signal(signal.SIGCONT)
     assert reply.pong.message == "long walk" and not reply.HasField("route_summary")
     # DEADLINE_EXCEEDED, or INTERNAL when the deadline lands while a point is being written: grpc.aio then
     # reports "Internal error from Core" before the call's status arrives (a client-side race of grpc.aio).
     timed_out = {grpc.StatusCode.DEADLINE_EXCEEDED.value[0], grpc.StatusCode.INTERNAL.value[0]}
     assert reply.calls[2].code in timed_out, reply.calls
-    upload = await wait_span(mesh, trace_id, "routeguide", "server", RECORD_ROUTE, timeout=3)
-    assert upload is not None, describe(mesh.spans.trace(trace_id))
+    # The upload was ended by the aggregator, within the Survey (routeguide, frozen, never saw it start: a call
+    # cancelled before a server reads it reaches no handler; the Tour test above sees a downstream stream end).
+    upload = await wait_span(mesh, trace_id, "aggregator", "client", RECORD_ROUTE, timeout=3)
+    survey = await wait_span(mesh, trace_id, "aggregator", "server", SURVEY, timeout=3)
+    assert upload is not None and survey is not None, describe(mesh.spans.trace(trace_id))
+    assert upload.parent_id == survey.span_id and upload.end_ns <= survey.end_ns
+    assert upload.status in ("DEADLINE_EXCEEDED", "INTERNAL"), upload

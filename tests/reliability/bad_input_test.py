@@ -1,7 +1,8 @@
 """Bad input to every method of the three services, as real h2c processes: out-of-range coordinates, rectangles
-in every corner order, empty and huge routes, messages over the 4 MiB limit, bytes that are no protobuf, and
-frames no gRPC client would send (lying length prefixes, truncated messages). Each gets a precise status, and a
-healthy client calling throughout never sees an error."""
+in every corner order, empty routes and routes past the Survey's cap, messages over the 4 MiB limit and over
+each service's own, bytes that are no protobuf, and frames no gRPC client would send (lying length prefixes,
+truncated messages). Each gets a precise status, and a healthy client calling throughout never sees an
+error."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from aggregator.v1 import aggregator_pb2
 from ping import ping_pb2
 from routeguide import route_guide_pb2
 from routeguide.route_guide_pb2 import Point, Rectangle, RouteNote
+from services.aggregator.survey import MAX_REQUEST_BYTES, MAX_ROUTE_POINTS
+from services.aggregator.testing import largest_survey
 from services.ping.main import MAX_REQUEST as PING_MAX_REQUEST
 from services.routeguide.main import MAX_REQUEST as ROUTEGUIDE_MAX_REQUEST
 from tests.reliability import calls, h2c
 from tests.reliability.calls import METHODS, UNLIMITED, SteadyClient
+from tests.reliability.figures import report
 from tests.reliability.stack import Stack, start_h2c
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -188,16 +192,43 @@ async def test_empty_routes_are_summarised_as_nothing(
     assert reply.route_summary == route_guide_pb2.RouteSummary() and reply.HasField("route_summary")
 
 
-async def test_a_huge_route_is_summarised_in_full(
+async def test_a_route_past_the_cap_is_invalid_argument_stating_the_cap(
     channels: dict[str, grpc.aio.Channel], steady: SteadyClient
 ) -> None:
-    # 20,000 points (about 300 KB) through the aggregator, streamed on to routeguide point by point.
-    route = [Point(latitude=i * 1_000, longitude=-i * 1_000) for i in range(20_000)]
-    reply = await calls.aggregator(channels["aggregator"]).Survey(
-        aggregator_pb2.SurveyRequest(message="long", area=Rectangle(), route=route), timeout=60
-    )
+    route = [Point(latitude=i * 1_000, longitude=-i * 1_000) for i in range(MAX_ROUTE_POINTS + 1)]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await calls.aggregator(channels["aggregator"]).Survey(
+            aggregator_pb2.SurveyRequest(message="long", area=Rectangle(), route=route), timeout=30
+        )
+    assert error.value.code() == Code.INVALID_ARGUMENT
+    assert f"a Survey takes at most {MAX_ROUTE_POINTS}" in (error.value.details() or "")
+
+
+def _cpu_seconds(stack: Stack) -> float:
+    return stack.aggregator.cpu_seconds() + stack.routeguide.cpu_seconds()
+
+
+async def test_the_largest_survey_costs_under_a_cpu_second_in_aggregator_and_routeguide(
+    stack: Stack, channels: dict[str, grpc.aio.Channel]
+) -> None:
+    # No steady client here: its calls would count in routeguide's CPU.
+    request = largest_survey()
+    before = _cpu_seconds(stack)
+    reply = await calls.aggregator(channels["aggregator"]).Survey(request, timeout=60)
+    spent = _cpu_seconds(stack) - before
     assert [c.code for c in reply.calls] == [0, 0, 0]
-    assert reply.route_summary.point_count == 20_000 and reply.route_summary.distance > 0
+    assert reply.route_summary.point_count == MAX_ROUTE_POINTS
+    # Before the cap, a 4 MiB Survey of empty Points (about 2 million) cost about 20 s in each of them.
+    empty = aggregator_pb2.SurveyRequest(route=[Point()] * (MAX_REQUEST_BYTES // 2 - 8))
+    assert empty.ByteSize() <= MAX_REQUEST_BYTES
+    before_empty = _cpu_seconds(stack)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await calls.aggregator(channels["aggregator"]).Survey(empty, timeout=60)
+    spent_empty = _cpu_seconds(stack) - before_empty
+    assert error.value.code() == Code.INVALID_ARGUMENT
+    figures = {"cpu_s_at_cap": round(spent, 3), "cpu_s_empty_points": round(spent_empty, 3)}
+    report("survey at its limits", {**figures, "bytes": request.ByteSize()})
+    assert spent < 1.0 and spent_empty < 1.0, (spent, spent_empty)
 
 
 # Size limits --------------------------------------------------------------------------------------------------
@@ -226,7 +257,11 @@ async def test_a_message_over_the_size_limit_is_resource_exhausted(
 
 
 # What each service's contract needs: ping and routeguide take small messages, the aggregator a Survey's route.
-SERVICE_LIMITS = {"ping": PING_MAX_REQUEST, "routeguide": ROUTEGUIDE_MAX_REQUEST, "aggregator": LIMIT}
+SERVICE_LIMITS = {
+    "ping": PING_MAX_REQUEST,
+    "routeguide": ROUTEGUIDE_MAX_REQUEST,
+    "aggregator": MAX_REQUEST_BYTES,
+}
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if SERVICE_LIMITS[calls.service_of(m)] < LIMIT])
@@ -250,9 +285,9 @@ async def test_a_message_over_its_service_limit_is_resource_exhausted(
 async def test_a_survey_route_over_the_limit_is_resource_exhausted(
     channels: dict[str, grpc.aio.Channel], steady: SteadyClient
 ) -> None:
-    route = [Point(latitude=800_000_000 + i, longitude=-1_700_000_000 - i) for i in range(380_000)]
+    route = [Point(latitude=800_000_000 + i, longitude=-1_700_000_000 - i) for i in range(20_000)]
     request = aggregator_pb2.SurveyRequest(message="too far", route=route)
-    assert request.ByteSize() > LIMIT
+    assert request.ByteSize() > MAX_REQUEST_BYTES
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await calls.aggregator(channels["aggregator"]).Survey(request, timeout=20)
     assert error.value.code() == Code.RESOURCE_EXHAUSTED

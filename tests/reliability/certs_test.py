@@ -20,7 +20,7 @@ from mesh.identity import AuthError, TokenVerifier
 from routeguide.route_guide_pb2 import Point, RouteNote
 from tests.reliability import calls
 from tests.reliability.figures import report
-from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, bearer
+from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, bearer, verifying
 from tests.reliability.processes import Service
 
 HERE = Point(latitude=409146138, longitude=-746188906)
@@ -78,7 +78,7 @@ async def eventually_ok(call: Call, channel: grpc.aio.Channel, token: str) -> li
 
 
 def start(emulator: IdentityEmulator) -> Service:
-    return Service("routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": emulator.certs_url})
+    return Service("routeguide", verifying(emulator))
 
 
 async def test_certs_unreachable_fails_closed_with_a_clear_log_then_recovers() -> None:
@@ -168,7 +168,7 @@ async def test_a_certs_url_that_redirects_is_not_followed() -> None:
         with ThreadingHTTPServer(("127.0.0.1", 0), handler) as redirector:
             threading.Thread(target=redirector.serve_forever, daemon=True).start()
             url = f"http://127.0.0.1:{redirector.server_address[1]}/certs"
-            service = await Service("routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": url}).start()
+            service = await Service("routeguide", verifying(url)).start()
             try:
                 async with calls.insecure(service.address) as channel:
                     token = emulator.mint(ALICE, AUDIENCE)
@@ -183,7 +183,7 @@ async def test_a_certs_url_that_redirects_is_not_followed() -> None:
 
 
 async def test_a_plain_http_certs_url_off_loopback_stops_start_up() -> None:
-    service = Service("routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": "http://certs.example/v1"})
+    service = Service("routeguide", verifying("http://certs.example/v1"))
     with pytest.raises(StartError):
         await service.start(timeout=20)
     assert service.returncode == 2
@@ -238,9 +238,7 @@ async def test_callers_queued_behind_a_hanging_certs_fetch_share_its_deadline() 
     # and every call answered when its 5 s timeout ends, not one timeout after another (5, 10 ... 25 s).
     with IdentityEmulator() as emulator, CertsRelay(emulator.certs_url) as relay:
         relay.hanging.set()
-        service = await Service(
-            "routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": relay.url}
-        ).start()
+        service = await Service("routeguide", verifying(relay.url)).start()
         try:
             async with calls.insecure(service.address) as channel:
                 started = time.monotonic()
@@ -265,9 +263,7 @@ async def test_callers_queued_behind_a_hanging_certs_fetch_share_its_deadline() 
 
 async def test_stale_keys_verify_at_once_while_a_hanging_fetch_refreshes_them() -> None:
     with IdentityEmulator(certs_max_age_s=1) as emulator, CertsRelay(emulator.certs_url) as relay:
-        service = await Service(
-            "routeguide", {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": relay.url}
-        ).start()
+        service = await Service("routeguide", verifying(relay.url)).start()
         try:
             async with calls.insecure(service.address) as channel:
                 assert await outcome(unary, channel, emulator.mint(ALICE, AUDIENCE)) == grpc.StatusCode.OK

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.v1 import aggregator_pb2
 from routeguide.route_guide_pb2 import Point, Rectangle
+from services.aggregator.survey import MAX_ROUTE_POINTS
 from tests.reliability import calls
 from tests.reliability.processes import Service, kill_all
 from tests.reliability.stack import Stack, start_h2c
@@ -46,7 +47,10 @@ async def test_sigterm_with_many_unary_calls_in_flight_drains_them_all_and_exits
         # Each Survey streams its route on to routeguide point by point: it stays in flight for a while.
         surveys = [
             asyncio.ensure_future(
-                stub.Survey(aggregator_pb2.SurveyRequest(message=f"s{n}", route=route(4_000, n)), timeout=30)
+                stub.Survey(
+                    aggregator_pb2.SurveyRequest(message=f"s{n}", route=route(MAX_ROUTE_POINTS, n)),
+                    timeout=30,
+                )
             )
             for n in range(16)
         ]
@@ -70,7 +74,7 @@ async def test_sigterm_with_many_unary_calls_in_flight_drains_them_all_and_exits
     assert completed, "no Survey was in flight when SIGTERM came"
     for reply in completed:  # drained in full: every downstream call of every in-flight Survey finished
         assert [c.code for c in reply.calls] == [OK, OK, OK], reply.calls
-        assert reply.route_summary.point_count == 4_000
+        assert reply.route_summary.point_count == MAX_ROUTE_POINTS
     assert await aggregator.wait(15) == 0
     messages = aggregator.messages()
     assert any("shutting down: draining" in m for m in messages) and messages[-1] == "aggregator stopped"
@@ -108,9 +112,12 @@ async def test_routeguide_killed_mid_survey_is_reported_then_found_again_after_a
     pid = aggregator.pid
     async with calls.insecure(aggregator.address) as channel:
         stub = calls.aggregator(channel)
-        big = aggregator_pb2.SurveyRequest(message="big", route=route(60_000))
+        big = aggregator_pb2.SurveyRequest(message="big", route=route(MAX_ROUTE_POINTS))
+        # Frozen first (a route at the cap uploads too fast to kill routeguide in the middle of it by waiting):
+        # the Survey's calls are on the wire, unanswered, when it dies.
+        routeguide.signal(signal.SIGSTOP)
         survey = asyncio.ensure_future(stub.Survey(big, timeout=30))
-        await asyncio.sleep(0.3)  # the route is streaming to routeguide
+        await asyncio.sleep(0.3)
         routeguide.signal(signal.SIGKILL)
         assert await routeguide.wait(10) == -signal.SIGKILL
         reply = await survey

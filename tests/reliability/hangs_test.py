@@ -20,6 +20,7 @@ import pytest
 from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
 from ping import ping_pb2
 from routeguide.route_guide_pb2 import Point, Rectangle
+from services.aggregator.survey import MAX_ROUTE_POINTS
 from tests.reliability import calls
 from tests.reliability.blackhole import BlackHole
 from tests.reliability.figures import report
@@ -122,13 +123,13 @@ async def test_survey_answers_in_part_within_its_deadline_when_routeguide_freeze
         stub = calls.aggregator(channel)
         assert codes(await stub.Survey(small("warm"), timeout=10)) == ["OK"] * 3
         timer = Timer()
-        # The route streams on to routeguide point by point: RecordRoute is in flight when routeguide stops.
-        survey = asyncio.ensure_future(
-            stub.Survey(aggregator_pb2.SurveyRequest(message="frozen", route=route(60_000)), timeout=DEADLINE)
-        )
-        await asyncio.sleep(0.3)
+        # Frozen on a connection just used (well within keepalive's 2 s): the Survey's calls go out on it and
+        # wait, in flight, for a routeguide that no longer answers. (A route at the cap uploads too fast to
+        # freeze routeguide in the middle of it by waiting.)
         with frozen(stack.routeguide):
-            reply = await survey  # an answer, not DEADLINE_EXCEEDED: the margin left time to give it
+            request = aggregator_pb2.SurveyRequest(message="frozen", route=route(MAX_ROUTE_POINTS))
+            # An answer, not DEADLINE_EXCEEDED: the margin left time to give it.
+            reply = await stub.Survey(request, timeout=DEADLINE)
             answered = timer.seconds
         assert reply.pong.message == "frozen" and codes(reply)[0] == "OK"
         # Out of time, or cut off by keepalive mid-upload; a client stream whose connection breaks while it

@@ -29,9 +29,11 @@ ALICE = "alice@reliability.iam.gserviceaccount.com"
 MALLORY = "mallory@reliability.iam.gserviceaccount.com"
 
 
-def verifying(emulator: IdentityEmulator) -> dict[str, str]:
-    """The settings of a service that verifies tokens for AUDIENCE from `emulator` and admits ALICE only."""
-    return {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": emulator.certs_url, "AUTH_ALLOWED_CALLERS": ALICE}
+def verifying(emulator: IdentityEmulator | str) -> dict[str, str]:
+    """The settings of a service that verifies tokens for AUDIENCE from `emulator` (or this certs URL) and
+    admits ALICE only."""
+    certs_url = emulator if isinstance(emulator, str) else emulator.certs_url
+    return {"AUTH_AUDIENCE": AUDIENCE, "AUTH_CERTS_URL": certs_url, "AUTH_ALLOWED_CALLERS": ALICE}
 
 
 HERE = Point(latitude=409146138, longitude=-746188906)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from localmesh.processes import child_env, python_module
 from localmesh.supervisor import Supervised
+from tests.bench.processes import cpu_seconds
 
 MODULES = {
     "ping": "services.ping.main",
@@ -99,6 +100,10 @@ class Service:
 
     def usage(self) -> Usage:
         return usage(self.pid)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU it (and its workers, if any) has used so far."""
+        return cpu_seconds(self.pid)
 
 
 async def kill_all(services: list[Service]) -> None:
