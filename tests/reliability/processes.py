@@ -26,7 +26,7 @@ class Usage:
     rss_kb: int
     threads: int
     fds: int
-    cpu_seconds: float  # user + system, all threads, since the start
+    cpu_seconds: float  # user + system, all threads (and its workers, if any), since the start
 
 
 class Service:
@@ -120,11 +120,9 @@ def usage(pid: int) -> Usage:
         for line in file:
             key, _, value = line.partition(":")
             status[key] = value.strip()
-    with open(f"/proc/{pid}/stat", encoding="ascii") as file:
-        stat = file.read().rpartition(")")[2].split()  # after the command's name, which may hold spaces
     return Usage(
         rss_kb=int(status["VmRSS"].split()[0]),
         threads=int(status["Threads"]),
         fds=len(os.listdir(f"/proc/{pid}/fd")),
-        cpu_seconds=(int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"),
+        cpu_seconds=cpu_seconds(pid),
     )
