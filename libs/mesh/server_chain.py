@@ -14,7 +14,6 @@ handler; with verification on, a unary request is read after identity (mesh.hand
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,11 +26,16 @@ from mesh import deadlines, handlers, identity
 from mesh.handler_kinds import Messages, Pending, Refusal, Threads
 from mesh.identity import EXEMPT_METHODS, TokenVerifier
 from mesh.metrics import RpcMetrics
+from mesh.quick_pool import QuickPool
 from mesh.server_spans import UNTRACED_SERVICES, OpenSpan, ServerSpans, end_span, outcome
 
 # Calls that take no token, in flight at once: enough for Cloud Run's probes (one a second at most), too few
-# to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates.
+# to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates. A call takes its slot once its
+# request has arrived: one that holds its request back holds no slot.
 EXEMPT_CONCURRENCY = 16
+# How long a call that takes no token may wait for its (tiny) request after its headers: a probe sends both at
+# once; a caller that holds its request back is ended (DEADLINE_EXCEEDED on grpc.aio, CANCELLED on threads).
+EXEMPT_READ_SECONDS = 1.0
 
 
 class _Entered(NamedTuple):
@@ -40,7 +44,7 @@ class _Entered(NamedTuple):
     started: float  # perf_counter at entry
     span: OpenSpan | None
     deadline: Any  # what deadlines.forget takes
-    gated: bool  # holds a slot of the exempt gate
+    arrival: _Arrival | None  # an exempt call's slot of the exempt gate, taken once its request has arrived
     pending: Pending | None  # what to settle before the handler: the caller's verification or refusal
 
 
@@ -63,13 +67,33 @@ class _Gate:
         self._slots.release()
 
 
+class _Arrival:
+    """An exempt call's way through the gate (mesh.handler_kinds.Arrival): its request within `seconds`, then
+    a slot, held until the call ends."""
+
+    __slots__ = ("_gate", "seconds", "_inside")
+
+    def __init__(self, gate: _Gate, seconds: float) -> None:
+        self._gate, self.seconds, self._inside = gate, seconds, False
+
+    def arrived(self) -> Refusal | None:
+        refused = self._gate.enter()
+        self._inside = refused is None
+        return refused
+
+    def leave(self) -> None:
+        if self._inside:
+            self._inside = False
+            self._gate.leave()
+
+
 class ServerChain:
     """Spans (when `provider` is given), token verification (when `verifier` is), the incoming deadline, and
     metrics (when `meters` is given).
 
     With a verifier, every call is admitted from its headers before any request message is read; the exempt
-    methods (health Check) take no token, and at most `exempt_concurrency` of them run at once; every other
-    method wants a token."""
+    methods (health Check) take no token, and at most `exempt_concurrency` of them run at once, each once its
+    request has arrived (within EXEMPT_READ_SECONDS); every other method wants a token."""
 
     def __init__(
         self,
@@ -87,7 +111,7 @@ class ServerChain:
         self._exempt = frozenset(exempt_methods)
         self._exempt_gate = _Gate(exempt_concurrency)
 
-    def wrapping(self, server: Any, quick: concurrent.futures.ThreadPoolExecutor | None = None) -> Any:
+    def wrapping(self, server: Any, quick: QuickPool | None = None) -> Any:
         """`server` (a grpc.aio.Server, or a grpc.Server: the threads model, which must be wrapped on the
         process's event loop, its `never_waits` methods run on `quick` when given), with every handler added
         through it wrapped by this chain."""
@@ -116,17 +140,14 @@ class ServerChain:
             span = None if start is None else start(context, metadata)
             deadline = deadlines.record(context)
             if gate is not None:
-                refused = gate.enter()
-                return _Entered(started, span, deadline, refused is None, refused)
-            return _Entered(
-                started, span, deadline, False, None if admit is None else admit(context, metadata)
-            )
+                return _Entered(started, span, deadline, _Arrival(gate, EXEMPT_READ_SECONDS), None)
+            return _Entered(started, span, deadline, None, None if admit is None else admit(context, metadata))
 
         def after(
             entered: _Entered, context: Any, error: BaseException | None, messages: Messages | None
         ) -> None:
-            if entered.gated:
-                self._exempt_gate.leave()
+            if entered.arrival is not None:
+                entered.arrival.leave()
             deadlines.forget(entered.deadline)
             if entered.span is not None:
                 end_span(entered.span, context, error)
