@@ -52,12 +52,17 @@ async def _one(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, 
 async def _arriving(
     requests: AsyncIterator[Any], arrival: Arrival, context: grpc.aio.ServicerContext
 ) -> AsyncIterator[Any]:
-    """`requests`, the first of them within `arrival.seconds` (else DEADLINE_EXCEEDED), then
-    `arrival.arrived()`."""
+    """`requests`, the first of them within `arrival.seconds` and before the arrival ends the wait (else
+    DEADLINE_EXCEEDED), then `arrival.arrived()`."""
     iterator = requests.__aiter__()
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(arrival.seconds):
-            first = await iterator.__anext__()
+        async with asyncio.timeout(arrival.seconds) as timeout:
+            arrival.waiting(lambda: timeout.reschedule(loop.time()))
+            try:
+                first = await iterator.__anext__()
+            finally:
+                arrival.waited()
     except StopAsyncIteration:
         return
     except TimeoutError:

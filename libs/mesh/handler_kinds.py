@@ -83,14 +83,22 @@ class Refusal:
 
 
 class Arrival(Protocol):
-    """What a call must do once its request has arrived, and how long it may wait for it (an exempt call: its
-    request within a second, then a slot of the exempt gate, mesh.server_chain)."""
+    """How long a call may wait for its first request message, and what it must do once it has arrived (an
+    exempt call: its request within a second, then a slot of the exempt gate, mesh.server_chain)."""
 
     @property
     def seconds(self) -> float: ...
 
+    def waiting(self, end: Callable[[], None]) -> None:
+        """The call waits for its request from now; `end()` (callable from any thread) ends the wait early."""
+        ...
+
+    def waited(self) -> None:
+        """The wait is over, however it ended: `end` is no longer called."""
+        ...
+
     def arrived(self) -> Refusal | None:
-        """None when the call may go on, else its refusal."""
+        """The request has arrived: None when the call may go on, else its refusal."""
         ...
 
 
@@ -178,5 +186,6 @@ def no_request(method: str) -> Refusal:
 def late_request(arrival: Arrival) -> Refusal:
     return Refusal(
         grpc.StatusCode.DEADLINE_EXCEEDED,
-        f"the request message did not arrive within {arrival.seconds:g} s of the call's headers",
+        f"the request message did not arrive within {arrival.seconds:g} s of the call's headers (or before newer"
+        " calls waiting for theirs)",
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import grpc
@@ -31,7 +31,7 @@ from mesh.server_spans import UNTRACED_SERVICES, OpenSpan, ServerSpans, end_span
 
 # Calls that take no token, in flight at once: enough for Cloud Run's probes (one a second at most), too few
 # to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates. A call takes its slot once its
-# request has arrived: one that holds its request back holds no slot.
+# request has arrived; as many again may wait for theirs (mesh.server_chain._Gate).
 EXEMPT_CONCURRENCY = 16
 # How long a call that takes no token may wait for its (tiny) request after its headers: a probe sends both at
 # once; a caller that holds its request back is ended (DEADLINE_EXCEEDED on grpc.aio, CANCELLED on threads).
@@ -49,7 +49,13 @@ class _Entered(NamedTuple):
 
 
 class _Gate:
-    """At most `limit` calls inside at once; the others are refused at once (from any thread)."""
+    """At most `limit` calls inside at once, the others refused at once; and at most `limit` calls waiting for
+    their request to come in, the oldest of them ended to make room for a new one (from any thread).
+
+    A call waiting for its request holds a slot of gRPC's MAX_CONCURRENT_RPCS (and, on threads, a pool
+    thread): a bounded wait alone would let callers that hold their requests back take them all, a second at
+    a time. Ending the oldest rather than refusing the newest keeps the door open to the probe, which sends its
+    request at once."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -58,6 +64,8 @@ class _Gate:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"too many calls without a token in flight (at most {limit}); retry later",
         )
+        self._lock = threading.Lock()
+        self._waiting: dict[_Arrival, Callable[[], None]] = {}  # oldest first
 
     def enter(self) -> Refusal | None:
         """None when the call is in (then `leave` when it ends), else its refusal."""
@@ -66,15 +74,34 @@ class _Gate:
     def leave(self) -> None:
         self._slots.release()
 
+    def wait(self, arrival: _Arrival, end: Callable[[], None]) -> None:
+        with self._lock:
+            self._waiting[arrival] = end
+            oldest = next(iter(self._waiting.items())) if len(self._waiting) > self.limit else None
+            if oldest is not None:
+                del self._waiting[oldest[0]]
+        if oldest is not None:
+            oldest[1]()
+
+    def waited(self, arrival: _Arrival) -> None:
+        with self._lock:
+            self._waiting.pop(arrival, None)
+
 
 class _Arrival:
-    """An exempt call's way through the gate (mesh.handler_kinds.Arrival): its request within `seconds`, then
-    a slot, held until the call ends."""
+    """An exempt call's way through the gate (mesh.handler_kinds.Arrival): its request within `seconds` (and
+    before `limit` newer calls wait for theirs), then a slot, held until the call ends."""
 
     __slots__ = ("_gate", "seconds", "_inside")
 
     def __init__(self, gate: _Gate, seconds: float) -> None:
         self._gate, self.seconds, self._inside = gate, seconds, False
+
+    def waiting(self, end: Callable[[], None]) -> None:
+        self._gate.wait(self, end)
+
+    def waited(self) -> None:
+        self._gate.waited(self)
 
     def arrived(self) -> Refusal | None:
         refused = self._gate.enter()

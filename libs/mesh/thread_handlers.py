@@ -52,12 +52,15 @@ def _arriving(
     requests: Iterator[Any], arrival: Arrival, context: grpc.ServicerContext, threads: Threads
 ) -> Iterator[Any]:
     """`requests`, the first of them within `arrival.seconds` (else the process's watchdog cancels the call,
-    which wakes the read with grpc.RpcError: the client sees CANCELLED), then `arrival.arrived()`."""
+    which wakes the read with grpc.RpcError: the client sees CANCELLED) and before the arrival ends the wait
+    (the same way), then `arrival.arrived()`."""
     bound = watchdog.shared().bound(context, arrival.seconds)
+    arrival.waiting(context.cancel)
     try:
         first = next(requests, _END)
     finally:
         bound.done = True
+        arrival.waited()
     if first is _END:
         return
     refused = arrival.arrived()
