@@ -29,8 +29,9 @@ from typing import Any, TypeVar
 from mesh import watchdog
 
 # A read still waiting this long after it began is a stalled one: its request was not already there, or
-# about to be (a request sent with its headers is read in well under a millisecond).
-STALLED_READ_SECONDS = 0.010
+# about to be (a request sent with its headers is read in well under a millisecond). Seen at the watchdog's
+# next tick (mesh.watchdog.TICK_SECONDS): a call queued behind stalled reads waits at most about 40 ms.
+STALLED_READ_SECONDS = 0.020
 # Threads a quick pool may add for stalled reads: past this many callers holding their message back at once,
 # calls wait for a stalled read to end (READ_SECONDS at most).
 SPARE_THREADS = 64
@@ -78,6 +79,10 @@ class QuickPool(concurrent.futures.ThreadPoolExecutor):
         self._stalled = 0  # slots whose read is stalled
         self._started = 0  # threads ever started (their names)
         self._closed = False
+        # Reads begun, counted without the lock (a lost count only delays the watchdog's rest by a tick), and
+        # the count at the last tick: under load the watchdog keeps ticking rather than stop and be woken.
+        self._begun = 0
+        self._begun_at_tick = 0
         self._dog.watch(self)
 
     @property
@@ -85,7 +90,9 @@ class QuickPool(concurrent.futures.ThreadPoolExecutor):
         """Threads alive now."""
         return len(self._slots)
 
-    def submit(self, fn: Callable[..., Result], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Result]:
+    def submit(
+        self, fn: Callable[..., Result], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Result]:
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
@@ -104,6 +111,7 @@ class QuickPool(concurrent.futures.ThreadPoolExecutor):
             return reading()
         slot.context = context
         slot.since = time.monotonic()
+        self._begun += 1
         if not self._dog.ticking:
             self._dog.tick_soon()
         try:
@@ -117,9 +125,10 @@ class QuickPool(concurrent.futures.ThreadPoolExecutor):
 
     def tick(self, now: float) -> bool:
         """Stalled reads counted out (and threads started for the queue), overdue ones ended; whether any
-        read is in progress. Runs on the watchdog's thread."""
+        read is in progress or has begun since the last tick. Runs on the watchdog's thread."""
         overdue = []
-        reading = False
+        reading = self._begun != self._begun_at_tick
+        self._begun_at_tick = self._begun
         with self._lock:
             for slot in self._slots:
                 since = slot.since
@@ -136,8 +145,10 @@ class QuickPool(concurrent.futures.ThreadPoolExecutor):
                 if now - since > self._read_seconds and slot.cancelled is not since:
                     slot.cancelled = since
                     overdue.append(slot.context)
-            while self._work and not self._idle and len(self._slots) < min(
-                self._most, self._compute + self._stalled
+            while (
+                self._work
+                and not self._idle
+                and len(self._slots) < min(self._most, self._compute + self._stalled)
             ):
                 self._start()
         for context in overdue:

@@ -16,26 +16,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import grpc
 from opentelemetry import metrics, trace
 
 from mesh import deadlines, handlers, identity
-from mesh.handler_kinds import Messages, Pending, Refusal, Threads
+from mesh.exempt_gate import EXEMPT_CONCURRENCY, EXEMPT_READ_SECONDS, Arrival, Gate
+from mesh.handler_kinds import Messages, Pending, Threads
 from mesh.identity import EXEMPT_METHODS, TokenVerifier
 from mesh.metrics import RpcMetrics
 from mesh.quick_pool import QuickPool
 from mesh.server_spans import UNTRACED_SERVICES, OpenSpan, ServerSpans, end_span, outcome
-
-# Calls that take no token, in flight at once: enough for Cloud Run's probes (one a second at most), too few
-# to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates. A call takes its slot once its
-# request has arrived; as many again may wait for theirs (mesh.server_chain._Gate).
-EXEMPT_CONCURRENCY = 16
-# How long a call that takes no token may wait for its (tiny) request after its headers: a probe sends both at
-# once; a caller that holds its request back is ended (DEADLINE_EXCEEDED on grpc.aio, CANCELLED on threads).
-EXEMPT_READ_SECONDS = 1.0
 
 
 class _Entered(NamedTuple):
@@ -44,74 +37,8 @@ class _Entered(NamedTuple):
     started: float  # perf_counter at entry
     span: OpenSpan | None
     deadline: Any  # what deadlines.forget takes
-    arrival: _Arrival | None  # an exempt call's slot of the exempt gate, taken once its request has arrived
+    arrival: Arrival | None  # an exempt call's slot of the exempt gate, taken once its request has arrived
     pending: Pending | None  # what to settle before the handler: the caller's verification or refusal
-
-
-class _Gate:
-    """At most `limit` calls inside at once, the others refused at once; and at most `limit` calls waiting for
-    their request to come in, the oldest of them ended to make room for a new one (from any thread).
-
-    A call waiting for its request holds a slot of gRPC's MAX_CONCURRENT_RPCS (and, on threads, a pool
-    thread): a bounded wait alone would let callers that hold their requests back take them all, a second at
-    a time. Ending the oldest rather than refusing the newest keeps the door open to the probe, which sends its
-    request at once."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
-        self._full = Refusal(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"too many calls without a token in flight (at most {limit}); retry later",
-        )
-        self._lock = threading.Lock()
-        self._waiting: dict[_Arrival, Callable[[], None]] = {}  # oldest first
-
-    def enter(self) -> Refusal | None:
-        """None when the call is in (then `leave` when it ends), else its refusal."""
-        return None if self._slots.acquire(blocking=False) else self._full
-
-    def leave(self) -> None:
-        self._slots.release()
-
-    def wait(self, arrival: _Arrival, end: Callable[[], None]) -> None:
-        with self._lock:
-            self._waiting[arrival] = end
-            oldest = next(iter(self._waiting.items())) if len(self._waiting) > self.limit else None
-            if oldest is not None:
-                del self._waiting[oldest[0]]
-        if oldest is not None:
-            oldest[1]()
-
-    def waited(self, arrival: _Arrival) -> None:
-        with self._lock:
-            self._waiting.pop(arrival, None)
-
-
-class _Arrival:
-    """An exempt call's way through the gate (mesh.handler_kinds.Arrival): its request within `seconds` (and
-    before `limit` newer calls wait for theirs), then a slot, held until the call ends."""
-
-    __slots__ = ("_gate", "seconds", "_inside")
-
-    def __init__(self, gate: _Gate, seconds: float) -> None:
-        self._gate, self.seconds, self._inside = gate, seconds, False
-
-    def waiting(self, end: Callable[[], None]) -> None:
-        self._gate.wait(self, end)
-
-    def waited(self) -> None:
-        self._gate.waited(self)
-
-    def arrived(self) -> Refusal | None:
-        refused = self._gate.enter()
-        self._inside = refused is None
-        return refused
-
-    def leave(self) -> None:
-        if self._inside:
-            self._inside = False
-            self._gate.leave()
 
 
 class ServerChain:
@@ -136,7 +63,7 @@ class ServerChain:
         self._metrics = None if meters is None else RpcMetrics(meters, "server")
         self._verifier = verifier
         self._exempt = frozenset(exempt_methods)
-        self._exempt_gate = _Gate(exempt_concurrency)
+        self._exempt_gate = Gate(exempt_concurrency)
 
     def wrapping(self, server: Any, quick: QuickPool | None = None) -> Any:
         """`server` (a grpc.aio.Server, or a grpc.Server: the threads model, which must be wrapped on the
@@ -167,8 +94,10 @@ class ServerChain:
             span = None if start is None else start(context, metadata)
             deadline = deadlines.record(context)
             if gate is not None:
-                return _Entered(started, span, deadline, _Arrival(gate, EXEMPT_READ_SECONDS), None)
-            return _Entered(started, span, deadline, None, None if admit is None else admit(context, metadata))
+                return _Entered(started, span, deadline, Arrival(gate, EXEMPT_READ_SECONDS), None)
+            return _Entered(
+                started, span, deadline, None, None if admit is None else admit(context, metadata)
+            )
 
         def after(
             entered: _Entered, context: Any, error: BaseException | None, messages: Messages | None

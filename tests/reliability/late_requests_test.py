@@ -54,14 +54,18 @@ async def test_checks_that_hold_their_request_back_do_not_starve_the_probe(
         held = [streams.start(CHECK) for _ in range(STALLED_CHECKS)]  # headers only, never the message
         await streams.pump(lambda: False, timeout=0.5)  # the server takes them in
         async with calls.insecure(service.address) as channel:
-            probe = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            probe = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
         all_ended = await streams.pump(lambda: all(streams.done(s) for s in held), timeout=10)
         outcomes = [streams.outcomes[s] for s in held]
     finally:
         await streams.close()
     assert probe.status == health_pb2.HealthCheckResponse.SERVING
     assert all_ended, sum(not o.ended and o.grpc_status is None and o.reset is None for o in outcomes)
-    assert all(ended(o) for o in outcomes), {(o.grpc_status, o.value("grpc-message"), o.reset) for o in outcomes}
+    assert all(ended(o) for o in outcomes), {
+        (o.grpc_status, o.value("grpc-message"), o.reset) for o in outcomes
+    }
 
 
 async def test_senders_that_hold_their_request_back_do_not_stall_send(
