@@ -8,7 +8,8 @@ to, for either serving model (a grpc.aio.server, or a grpc.server: mesh.handler_
 which sees only the method and metadata: in the wrapper the token is checked inside the call's span and
 context, and a token seen before costs no coroutine.
 Order inside a call, outermost first: metrics, span, deadline, identity, the request's parse check, the
-handler; with verification on, a unary request is read after identity (mesh.handlers, `headers_first`).
+handler; with verification on, a unary request is read after identity (mesh.handlers, `headers_first`), and
+a call that takes no token waits a bounded time for it before it takes a slot (mesh.exempt_gate).
 """
 
 from __future__ import annotations
