@@ -3,6 +3,7 @@ with `await context.write()`) or an async generator, and every call runs in its 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,9 +14,11 @@ from mesh.handler_kinds import (
     KINDS,
     UNDECODABLE,
     After,
+    Arrival,
     Enter,
     Messages,
     kind_of,
+    late_request,
     no_request,
     not_a_message,
     one_answered,
@@ -44,6 +47,45 @@ async def _one(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, 
     async for request in requests:
         return request
     await no_request(method).wait(context)
+
+
+async def _arriving(
+    requests: AsyncIterator[Any], arrival: Arrival, context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    """`requests`, the first of them within `arrival.seconds` and before the arrival ends the wait (else
+    DEADLINE_EXCEEDED), then `arrival.arrived()`."""
+    iterator = requests.__aiter__()
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(arrival.seconds) as timeout:
+            arrival.waiting(lambda: timeout.reschedule(loop.time()))
+            try:
+                first = await iterator.__anext__()
+            finally:
+                arrival.waited()
+    except StopAsyncIteration:
+        return
+    except TimeoutError:
+        await late_request(arrival).wait(context)
+    refused = arrival.arrived()
+    if refused is not None:
+        await refused.wait(context)
+    yield first
+    async for request in iterator:
+        yield request
+
+
+async def _on_arrival(
+    request: Any, arrival: Arrival, context: grpc.aio.ServicerContext, streaming_requests: bool
+) -> Any:
+    """The call's request(s) with `arrival` applied: to the first of a stream (as it is read), or at once to a
+    request grpc has already read."""
+    if streaming_requests:
+        return _arriving(request, arrival, context)
+    refused = arrival.arrived()
+    if refused is not None:
+        await refused.wait(context)
+    return request
 
 
 def _reading_after_entry(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -114,6 +156,8 @@ def wrap(
         try:
             if entered.pending is not None:
                 await entered.pending.wait(context)
+            if entered.arrival is not None:
+                request = await _on_arrival(request, entered.arrival, context, streaming_requests)
             if client_streams:
                 await _admitted(context)
             return await behavior(
@@ -132,6 +176,8 @@ def wrap(
         try:
             if entered.pending is not None:
                 await entered.pending.wait(context)
+            if entered.arrival is not None:
+                request = await _on_arrival(request, entered.arrival, context, streaming_requests)
             await behavior(
                 (request if ready(request) else await checked(request, context, messages)), context
             )
@@ -158,6 +204,8 @@ def wrap(
         try:
             if entered.pending is not None:
                 await entered.pending.wait(context)
+            if entered.arrival is not None:
+                request = await _on_arrival(request, entered.arrival, context, streaming_requests)
             if client_streams:
                 await _admitted(context)
             async for response in behavior(

@@ -10,12 +10,13 @@ a thread of the server's pool, in a fresh contextvars.Context, as a task would b
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import grpc
+
+from mesh.quick_pool import QuickPool
 
 Result = TypeVar("Result")
 
@@ -26,10 +27,11 @@ class Threads:
     token's verification, a downstream call on the process's channels) runs on `loop`, the process's event
     loop, so one client chain serves both models. The methods marked `never_waits` run on `quick`, a pool of a
     few threads, when one is given (BENCHMARKS.md, "Serving model": a call handed to one of many idle threads
-    costs more CPU than one taken from the queue by a busy thread)."""
+    costs more CPU than one taken from the queue by a busy thread; mesh.quick_pool: a call waiting for its
+    request does not hold one of them)."""
 
     loop: asyncio.AbstractEventLoop
-    quick: concurrent.futures.ThreadPoolExecutor | None = None
+    quick: QuickPool | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, Result], context: grpc.ServicerContext) -> Result:
         """`coroutine`'s result, awaited on the loop in a copy of the calling thread's context (the call's
@@ -80,12 +82,36 @@ class Refusal:
         context.abort(self.code, self.message)
 
 
+class Arrival(Protocol):
+    """How long a call may wait for its first request message, and what it must do once it has arrived (an
+    exempt call: its request within a second, then a slot of the exempt gate, mesh.server_chain)."""
+
+    @property
+    def seconds(self) -> float: ...
+
+    def waiting(self, end: Callable[[], None]) -> None:
+        """The call waits for its request from now; `end()` (callable from any thread) ends the wait early."""
+        ...
+
+    def waited(self) -> None:
+        """The wait is over, however it ended: `end` is no longer called."""
+        ...
+
+    def arrived(self) -> Refusal | None:
+        """The request has arrived: None when the call may go on, else its refusal."""
+        ...
+
+
 class Entered(Protocol):
     """What `enter` leaves for `after`; `pending`: what the call must settle before its handler runs, None in
-    the common case, so that case costs no coroutine."""
+    the common case, so that case costs no coroutine; `arrival`: what it must do once its first request message
+    has arrived, None in the common case."""
 
     @property
     def pending(self) -> Pending | None: ...
+
+    @property
+    def arrival(self) -> Arrival | None: ...
 
 
 class Messages:
@@ -155,3 +181,11 @@ def not_a_message(method: str) -> Refusal:
 
 def no_request(method: str) -> Refusal:
     return Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"no request message for {method}")
+
+
+def late_request(arrival: Arrival) -> Refusal:
+    return Refusal(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the request message did not arrive within {arrival.seconds:g} s of the call's headers (or before newer"
+        " calls waiting for theirs)",
+    )

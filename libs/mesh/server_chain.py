@@ -8,15 +8,15 @@ to, for either serving model (a grpc.aio.server, or a grpc.server: mesh.handler_
 which sees only the method and metadata: in the wrapper the token is checked inside the call's context, and
 a token seen before costs no coroutine.
 Order inside a call, outermost first: metrics, deadline, identity, span, the request's parse check, the
-handler; with verification on, a unary request is read after identity (mesh.handlers, `headers_first`). The
-span starts once the caller is admitted, so a refused call records none; a new token's span is dated from the
+handler; with verification on, a unary request is read after identity (mesh.handlers, `headers_first`), and
+a call that takes no token waits a bounded time for it before it takes a slot (mesh.exempt_gate). The span
+starts once the caller is admitted, so a refused call records none; a new token's span is dated from the
 call's entry and covers its verification.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,14 +26,12 @@ import grpc
 from opentelemetry import metrics, trace
 
 from mesh import deadlines, handlers, identity
+from mesh.exempt_gate import EXEMPT_CONCURRENCY, EXEMPT_READ_SECONDS, Arrival, Gate
 from mesh.handler_kinds import Messages, Pending, Refusal, Threads
 from mesh.identity import EXEMPT_METHODS, TokenVerifier
 from mesh.metrics import RpcMetrics
+from mesh.quick_pool import QuickPool
 from mesh.server_spans import UNTRACED_SERVICES, OpenSpan, ServerSpans, Start, end_span, outcome
-
-# Calls that take no token, in flight at once: enough for Cloud Run's probes (one a second at most), too few
-# to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates.
-EXEMPT_CONCURRENCY = 16
 
 
 class _Entered(NamedTuple):
@@ -43,7 +41,7 @@ class _Entered(NamedTuple):
     # _SpanOnAdmission: a new token's call, whose span opens (if at all) once the call is admitted
     span: OpenSpan | _SpanOnAdmission | None
     deadline: Any  # what deadlines.forget takes
-    gated: bool  # holds a slot of the exempt gate
+    arrival: Arrival | None  # an exempt call's slot of the exempt gate, taken once its request has arrived
     pending: Pending | None  # what to settle before the handler: the caller's verification or refusal
 
 
@@ -70,32 +68,13 @@ class _SpanOnAdmission:
         self.opened = self._start(context, self._metadata, self._started_ns)
 
 
-class _Gate:
-    """At most `limit` calls inside at once; the others are refused at once (from any thread)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
-        self._full = Refusal(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"too many calls without a token in flight (at most {limit}); retry later",
-        )
-
-    def enter(self) -> Refusal | None:
-        """None when the call is in (then `leave` when it ends), else its refusal."""
-        return None if self._slots.acquire(blocking=False) else self._full
-
-    def leave(self) -> None:
-        self._slots.release()
-
-
 class ServerChain:
     """Spans (when `provider` is given), token verification (when `verifier` is), the incoming deadline, and
     metrics (when `meters` is given).
 
     With a verifier, every call is admitted from its headers before any request message is read; the exempt
-    methods (health Check) take no token, and at most `exempt_concurrency` of them run at once; every other
-    method wants a token."""
+    methods (health Check) take no token, and at most `exempt_concurrency` of them run at once, each once its
+    request has arrived (within EXEMPT_READ_SECONDS); every other method wants a token."""
 
     def __init__(
         self,
@@ -111,9 +90,9 @@ class ServerChain:
         self._metrics = None if meters is None else RpcMetrics(meters, "server")
         self._verifier = verifier
         self._exempt = frozenset(exempt_methods)
-        self._exempt_gate = _Gate(exempt_concurrency)
+        self._exempt_gate = Gate(exempt_concurrency)
 
-    def wrapping(self, server: Any, quick: concurrent.futures.ThreadPoolExecutor | None = None) -> Any:
+    def wrapping(self, server: Any, quick: QuickPool | None = None) -> Any:
         """`server` (a grpc.aio.Server, or a grpc.Server: the threads model, which must be wrapped on the
         process's event loop, its `never_waits` methods run on `quick` when given), with every handler added
         through it wrapped by this chain."""
@@ -141,24 +120,24 @@ class ServerChain:
             started = time.perf_counter()
             deadline = deadlines.record(context)
             if gate is not None:
-                refused = gate.enter()
-                span = None if start is None or refused else start(context, metadata, None)
-                return _Entered(started, span, deadline, refused is None, refused)
+                # Not refused from its headers (it takes no token): its slot is taken once its request arrives.
+                span = None if start is None else start(context, metadata, None)
+                return _Entered(started, span, deadline, Arrival(gate, EXEMPT_READ_SECONDS), None)
             pending = None if admit is None else admit(context, metadata)
             # The span starts once the call is admitted: a refused call records none, whatever its caller's
             # trace context asks for (a sampled `traceparent` would otherwise make every refusal an export).
             if start is None or type(pending) is Refusal:
-                return _Entered(started, None, deadline, False, pending)
+                return _Entered(started, None, deadline, None, pending)
             if pending is None:  # admitted at once (no verification, or a token seen before): the common path
-                return _Entered(started, start(context, metadata, None), deadline, False, None)
+                return _Entered(started, start(context, metadata, None), deadline, None, None)
             admitting = _SpanOnAdmission(pending, start, metadata)  # a new token, verified before the handler
-            return _Entered(started, admitting, deadline, False, admitting)
+            return _Entered(started, admitting, deadline, None, admitting)
 
         def after(
             entered: _Entered, context: Any, error: BaseException | None, messages: Messages | None
         ) -> None:
-            if entered.gated:
-                self._exempt_gate.leave()
+            if entered.arrival is not None:
+                entered.arrival.leave()
             deadlines.forget(entered.deadline)
             span = entered.span
             if isinstance(span, _SpanOnAdmission):

@@ -31,6 +31,7 @@ from mesh import logs, metrics, propagation, tracing, workers
 from mesh.channels import MAX_MESSAGE_BYTES, Channels
 from mesh.handler_kinds import Threads
 from mesh.identity import TokenVerifier
+from mesh.quick_pool import QuickPool
 from mesh.server_chain import ServerChain
 from mesh.settings import (
     ALL_INTERFACES,
@@ -73,6 +74,7 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 # The threads model's pool for the methods marked never_waits (mesh.handler_kinds): a few threads, each taking
 # the next call from the queue while it is busy, cost less CPU per call than many idle threads each woken for
 # one (BENCHMARKS.md, "Serving model"). More threads would not add CPU: the interpreter runs one at a time.
+# A call waiting for its request is not one of them (mesh.quick_pool).
 QUICK_THREADS = 4
 
 
@@ -238,7 +240,7 @@ async def start(
     quick = None
     if threads:
         pool = concurrent.futures.ThreadPoolExecutor(settings.server_threads, thread_name_prefix="call")
-        quick = concurrent.futures.ThreadPoolExecutor(QUICK_THREADS, thread_name_prefix="quick")
+        quick = QuickPool(QUICK_THREADS)
         server = grpc.server(
             pool, options=server_options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs
         )

@@ -11,10 +11,12 @@ from typing import Any
 
 import grpc
 
+from mesh import watchdog
 from mesh.handler_kinds import (
     KINDS,
     UNDECODABLE,
     After,
+    Arrival,
     Enter,
     Messages,
     Threads,
@@ -25,6 +27,9 @@ from mesh.handler_kinds import (
     tolerant,
     waits,
 )
+from mesh.quick_pool import QuickPool
+
+_END = object()
 
 
 def _parsed(
@@ -43,17 +48,44 @@ def _one(requests: Iterator[Any], context: grpc.ServicerContext, method: str, th
     no_request(method).block(context, threads)
 
 
+def _arriving(
+    requests: Iterator[Any], arrival: Arrival, context: grpc.ServicerContext, threads: Threads
+) -> Iterator[Any]:
+    """`requests`, the first of them within `arrival.seconds` (else the process's watchdog cancels the call,
+    which wakes the read with grpc.RpcError: the client sees CANCELLED) and before the arrival ends the wait
+    (the same way), then `arrival.arrived()`."""
+    bound = watchdog.shared().bound(context, arrival.seconds)
+    arrival.waiting(context.cancel)
+    try:
+        first = next(requests, _END)
+    finally:
+        bound.done = True
+        arrival.waited()
+    if first is _END:
+        return
+    refused = arrival.arrived()
+    if refused is not None:
+        refused.block(context, threads)
+    yield first
+    yield from requests
+
+
 def _reading_after_entry(
-    handler: grpc.RpcMethodHandler, method: str, threads: Threads
+    handler: grpc.RpcMethodHandler, method: str, threads: Threads, quick: QuickPool | None
 ) -> grpc.RpcMethodHandler:
-    """A unary-request handler served as a request-streaming one (see mesh.aio_handlers' namesake)."""
+    """A unary-request handler served as a request-streaming one (see mesh.aio_handlers' namesake); on the
+    quick pool, its read is marked for the pool (a late request does not hold one of its few threads)."""
     inner = getattr(handler, kind_of(handler).behavior)
 
     def reading(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         return inner(_one(requests, context, method, threads), context)  # a response, or a response stream
 
+    def reading_quickly(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        assert quick is not None
+        return inner(quick.read(lambda: _one(requests, context, method, threads), context), context)
+
     return KINDS[True, bool(handler.response_streaming)].factory(
-        reading,
+        reading if quick is None else reading_quickly,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
@@ -70,7 +102,7 @@ def wrap(
     # UNIMPLEMENTED "requires exactly one request message"; read here, it is INVALID_ARGUMENT, as it is on
     # grpc.aio (whose server instead waits for the rest of a truncated message until the deadline).
     if not handler.request_streaming:
-        handler = _reading_after_entry(handler, method, threads)
+        handler = _reading_after_entry(handler, method, threads, quick)
     kind = kind_of(handler)
     behavior: Callable[[Any, grpc.ServicerContext], Any] = getattr(handler, kind.behavior)
     deserializer = tolerant(handler.request_deserializer)
@@ -92,6 +124,8 @@ def wrap(
         try:
             if entered.pending is not None:
                 entered.pending.block(context, threads)
+            if entered.arrival is not None:
+                request = _arriving(request, entered.arrival, context, threads)
             if client_streams:
                 context.send_initial_metadata(())  # as mesh.aio_handlers._admitted says
             return behavior(checked(request, context, messages), context)
@@ -120,6 +154,8 @@ def wrap(
         try:
             if entered.pending is not None:
                 entered.pending.block(context, threads)
+            if entered.arrival is not None:
+                request = _arriving(request, entered.arrival, context, threads)
             if client_streams:
                 context.send_initial_metadata(())
             for response in behavior(checked(request, context, messages), context):

@@ -99,6 +99,7 @@ def echo_seen(request: ping_pb2.Request, context: grpc.ServicerContext) -> ping_
 async def test_every_call_starts_with_a_context_of_its_own_on_a_reused_thread() -> None:
     class Entered:
         pending = None
+        arrival = None
 
     handler = handlers.wrap(
         grpc.unary_unary_rpc_method_handler(
