@@ -219,7 +219,7 @@ async def test_during_the_lame_duck_health_is_not_serving_and_new_calls_are_stil
 
 @pytest.mark.parametrize("name", MODULES)
 async def test_no_call_in_flight_at_sigterm_ends_cancelled_on_either_model(start: Any, name: str) -> None:
-    # Callers that keep 64 unary calls in flight, each starting the next as soon as one ends, before, as and
+    # Callers that keep 96 unary calls in flight, each starting the next as soon as one ends, before, as and
     # after SIGTERM lands, until the process has gone; several SIGTERMs, as the race was per shutdown.
     codes: collections.Counter[str] = collections.Counter()
     for _ in range(3):
@@ -242,11 +242,11 @@ async def test_no_call_in_flight_at_sigterm_ends_cancelled_on_either_model(start
 
         tally = [codes]
         channels = [
-            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}", options=NO_REUSEPORT) for _ in range(2)
+            grpc.aio.insecure_channel(f"127.0.0.1:{service.port}", options=NO_REUSEPORT) for _ in range(3)
         ]
         callers = [asyncio.ensure_future(caller(c, tally)) for c in channels for _ in range(32)]
         try:
-            await eventually(lambda: codes["OK"] >= 64 * 3, within=30, what="calls served before SIGTERM")
+            await eventually(lambda: codes["OK"] >= 96 * 3, within=30, what="calls served before SIGTERM")
             service.process.send_signal(signal.SIGTERM)
             tally.append(after_sigterm)
             exit_code, out, err = await service.finish(timeout=20)
