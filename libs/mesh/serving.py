@@ -365,10 +365,14 @@ def main(default_service: str, factory: ServiceFactory) -> None:
 
     async def run() -> None:
         stop, hurry = asyncio.Event(), asyncio.Event()
+
+        def interrupted() -> None:  # a developer's Ctrl-C: no front end to warn, so no lame duck
+            hurry.set()
+            stop.set()
+
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        # A developer's Ctrl-C: no front end to warn, so no lame duck.
-        loop.add_signal_handler(signal.SIGINT, lambda: (hurry.set(), stop.set()))
+        loop.add_signal_handler(signal.SIGINT, interrupted)
         propagate.set_global_textmap(propagation.propagator_from_env(env))
         provider = tracing.provider_from_env(env, name)
         trace.set_tracer_provider(provider)

@@ -127,7 +127,11 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
     (server, {"SHUTDOWN_GRACE_SECONDS": "soon"}, "SHUTDOWN_GRACE_SECONDS"),
     (server, {"SHUTDOWN_LAME_DUCK_SECONDS": "-1"}, "SHUTDOWN_LAME_DUCK_SECONDS"),
     # Each within bounds, but together past Cloud Run's SIGKILL.
-    (server, {"SHUTDOWN_GRACE_SECONDS": "8", "SHUTDOWN_LAME_DUCK_SECONDS": "2"}, "SHUTDOWN_LAME_DUCK_SECONDS"),
+    (
+        server,
+        {"SHUTDOWN_GRACE_SECONDS": "8", "SHUTDOWN_LAME_DUCK_SECONDS": "2"},
+        "SHUTDOWN_LAME_DUCK_SECONDS",
+    ),
     (server, {"MAX_CONCURRENT_RPCS": "0"}, "MAX_CONCURRENT_RPCS"),
     (server, {"SERVER_THREADS": "none"}, "SERVER_THREADS"),
     (server, {"TLS_CERT_FILE": "/no/such/cert.pem", "TLS_KEY_FILE": "/no/such/key.pem"}, "TLS_CERT_FILE"),

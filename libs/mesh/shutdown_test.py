@@ -1,6 +1,7 @@
 """SIGTERM on real service processes (mesh.drain): health turns NOT_SERVING while calls are still served for the
 lame duck, then new calls are refused; in-flight calls complete (or, past the grace period, are cut and
-counted); no call ends CANCELLED on either serving model; buffered spans are flushed, and the process exits 0."""
+counted); no call ends CANCELLED on either serving model; buffered spans are flushed, and the process exits 0.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HERE = Point(latitude=407838351, longitude=-746143763)
 EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 STARTED = re.compile(r"serving .* on port (\d+)")
-DRAINED = re.compile(r"drained: (\d+) calls in flight, (\d+) finished, (\d+) cut at the end of the grace; (\d+) new")
+DRAINED = re.compile(
+    r"drained: (\d+) calls in flight, (\d+) finished, (\d+) cut at the end of the grace; (\d+) new"
+)
 MODULES = {"routeguide": "services.routeguide.main", "ping": "services.ping.main"}  # grpc.aio, threads
 
 
@@ -259,3 +262,12 @@ async def test_no_call_in_flight_at_sigterm_ends_cancelled_on_either_model(start
         assert exit_code == 0, err
         assert after_sigterm["OK"] > 0, after_sigterm  # served on through the lame duck
         assert drained(out)[2] == 0
+
+
+async def test_sigint_skips_the_lame_duck(start: Any) -> None:
+    # A developer's Ctrl-C: nothing health-checks a terminal's server, so waiting would only delay.
+    service = await start(SHUTDOWN_LAME_DUCK_SECONDS="8", SHUTDOWN_GRACE_SECONDS="1")
+    service.process.send_signal(signal.SIGINT)
+    code, out, err = await service.finish(timeout=7)  # well before the lame duck would have ended
+    assert code == 0, err
+    assert "after a lame duck of 0.0 s" in out
