@@ -26,6 +26,7 @@ import grpc
 from opentelemetry import metrics, trace
 
 from mesh import deadlines, handlers, identity
+from mesh.drain import Drain
 from mesh.exempt_gate import EXEMPT_CONCURRENCY, EXEMPT_READ_SECONDS, Arrival, Gate
 from mesh.handler_kinds import Messages, Pending, Refusal, Threads
 from mesh.identity import EXEMPT_METHODS, TokenVerifier
@@ -85,12 +86,14 @@ class ServerChain:
         exempt_methods: Iterable[str] = EXEMPT_METHODS,
         exempt_concurrency: int = EXEMPT_CONCURRENCY,
         untraced_services: Iterable[str] = UNTRACED_SERVICES,
+        drain: Drain | None = None,
     ) -> None:
         self._spans = None if provider is None else ServerSpans(provider, untraced_services)
         self._metrics = None if meters is None else RpcMetrics(meters, "server")
         self._verifier = verifier
         self._exempt = frozenset(exempt_methods)
         self._exempt_gate = Gate(exempt_concurrency)
+        self.drain = drain  # counts the calls in flight, and refuses new ones at shutdown (mesh.drain)
 
     def wrapping(self, server: Any, quick: QuickPool | None = None) -> Any:
         """`server` (a grpc.aio.Server, or a grpc.Server: the threads model, which must be wrapped on the
@@ -147,11 +150,13 @@ class ServerChain:
             if measured is not None:
                 measured.record(entered.started, outcome(context, error), messages)
 
+        # Outermost: a call refused at shutdown costs nothing more.
+        entering, leaving = (enter, after) if self.drain is None else self.drain.around(enter, after)
         # With verification on, every call is admitted from its headers alone, before its request is read: a
         # call refused (no token, a bad one, the exempt gate full) is answered at once and its request never
         # taken in, whatever its kind.
         return handlers.wrap(
-            handler, enter, after, method, headers_first=self._verifier is not None, threads=threads
+            handler, entering, leaving, method, headers_first=self._verifier is not None, threads=threads
         )
 
 

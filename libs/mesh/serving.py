@@ -2,10 +2,13 @@
 
 `main("ping", factory)` reads the settings, configures logging and tracing, builds the service's servicers
 through `factory(runtime)`, serves them on $PORT of $BIND_HOST (every interface unless set; h2c, or TLS when
-TLS_CERT_FILE/TLS_KEY_FILE are set) with health and reflection, on the serving model their servicers are written for (a grpc.aio server for
-coroutines, a grpc.server's thread pool for functions: BENCHMARKS.md says which service uses which, and why), and on SIGTERM/SIGINT drains: health NOT_SERVING first, new calls refused, in-flight
-calls given the grace period, spans flushed, exit 0. With WORKER_PROCESSES above 1 (default: the container's
-CPU quota), the process supervises that many such servers on one port instead (mesh.workers).
+TLS_CERT_FILE/TLS_KEY_FILE are set) with health and reflection, on the serving model their servicers are
+written for (a grpc.aio server for coroutines, a grpc.server's thread pool for functions: BENCHMARKS.md says
+which service uses which, and why), and on SIGTERM drains (mesh.drain): health NOT_SERVING at once, every call
+still served for the lame duck, then new calls refused with UNAVAILABLE, in-flight calls given the grace
+period, spans flushed, exit 0. SIGINT (a developer's Ctrl-C: no front end to warn) skips the lame duck. With
+WORKER_PROCESSES above 1 (default: the container's CPU quota), the process supervises that many such servers
+on one port instead (mesh.workers).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from mesh import logs, metrics, propagation, tracing, workers
 from mesh.channels import MAX_MESSAGE_BYTES, Channels
+from mesh.drain import Drain, Drained
 from mesh.handler_kinds import Threads
 from mesh.identity import TokenVerifier
 from mesh.quick_pool import QuickPool
@@ -165,10 +169,11 @@ ServiceFactory = Callable[[Runtime], Sequence[Service]]
 
 
 class RunningServer:
-    def __init__(self, server: Any, port: int, health_servicer: Any) -> None:
+    def __init__(self, server: Any, port: int, health_servicer: Any, drain: Drain | None = None) -> None:
         self.server = server  # a grpc.aio.Server, or a grpc.Server (the threads model)
         self.port = port
         self.health = health_servicer
+        self.drain = drain  # the chain's (mesh.drain), when the server has one
 
     async def not_serving(self) -> None:
         """Every service NOT_SERVING: probes and load balancers stop sending."""
@@ -177,10 +182,15 @@ class RunningServer:
         else:
             self.health.enter_graceful_shutdown()
 
-    async def stop(self, grace: float) -> None:
-        """NOT_SERVING first, then drain in-flight calls."""
+    async def stop(self, grace: float, lame_duck: float = 0.0) -> Drained | None:
+        """NOT_SERVING first, every call still served for `lame_duck` seconds, then in-flight calls drained
+        within `grace` seconds (mesh.drain); what the drain did (None without a chain to count calls)."""
         await self.not_serving()
-        await stop_server(self.server, grace)
+        await asyncio.sleep(lame_duck)
+        if self.drain is None:
+            await stop_server(self.server, grace)
+            return None
+        return await self.drain.run(lambda seconds: stop_server(self.server, seconds), grace)
 
 
 async def start_server(server: Any) -> None:
@@ -261,7 +271,7 @@ async def start(
         marked = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if not threads:
             await marked  # grpc.aio's health servicer sets it in a coroutine
-    return RunningServer(server, port, health_servicer)
+    return RunningServer(server, port, health_servicer, None if chain is None else chain.drain)
 
 
 def _model(services: Sequence[Service]) -> Model:
@@ -287,7 +297,7 @@ def server_chain(
             issuers=auth.issuers,
             allowed_callers=auth.allowed_callers,
         )
-    return ServerChain(provider, verifier, meters=meters)
+    return ServerChain(provider, verifier, meters=meters, drain=Drain())
 
 
 async def serve(
@@ -299,8 +309,10 @@ async def serve(
     stop: asyncio.Event,
     on_ready: Callable[[RunningServer], None] | None = None,
     meters: MeterProvider | None = None,
+    hurry: asyncio.Event | None = None,
 ) -> None:
-    """Serve until `stop` is set, then drain. Raises ConfigError before serving if a setting is wrong."""
+    """Serve until `stop` is set, then drain, after the lame duck unless `hurry` is set too. Raises ConfigError
+    before serving if a setting is wrong."""
     settings = ServerSettings.from_env(env, default_service)
     auth = AuthSettings.from_env(env)
     calls = CallSettings.from_env(env)
@@ -332,12 +344,27 @@ async def serve(
         if on_ready:
             on_ready(running)
         await stop.wait()
+        lame_duck = 0.0 if hurry is not None and hurry.is_set() else settings.lame_duck_seconds
         log.info(
-            "%s shutting down: draining in-flight calls for up to %.1f s",
+            "%s shutting down: draining in-flight calls for up to %.1f s after a lame duck of %.1f s "
+            "(NOT_SERVING, still serving)",
             settings.service,
             settings.grace_seconds,
+            lame_duck,
         )
-        await running.stop(settings.grace_seconds)
+        drained = await running.stop(settings.grace_seconds, lame_duck)
+        if drained is not None:
+            log.log(
+                logging.WARNING if drained.cut else logging.INFO,
+                "%s drained: %d calls in flight, %d finished, %d cut at the end of the grace; %d new calls "
+                "refused",
+                settings.service,
+                drained.in_flight,
+                drained.finished,
+                drained.cut,
+                drained.refused,
+                extra={"json_fields": {"event": "drained", **vars(drained), "finished": drained.finished}},
+            )
     finally:
         await runtime.close()
     log.info("%s stopped", settings.service)
@@ -358,24 +385,30 @@ def main(default_service: str, factory: ServiceFactory) -> None:
     name = text(env, "K_SERVICE", default_service) or default_service
 
     async def run() -> None:
-        stop = asyncio.Event()
+        stop, hurry = asyncio.Event(), asyncio.Event()
+
+        def interrupted() -> None:  # a developer's Ctrl-C: no front end to warn, so no lame duck
+            hurry.set()
+            stop.set()
+
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, interrupted)
         propagate.set_global_textmap(propagation.propagator_from_env(env))
         provider = tracing.provider_from_env(env, name)
         trace.set_tracer_provider(provider)
         meters = metrics.provider_from_env(env, name)
-        await serve(default_service, factory, env, provider=provider, stop=stop, meters=meters)
+        await serve(default_service, factory, env, provider=provider, stop=stop, meters=meters, hurry=hurry)
 
     try:
         worker = workers.worker_index(env)
         logs.configure(name, level=log_level(env), project=text(env, "GOOGLE_CLOUD_PROJECT"), worker=worker)
         count = workers.worker_count(env) if worker is None else 1
         if count > 1:
-            grace = ServerSettings.from_env(env, default_service).grace_seconds  # wrong settings: said once
+            settings = ServerSettings.from_env(env, default_service)  # wrong settings: said once
             command = workers.command_of(_main_module(factory))
-            raise SystemExit(workers.supervise(command, count, env, grace))
+            shutdown = settings.lame_duck_seconds + settings.grace_seconds
+            raise SystemExit(workers.supervise(command, count, env, shutdown))
         if worker is not None:
             workers.become_worker(env)
         asyncio.run(run())

@@ -23,6 +23,8 @@ GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 WORKER_INDEX_VARIABLE = "MESH_WORKER_INDEX"
 # BIND_HOST's default: every interface (IPv6 and, through it, IPv4), as a container on Cloud Run must listen.
 ALL_INTERFACES = "::"
+# The most of Cloud Run's 10 s between SIGTERM and SIGKILL that the lame duck and the grace may take together.
+SHUTDOWN_SECONDS = 9.5
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -180,8 +182,11 @@ class ServerSettings:
     bind_host: str = ALL_INTERFACES
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    # Cloud Run sends SIGKILL 10 s after SIGTERM: drain well within that.
-    grace_seconds: float = 8.0
+    # After SIGTERM: NOT_SERVING while still serving for `lame_duck_seconds` (health-checking front ends move
+    # away), then in-flight calls get `grace_seconds` (mesh.drain). Cloud Run sends SIGKILL 10 s after SIGTERM:
+    # both together stay within SHUTDOWN_SECONDS, leaving time to flush spans and metrics.
+    lame_duck_seconds: float = 1.5
+    grace_seconds: float = 7.0
     max_concurrent_rpcs: int = 1000
     # The threads model's pool: calls in progress at once (a stream holds its thread while open); more wait.
     server_threads: int = 256
@@ -198,13 +203,22 @@ class ServerSettings:
             raise ConfigError(
                 f"{missing} is not set; set both TLS_CERT_FILE and TLS_KEY_FILE, or neither for h2c"
             )
+        lame_duck = seconds(env, "SHUTDOWN_LAME_DUCK_SECONDS", 1.5, high=SHUTDOWN_SECONDS)
+        grace = seconds(env, "SHUTDOWN_GRACE_SECONDS", 7.0, high=SHUTDOWN_SECONDS)
+        if lame_duck + grace > SHUTDOWN_SECONDS:
+            raise ConfigError(
+                f"SHUTDOWN_LAME_DUCK_SECONDS={lame_duck:g} and SHUTDOWN_GRACE_SECONDS={grace:g} add up to "
+                f"{lame_duck + grace:g} s, past Cloud Run's SIGKILL 10 s after SIGTERM; set them to add up to "
+                f"{SHUTDOWN_SECONDS:g} at most"
+            )
         return cls(
             service=text(env, "K_SERVICE", default_service) or default_service,
             port=integer(env, "PORT", 8080, low=0, high=65535),
             bind_host=ip_literal(env, "BIND_HOST", ALL_INTERFACES),
             tls_cert_file=cert,
             tls_key_file=key,
-            grace_seconds=seconds(env, "SHUTDOWN_GRACE_SECONDS", 8.0, high=9.5),
+            lame_duck_seconds=lame_duck,
+            grace_seconds=grace,
             max_concurrent_rpcs=integer(env, "MAX_CONCURRENT_RPCS", 1000, low=1, high=100_000),
             server_threads=integer(env, "SERVER_THREADS", 256, low=1, high=10_000),
             share_port=WORKER_INDEX_VARIABLE in env,

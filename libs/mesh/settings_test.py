@@ -55,7 +55,8 @@ def test_defaults() -> None:
         None,
         None,
     )
-    assert settings.grace_seconds < 10  # Cloud Run kills the instance 10 s after SIGTERM
+    # Cloud Run kills the instance 10 s after SIGTERM: the lame duck, the grace and the flush must fit.
+    assert settings.lame_duck_seconds > 0 and settings.lame_duck_seconds + settings.grace_seconds < 10
     assert auth({}).audience is None
     assert calls({}).default_timeout == 30.0
     assert upstream({}) is None
@@ -63,8 +64,16 @@ def test_defaults() -> None:
 
 
 def test_values_are_read() -> None:
-    settings = server({"PORT": "9090", "K_SERVICE": "ping-eu", "SHUTDOWN_GRACE_SECONDS": "2.5"})
+    settings = server(
+        {
+            "PORT": "9090",
+            "K_SERVICE": "ping-eu",
+            "SHUTDOWN_GRACE_SECONDS": "2.5",
+            "SHUTDOWN_LAME_DUCK_SECONDS": "0",
+        }
+    )
     assert (settings.service, settings.port, settings.grace_seconds) == ("ping-eu", 9090, 2.5)
+    assert settings.lame_duck_seconds == 0
     verified = auth({"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "a@x.com, b@x.com"})
     assert verified.allowed_callers == {"a@x.com", "b@x.com"}
     assert calls({"DOWNSTREAM_TIMEOUT_SECONDS": "1.5"}).default_timeout == 1.5
@@ -151,6 +160,13 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
     (server, {"PORT": "-1"}, "PORT"),
     (server, {"SHUTDOWN_GRACE_SECONDS": "30"}, "SHUTDOWN_GRACE_SECONDS"),
     (server, {"SHUTDOWN_GRACE_SECONDS": "soon"}, "SHUTDOWN_GRACE_SECONDS"),
+    (server, {"SHUTDOWN_LAME_DUCK_SECONDS": "-1"}, "SHUTDOWN_LAME_DUCK_SECONDS"),
+    # Each within bounds, but together past Cloud Run's SIGKILL.
+    (
+        server,
+        {"SHUTDOWN_GRACE_SECONDS": "8", "SHUTDOWN_LAME_DUCK_SECONDS": "2"},
+        "SHUTDOWN_LAME_DUCK_SECONDS",
+    ),
     (server, {"MAX_CONCURRENT_RPCS": "0"}, "MAX_CONCURRENT_RPCS"),
     (server, {"SERVER_THREADS": "none"}, "SERVER_THREADS"),
     (server, {"TLS_CERT_FILE": "/no/such/cert.pem", "TLS_KEY_FILE": "/no/such/key.pem"}, "TLS_CERT_FILE"),

@@ -133,14 +133,14 @@ async def running(
     metric_readers: Sequence[MetricReader] = (),
 ) -> AsyncIterator[serving.RunningServer]:
     """Serve `factory` on a free port of loopback with `env` (PORT defaults to 0, BIND_HOST to 127.0.0.1) until
-    the block ends, then drain.
+    the block ends, then drain (with no lame duck, as after a Ctrl-C: nothing here health-checks it).
 
     Like serving.main, installs the propagators of OTEL_PROPAGATORS; they are process-wide (the server and
     client spans read the global propagator), so the innermost `running` block's win until it ends.
     """
     env = {"PORT": "0", "BIND_HOST": LOOPBACK, **env}
     propagator = propagation.propagator_from_env(env)
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     ready: asyncio.Future[serving.RunningServer] = asyncio.get_running_loop().create_future()
     provider = tracing.provider_from_env(env, default_service, exporters)
     meters = metrics.provider_from_env(env, default_service, metric_readers)
@@ -156,6 +156,7 @@ async def running(
                 stop=stop,
                 on_ready=ready.set_result,
                 meters=meters,
+                hurry=hurry,
             )
         )
         done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
@@ -164,6 +165,7 @@ async def running(
         try:
             yield ready.result()
         finally:
+            hurry.set()
             stop.set()
             await task
     finally:

@@ -5,8 +5,8 @@ WORKER_PROCESSES above 1, the process that Cloud Run starts becomes the instance
 port, starts that many workers (the same command line, so each is a complete server: health, auth, tracing)
 that share the port through SO_REUSEPORT, and owns their lifetime:
 
-- SIGTERM (or SIGINT) is passed to every worker; each turns NOT_SERVING and drains as a lone process does,
-  and the instance exits 0 once all have, inside Cloud Run's 10 s.
+- SIGTERM (or SIGINT) is passed to every worker; each turns NOT_SERVING and drains as a lone process does
+  (after its lame duck, on SIGTERM), and the instance exits 0 once all have, inside Cloud Run's 10 s.
 - A worker that exits on its own ends the instance: the others are stopped and the supervisor exits with the
   worker's status (1 if it was killed), so Cloud Run replaces the instance. A restart in place would hide a
   crash loop from Cloud Run's health and from the logs' error rate.
@@ -106,20 +106,21 @@ def die_with_parent(expected_parent: int) -> bool:
     return os.getppid() == expected_parent
 
 
-def supervise(argv: Sequence[str], count: int, env: Mapping[str, str], grace_seconds: float) -> int:
+def supervise(argv: Sequence[str], count: int, env: Mapping[str, str], shutdown_seconds: float) -> int:
     """Run `count` workers (`argv`: the service's own command) on PORT until a signal or a worker's exit;
-    returns the instance's exit status."""
+    returns the instance's exit status. A worker still running `shutdown_seconds` (its lame duck and grace)
+    after the signal, and a second, is killed."""
     # Held open (bound, never listening, so it takes no connections) while the instance lives: between a
     # worker's exit and the instance's, no other process can take the port.
     reserved = _reserve(
         ip_literal(env, "BIND_HOST", ALL_INTERFACES), integer(env, "PORT", 8080, low=0, high=65535)
     )
     port = reserved.getsockname()[1]
-    stopping = False
+    stopping: int | None = None  # the signal to pass on
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = True
+        stopping = signum
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -137,7 +138,7 @@ def supervise(argv: Sequence[str], count: int, env: Mapping[str, str], grace_sec
     )
     status = 0
     try:
-        while not stopping:
+        while stopping is None:
             ended = next((w for w in workers if w.poll() is not None), None)
             if ended is not None:
                 status = ended.returncode if ended.returncode > 0 else 1
@@ -150,7 +151,7 @@ def supervise(argv: Sequence[str], count: int, env: Mapping[str, str], grace_sec
                 break
             time.sleep(0.05)
     finally:
-        codes = _stop(workers, grace_seconds + 1.0)
+        codes = _stop(workers, shutdown_seconds + 1.0, stopping or signal.SIGTERM)
         reserved.close()
     failed = [code for code in codes if code != 0]
     if status == 0 and failed:
@@ -159,11 +160,12 @@ def supervise(argv: Sequence[str], count: int, env: Mapping[str, str], grace_sec
     return status
 
 
-def _stop(workers: list[subprocess.Popen[bytes]], timeout: float) -> list[int]:
-    """SIGTERM to each running worker (each drains), SIGKILL to any still running after `timeout`."""
+def _stop(workers: list[subprocess.Popen[bytes]], timeout: float, signum: int) -> list[int]:
+    """`signum` to each running worker (each drains: SIGINT skips the lame duck), SIGKILL to any still running
+    after `timeout`."""
     for worker in workers:
         if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+            worker.send_signal(signum)
     deadline = time.monotonic() + timeout
     for worker in workers:
         try:

@@ -5,6 +5,7 @@ restarted on its port while the aggregator keeps running."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from collections.abc import AsyncIterator
 
@@ -31,7 +32,8 @@ def route(points: int, offset: int = 0) -> list[Point]:
 
 @pytest.fixture
 async def stack() -> AsyncIterator[Stack]:
-    started = await start_h2c({"SHUTDOWN_GRACE_SECONDS": "8"})
+    # No lame duck: the drain itself is under test (libs/mesh/shutdown_test.py has the lame duck's).
+    started = await start_h2c({"SHUTDOWN_GRACE_SECONDS": "8", "SHUTDOWN_LAME_DUCK_SECONDS": "0"})
     yield started
     await kill_all(started.all)
 
@@ -78,6 +80,8 @@ async def test_sigterm_with_many_unary_calls_in_flight_drains_them_all_and_exits
     assert await aggregator.wait(15) == 0
     messages = aggregator.messages()
     assert any("shutting down: draining" in m for m in messages) and messages[-1] == "aggregator stopped"
+    # The drain's own count: the Surveys (and the cancelled health Watch) in flight all finished, none cut.
+    assert any(re.search(r"drained: \d+ calls in flight, \d+ finished, 0 cut", m) for m in messages), messages
 
 
 async def test_routeguide_killed_mid_tour_ends_the_tour_with_unavailable_before_its_deadline(
