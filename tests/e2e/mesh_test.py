@@ -150,13 +150,29 @@ async def _first_hop(
     return error.value, trace_id
 
 
+async def _admitted(client: DemoClient, service: str) -> None:
+    """One call to `service` that it admits: the developer's, with a valid token."""
+    if service == "aggregator":
+        survey = aggregator_pb2.SurveyRequest(message="admitted", area=WORLD)
+        await calls.aggregator(client.channel(service)).Survey(survey, timeout=10)
+    else:
+        await calls.ping(client.channel(service)).Send(ping_pb2.Request(message="admitted"), timeout=10)
+
+
 async def _assert_stopped_at_first_hop(
-    mesh: Mesh, service: str, trace_id: str, code: grpc.StatusCode
+    mesh: Mesh, client: DemoClient, service: str, trace_id: str, code: grpc.StatusCode
 ) -> None:
-    spans = await mesh.spans.wait_for(trace_id, services={CLIENT, service}, timeout=5)
-    server = [s for s in spans if s.service == service]
-    assert [(s.kind, s.status) for s in server] == [("server", code.name)], describe(spans)
-    assert {s.service for s in spans} == {CLIENT, service}, describe(spans)
+    """The caller's span records the refusal, and the refused call records no span of its own anywhere, whatever
+    the caller's trace context asked for (mesh.server_chain: the span starts once a call is admitted)."""
+    spans = await mesh.spans.wait_for(trace_id, services={CLIENT}, timeout=5)
+    assert [s.status for s in spans if s.kind == "client"] == [code.name], describe(spans)
+    # A service exports its spans in the order they end: once an admitted call's span that ended later is here,
+    # a span of the refused call would be here too.
+    with client.traced("admitted") as later:
+        await _admitted(client, service)
+    await mesh.spans.wait_for(later, services={CLIENT, service}, timeout=5)
+    refused = mesh.spans.trace(trace_id)
+    assert {s.service for s in refused} == {CLIENT}, describe(refused)
 
 
 @pytest.mark.parametrize("service", ["aggregator", "ping"])
@@ -166,7 +182,7 @@ async def test_a_call_without_a_token_is_unauthenticated_at_the_first_hop(
     error, trace_id = await _first_hop(mesh, client, service, ())
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "missing credentials" in (error.details() or "")
-    await _assert_stopped_at_first_hop(mesh, service, trace_id, grpc.StatusCode.UNAUTHENTICATED)
+    await _assert_stopped_at_first_hop(mesh, client, service, trace_id, grpc.StatusCode.UNAUTHENTICATED)
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
@@ -181,7 +197,7 @@ async def test_a_bad_token_is_unauthenticated_at_the_first_hop(
     details = error.details() or ""
     assert reason in details
     assert token not in details and token.split(".")[2] not in details
-    await _assert_stopped_at_first_hop(mesh, service, trace_id, grpc.StatusCode.UNAUTHENTICATED)
+    await _assert_stopped_at_first_hop(mesh, client, service, trace_id, grpc.StatusCode.UNAUTHENTICATED)
 
 
 @pytest.mark.parametrize("service", ["aggregator", "ping"])
@@ -193,4 +209,4 @@ async def test_a_caller_not_on_the_allow_list_is_permission_denied(
     error, trace_id = await _first_hop(mesh, client, service, bearer(token))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert topology.account("routeguide") in (error.details() or "")
-    await _assert_stopped_at_first_hop(mesh, service, trace_id, grpc.StatusCode.PERMISSION_DENIED)
+    await _assert_stopped_at_first_hop(mesh, client, service, trace_id, grpc.StatusCode.PERMISSION_DENIED)
