@@ -203,7 +203,9 @@ class CloudRun:
             service = self._get(name)
             _check_binding(member, role)
             if (member, role) not in service.bindings:
-                raise CloudRunError("Policy binding with the specified principal, role, and condition not found!")
+                raise CloudRunError(
+                    "Policy binding with the specified principal, role, and condition not found!"
+                )
             service.bindings.remove((member, role))
             self.record("run services remove-iam-policy-binding", service=name, member=member, role=role)
             return f"Updated IAM policy for service [{name}]."
@@ -215,7 +217,8 @@ class CloudRun:
             self.record("run services get-iam-policy", service=name)
             roles = sorted({role for _, role in service.bindings})
             bindings = [
-                {"members": sorted(m for m, r in service.bindings if r == role), "role": role} for role in roles
+                {"members": sorted(m for m, r in service.bindings if r == role), "role": role}
+                for role in roles
             ]
             return {**({"bindings": bindings} if bindings else {}), "etag": "ACAB", "version": 1}
 
@@ -394,7 +397,9 @@ def _layout(service: Service, percents: Mapping[str, int], tags: Mapping[str, st
 
 
 def _check_binding(member: str, role: str) -> None:
-    if not re.fullmatch(r"(serviceAccount|user|group):[^@\s]+@[^@\s]+|allUsers|allAuthenticatedUsers", member):
+    if not re.fullmatch(
+        r"(serviceAccount|user|group):[^@\s]+@[^@\s]+|allUsers|allAuthenticatedUsers", member
+    ):
         raise CloudRunError(f"Invalid member [{member}]")
     if not re.fullmatch(r"roles/[a-zA-Z.]+", role):
         raise CloudRunError(f"Invalid role [{role}]")

@@ -34,7 +34,6 @@ from cloudbuild.manifest import InvalidManifest
 __all__ = ["URL_VARIABLE", "answer", "serve", "write_client"]
 
 
-
 @dataclass(frozen=True)
 class Answer:
     code: int

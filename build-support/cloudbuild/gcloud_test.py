@@ -66,7 +66,9 @@ def test_unknown_flags_commands_and_missing_region_are_refused_and_recorded(clou
 def test_every_rendered_manifest_is_a_valid_cloud_run_service(tmp_path: Path) -> None:
     for service in ("ping", "routeguide", "aggregator"):
         spec = parse(rendered(tmp_path, service).read_text())
-        assert spec.service == service and spec.image.endswith(f"/{service}@sha256:abababababababababababababababababababababababababababababababab")
+        assert spec.service == service and spec.image.endswith(
+            f"/{service}@sha256:abababababababababababababababababababababababababababababababab"
+        )
         assert spec.probe_service and spec.container_port == 8080
 
 

@@ -51,7 +51,9 @@ class Registry:
         for repo, tags in self.images().items():
             for tag in tags:
                 request = urllib.request.Request(
-                    f"http://{self.address}/v2/{repo}/manifests/{tag}", method="HEAD", headers={"Accept": MANIFESTS}
+                    f"http://{self.address}/v2/{repo}/manifests/{tag}",
+                    method="HEAD",
+                    headers={"Accept": MANIFESTS},
                 )
                 with urllib.request.urlopen(request, timeout=5) as answer:
                     found[f"{repo}:{tag}"] = answer.headers["Docker-Content-Digest"]

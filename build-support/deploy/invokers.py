@@ -120,7 +120,9 @@ class Gcloud:
         return done.stdout
 
     def members(self, service: str) -> set[str]:
-        return invoker_members(json.loads(self.run("run", "services", "get-iam-policy", service, "--format=json")))
+        return invoker_members(
+            json.loads(self.run("run", "services", "get-iam-policy", service, "--format=json"))
+        )
 
     def apply(self, change: Change) -> None:
         for verb, members in (("add", change.add), ("remove", change.remove)):

@@ -52,7 +52,9 @@ def load_images(text: str) -> dict[str, str]:
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if len(fields) != 2 or fields[0] in images:
-            raise ValueError(f"line {number}: expected one `<service> <image>` line per service, got {line!r}")
+            raise ValueError(
+                f"line {number}: expected one `<service> <image>` line per service, got {line!r}"
+            )
         images[fields[0]] = fields[1]
     return images
 

@@ -221,7 +221,10 @@ def test_pipeline_steps_in_order() -> None:
     assert "./pants --no-pantsd package" in script["package"] and "-m deploy.render" in script["manifests"]
     assert "docker push" in script["images"] and '"$$_REGISTRY/$$svc:$$SHORT_SHA"' in script["images"]
     # The manifests name each image by the digest the push gave it.
-    assert "/workspace/images.txt" in script["images"] and "--images=/workspace/images.txt" in script["manifests"]
+    assert (
+        "/workspace/images.txt" in script["images"]
+        and "--images=/workspace/images.txt" in script["manifests"]
+    )
     # What tests/images build is what Cloud Build builds: one script.
     assert "build-support/engine/build_image.sh" in script["images"]
     assert config()["substitutions"]["_REGISTRY"] == "${_REGION}-docker.pkg.dev/${PROJECT_ID}/${_REPOSITORY}"

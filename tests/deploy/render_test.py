@@ -23,8 +23,7 @@ VALUES = {
 def test_fills_in_every_placeholder() -> None:
     text = "image: ${IMAGE}\nurl: https://ping-${PROJECT_NUMBER}.${REGION}.run.app\nsa: x@${PROJECT_ID}.iam\n"
     assert render(text, VALUES) == (
-        f"image: {PING}\n"
-        "url: https://ping-123456789012.europe-west1.run.app\nsa: x@demo-project.iam\n"
+        f"image: {PING}\n" "url: https://ping-123456789012.europe-west1.run.app\nsa: x@demo-project.iam\n"
     )
 
 

@@ -164,7 +164,8 @@ def test_a_ping_only_commit_deploys_only_ping(project: Project, capsys: pytest.C
     # Then the invokers services/invokers.yaml lists, and only those.
     sa = "serviceAccount:{}@local-project.iam.gserviceaccount.com".format
     assert services_now(project)["ping"]["bindings"] == [
-        [sa("aggregator-sa"), INVOKER], [sa("mesh-client"), INVOKER]
+        [sa("aggregator-sa"), INVOKER],
+        [sa("mesh-client"), INVOKER],
     ]
     assert services_now(project)["ping-upstream"]["bindings"] == [[sa("ping-sa"), INVOKER]]
 

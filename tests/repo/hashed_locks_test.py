@@ -32,7 +32,9 @@ def requirements(path: Path) -> dict[str, tuple[str, list[str]]]:
         spec, *options = line.split()
         pin = PIN.fullmatch(spec)
         assert pin, f"{path.name}: {spec!r} is not pinned with =="
-        assert options and all(HASH.fullmatch(o) for o in options), f"{path.name}: {spec} has no sha256 hashes"
+        assert options and all(
+            HASH.fullmatch(o) for o in options
+        ), f"{path.name}: {spec} has no sha256 hashes"
         found[pin["name"].lower().replace("_", "-").replace(".", "-")] = (pin["version"], options)
     return found
 
