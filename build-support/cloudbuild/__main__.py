@@ -101,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cloud_run = CloudRun(engine, state / "cloudrun", project.number, say, record)
         stack.callback(cloud_run.close)
         # What the build left in the registry, for the record.
-        stack.callback(lambda: cloud_run.record("registry", images=local_registry.images()))
+        stack.callback(
+            lambda: cloud_run.record(
+                "registry", images=local_registry.images(), digests=local_registry.digests()
+            )
+        )
         control = gcloud.serve(cloud_run)
         stack.callback(control.shutdown)
         tools = scratch / "bin"

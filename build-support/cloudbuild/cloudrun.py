@@ -193,15 +193,34 @@ class CloudRun:
         """Recorded only: the stand-in's revisions check ID tokens themselves (AUTH_ALLOWED_CALLERS)."""
         with self.lock:
             service = self._get(name)
-            if not re.fullmatch(
-                r"(serviceAccount|user|group):[^@\s]+@[^@\s]+|allUsers|allAuthenticatedUsers", member
-            ):
-                raise CloudRunError(f"Invalid member [{member}]")
-            if not re.fullmatch(r"roles/[a-zA-Z.]+", role):
-                raise CloudRunError(f"Invalid role [{role}]")
+            _check_binding(member, role)
             service.bindings.add((member, role))
             self.record("run services add-iam-policy-binding", service=name, member=member, role=role)
             return f"Updated IAM policy for service [{name}]."
+
+    def remove_binding(self, name: str, member: str, role: str) -> str:
+        with self.lock:
+            service = self._get(name)
+            _check_binding(member, role)
+            if (member, role) not in service.bindings:
+                raise CloudRunError(
+                    "Policy binding with the specified principal, role, and condition not found!"
+                )
+            service.bindings.remove((member, role))
+            self.record("run services remove-iam-policy-binding", service=name, member=member, role=role)
+            return f"Updated IAM policy for service [{name}]."
+
+    def iam_policy(self, name: str) -> dict[str, Any]:
+        """`gcloud run services get-iam-policy --format=json`: the bindings by role, members sorted."""
+        with self.lock:
+            service = self._get(name)
+            self.record("run services get-iam-policy", service=name)
+            roles = sorted({role for _, role in service.bindings})
+            bindings = [
+                {"members": sorted(m for m, r in service.bindings if r == role), "role": role}
+                for role in roles
+            ]
+            return {**({"bindings": bindings} if bindings else {}), "etag": "ACAB", "version": 1}
 
     def describe(self, name: str) -> dict[str, Any]:
         with self.lock:
@@ -223,6 +242,7 @@ class CloudRun:
                 "name": service.name, "region": service.region, "latest": service.latest,
                 "traffic": [asdict(r) for r in service.traffic],
                 "revisions": {n: r.manifest for n, r in service.revisions.items() if n in named},
+                "bindings": sorted(service.bindings),
             })  # fmt: skip
         self.services_file.write_text(json.dumps(saved, indent=1))
 
@@ -231,6 +251,7 @@ class CloudRun:
         for entry in saved:
             service = Service(entry["name"], entry["region"], latest=entry["latest"])
             service.traffic = [Route(**r) for r in entry["traffic"]]
+            service.bindings = {(member, role) for member, role in entry.get("bindings", [])}
             for name, manifest in entry["revisions"].items():
                 revision = self._start(service, parse(manifest), name, pull=False)
                 revision.manifest = manifest
@@ -374,6 +395,15 @@ def _layout(service: Service, percents: Mapping[str, int], tags: Mapping[str, st
             routes.append(Route(revision, percent))
         routes.extend(Route(revision, percent if i == 0 else 0, tag) for i, tag in enumerate(named))
     return routes
+
+
+def _check_binding(member: str, role: str) -> None:
+    if not re.fullmatch(
+        r"(serviceAccount|user|group):[^@\s]+@[^@\s]+|allUsers|allAuthenticatedUsers", member
+    ):
+        raise CloudRunError(f"Invalid member [{member}]")
+    if not re.fullmatch(r"roles/[a-zA-Z.]+", role):
+        raise CloudRunError(f"Invalid role [{role}]")
 
 
 def free_port() -> int:

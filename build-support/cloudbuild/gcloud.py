@@ -6,11 +6,13 @@ Cloud Run stand-in (cloudbuild.cloudrun).
     gcloud run services update-traffic NAME [--to-revisions=R=N,...] [--to-tags=T=N,...] [--to-latest]
         [--update-tags=T=R,...] [--remove-tags=T,...] --project=P --region=R
     gcloud run services add-iam-policy-binding NAME --member=serviceAccount:EMAIL --role=ROLE --project=P --region=R
+    gcloud run services remove-iam-policy-binding NAME --member=MEMBER --role=ROLE --project=P --region=R
+    gcloud run services get-iam-policy NAME --project=P --region=R --format=json
     gcloud auth print-identity-token [--audiences=AUD] [--impersonate-service-account=SA] [--include-email]
 
 Anything else (another command, an unknown flag, a missing --region) fails as gcloud fails: exit status 1 (2
 for usage) and `ERROR: (gcloud.GROUP.COMMAND) ...` on stderr. The program on PATH is a small client
-(`python -m cloudbuild.gcloud`) that hands its command line to the runner's stand-in over loopback
+(`python -m cloudbuild.gcloud_client`) that hands its command line to the runner's stand-in over loopback
 (CLOUDRUN_STANDIN_URL), so every revision it starts outlives the command, as on Cloud Run.
 """
 
@@ -19,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,9 +28,10 @@ from pathlib import Path
 from threading import Thread
 
 from cloudbuild.cloudrun import CloudRun, CloudRunError
+from cloudbuild.gcloud_client import URL_VARIABLE, command_name
 from cloudbuild.manifest import InvalidManifest
 
-URL_VARIABLE = "CLOUDRUN_STANDIN_URL"
+__all__ = ["URL_VARIABLE", "answer", "serve", "write_client"]
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,12 @@ def parser() -> _Parser:
     traffic.add_argument("--to-latest", action="store_true")
     traffic.add_argument("--update-tags", type=_pairs, default={})
     traffic.add_argument("--remove-tags", type=lambda t: [x for x in t.split(",") if x], default=[])
-    binding = command("add-iam-policy-binding", target="service")
-    binding.add_argument("--member", required=True)
-    binding.add_argument("--role", required=True)
+    for change in ("add-iam-policy-binding", "remove-iam-policy-binding"):
+        binding = command(change, target="service")
+        binding.add_argument("--member", required=True)
+        binding.add_argument("--role", required=True)
+    policy = command("get-iam-policy", target="service")
+    policy.add_argument("--format", required=True, choices=["json"], help="what the pipeline parses")
     auth = groups.add_parser("auth", add_help=False).add_subparsers(
         dest="command", required=True, parser_class=_Parser
     )
@@ -107,11 +111,6 @@ def parser() -> _Parser:
     token.add_argument("--impersonate-service-account", required=True, help="the stand-in has no user login")
     token.add_argument("--include-email", action="store_true")
     return root
-
-
-def command_name(argv: Sequence[str]) -> str:
-    words = [a for a in argv[:3] if not a.startswith("-")]
-    return "gcloud." + ".".join(words)
 
 
 def answer(cloud_run: CloudRun, argv: Sequence[str], cwd: Path) -> Answer:
@@ -132,6 +131,10 @@ def answer(cloud_run: CloudRun, argv: Sequence[str], cwd: Path) -> Answer:
             return Answer(0, stderr="\n".join(cloud_run.replace(text, args.region)) + "\n")
         if args.command == "add-iam-policy-binding":
             return Answer(0, stderr=cloud_run.add_binding(args.service, args.member, args.role) + "\n")
+        if args.command == "remove-iam-policy-binding":
+            return Answer(0, stderr=cloud_run.remove_binding(args.service, args.member, args.role) + "\n")
+        if args.command == "get-iam-policy":
+            return Answer(0, json.dumps(cloud_run.iam_policy(args.service), indent=2) + "\n")
         if args.command == "describe":
             return Answer(0, json.dumps(cloud_run.describe(args.service), indent=2) + "\n")
         changes = {
@@ -176,27 +179,7 @@ def write_client(bin_dir: Path, python: str, path: Sequence[str]) -> Path:
     program = bin_dir / "gcloud"
     program.write_text(
         "#!/bin/sh\n# The runner's Cloud Run stand-in (cloudbuild.gcloud); written per build.\n"
-        f"PYTHONPATH='{os.pathsep.join(path)}' exec '{python}' -m cloudbuild.gcloud \"$@\"\n"
+        f"PYTHONPATH='{os.pathsep.join(path)}' exec '{python}' -m cloudbuild.gcloud_client \"$@\"\n"
     )
     program.chmod(0o755)
     return program
-
-
-def main(argv: Sequence[str]) -> int:
-    url = os.environ.get(URL_VARIABLE)
-    if not url:
-        print(
-            f"ERROR: ({command_name(argv)}) {URL_VARIABLE} is not set: run this through the local runner",
-            file=sys.stderr,
-        )
-        return 1
-    request = json.dumps({"argv": list(argv), "cwd": os.getcwd()}).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=request), timeout=300) as reply:
-        result = json.loads(reply.read())
-    sys.stdout.write(result["stdout"])
-    sys.stderr.write(result["stderr"])
-    return int(result["code"])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -39,7 +39,7 @@ def rendered(tmp_path: Path, service: str = "ping") -> Path:
         "PROJECT_ID": "demo-project",
         "PROJECT_NUMBER": "123456789012",
         "REGION": "europe-west1",
-        "IMAGE": f"127.0.0.1:5000/demo-project/mesh/{service}:0a1b2c3",
+        "IMAGE": f"127.0.0.1:5000/demo-project/mesh/{service}@sha256:abababababababababababababababababababababababababababababababab",
     }
     topology = Topology.load((ROOT / "services" / "invokers.yaml").read_text())
     out = tmp_path / f"{service}.yaml"
@@ -66,7 +66,9 @@ def test_unknown_flags_commands_and_missing_region_are_refused_and_recorded(clou
 def test_every_rendered_manifest_is_a_valid_cloud_run_service(tmp_path: Path) -> None:
     for service in ("ping", "routeguide", "aggregator"):
         spec = parse(rendered(tmp_path, service).read_text())
-        assert spec.service == service and spec.image.endswith(f"/{service}:0a1b2c3")
+        assert spec.service == service and spec.image.endswith(
+            f"/{service}@sha256:abababababababababababababababababababababababababababababababab"
+        )
         assert spec.probe_service and spec.container_port == 8080
 
 

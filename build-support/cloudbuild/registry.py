@@ -19,6 +19,13 @@ from engine import debian
 
 PACKAGE = "docker-registry"
 START_TIMEOUT_S = 20.0
+# The manifest types dockerd pushes; without them distribution answers with a converted (other) manifest.
+MANIFESTS = ", ".join([
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+])  # fmt: skip
 
 
 @dataclass
@@ -37,6 +44,20 @@ class Registry:
             repo: sorted(get(f"{repo}/tags/list").get("tags") or [])
             for repo in get("_catalog")["repositories"]
         }
+
+    def digests(self) -> dict[str, str]:
+        """`repository:tag` -> the digest of its manifest, as the registry names it (what a pull by digest gets)."""
+        found = {}
+        for repo, tags in self.images().items():
+            for tag in tags:
+                request = urllib.request.Request(
+                    f"http://{self.address}/v2/{repo}/manifests/{tag}",
+                    method="HEAD",
+                    headers={"Accept": MANIFESTS},
+                )
+                with urllib.request.urlopen(request, timeout=5) as answer:
+                    found[f"{repo}:{tag}"] = answer.headers["Docker-Content-Digest"]
+        return found
 
     def stop(self) -> None:
         self.process.terminate()

@@ -24,7 +24,7 @@ WHERE = ["--project=demo-project", "--region=europe-west1"]
 
 def release(manifest: Path) -> canary.Release:
     values = {"PROJECT_ID": "demo-project", "PROJECT_NUMBER": "123456789012", "REGION": "europe-west1",
-              "IMAGE": f"127.0.0.1:5000/demo-project/mesh/{manifest.parent.name}:0a1b2c3"}  # fmt: skip
+              "IMAGE": f"127.0.0.1:5000/demo-project/mesh/{manifest.parent.name}@sha256:abababababababababababababababababababababababababababababababab"}  # fmt: skip
     topology = Topology.load((ROOT / "services" / "invokers.yaml").read_text())
     text = render_manifest(manifest.read_text(), values, topology, Vpc("mesh", "mesh"))
     return canary.Release(cloud_run_name(manifest), yaml.safe_load(text))

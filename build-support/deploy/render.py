@@ -1,13 +1,14 @@
 """Fills a service folder's Cloud Run manifests in for one project, ready for `gcloud run services replace`.
 
-    python -m deploy.render --project-id P --project-number N --region R --registry REG --tag T \
-        --vpc direct --network NET --subnet SUB --out DIR ping ...
+    python -m deploy.render --project-id P --project-number N --region R --images FILE \
+        --vpc direct --network NET --subnet SUB --out DIR
 
-writes DIR/<cloud run name>.yaml for each services/<service>/service*.yaml of the named services (ping:
+writes DIR/<cloud run name>.yaml for each services/<service>/service*.yaml of the services FILE names (lines
+`<service> <image>@sha256:<digest>`, as cloudbuild.yaml's images step writes them after the push; ping:
 ping.yaml and ping-upstream.yaml). The manifests name ${PROJECT_ID} (service-account emails),
 ${PROJECT_NUMBER} and ${REGION} (the deterministic https://<service>-<number>.<region>.run.app URLs of the
-service and its upstreams) and ${IMAGE} (REG/<service>:T); any other ${...} is an error, so a typo cannot
-reach Cloud Run. Then services/invokers.yaml's reach goes in (deploy/reach.py): each service's ingress, and
+service and its upstreams) and ${IMAGE}, which must name the image by digest: a tag can be moved after the
+push, a digest is the pushed image itself. Any other ${...} is an error, so a typo cannot reach Cloud Run. Then services/invokers.yaml's reach goes in (deploy/reach.py): each service's ingress, and
 Direct VPC egress through NET/SUB for the callers of inside-only services; `--vpc none` renders every service
 `ingress: all` with no VPC.
 """
@@ -31,8 +32,9 @@ VALUE_PATTERNS = {
     "PROJECT_ID": re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]"),
     "PROJECT_NUMBER": re.compile(r"[0-9]{1,20}"),
     "REGION": re.compile(r"[a-z]+-[a-z]+[0-9]+"),
-    "IMAGE": re.compile(r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+(:[A-Za-z0-9._-]+|@sha256:[0-9a-f]{64})"),
+    "IMAGE": re.compile(r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+@sha256:[0-9a-f]{64}"),
 }
+WHAT = {"IMAGE": "image named by digest (REGISTRY/NAME@sha256:...)"}
 
 
 def check_values(values: Mapping[str, str]) -> None:
@@ -40,7 +42,21 @@ def check_values(values: Mapping[str, str]) -> None:
         if name not in values:
             raise ValueError(f"no value for {name}")
         if not pattern.fullmatch(values[name]):
-            raise ValueError(f"{name} {values[name]!r} does not look like a {name.lower().replace('_', ' ')}")
+            what = WHAT.get(name, name.lower().replace("_", " "))
+            raise ValueError(f"{name} {values[name]!r} does not look like a {what}")
+
+
+def load_images(text: str) -> dict[str, str]:
+    """`<service> <image>` lines -> {service: image}; a line of another shape raises ValueError."""
+    images = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if len(fields) != 2 or fields[0] in images:
+            raise ValueError(
+                f"line {number}: expected one `<service> <image>` line per service, got {line!r}"
+            )
+        images[fields[0]] = fields[1]
+    return images
 
 
 def render(text: str, values: Mapping[str, str]) -> str:
@@ -69,9 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--project-number", required=True)
     parser.add_argument("--region", required=True)
     parser.add_argument(
-        "--registry", required=True, help="image prefix, e.g. REGION-docker.pkg.dev/PROJECT/REPO"
+        "--images",
+        type=Path,
+        required=True,
+        help="lines `<service> <image>@sha256:<digest>`: the services to render and their pushed images",
     )
-    parser.add_argument("--tag", required=True, help="image tag, e.g. the commit's short sha")
     parser.add_argument(
         "--vpc",
         choices=["direct", "none"],
@@ -87,10 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--root", type=Path, default=Path.cwd(), help="repo root (default: the current directory)"
     )
-    parser.add_argument("services", nargs="*", help="services/<service> folder names")
     args = parser.parse_args(argv)
 
-    unknown = sorted(set(args.services) - set(deployable_services(args.root)))
+    try:
+        images = load_images(args.images.read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"--images {args.images}: {error}")
+    unknown = sorted(set(images) - set(deployable_services(args.root)))
     if unknown:
         parser.error(f"no Cloud Run manifest for {', '.join(unknown)} under {args.root / 'services'}")
     vpc = None
@@ -107,12 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"{topology_file}: {error}")
     args.out.mkdir(parents=True, exist_ok=True)
-    for service in args.services:
+    for service, image in images.items():
         values = {
             "PROJECT_ID": args.project_id,
             "PROJECT_NUMBER": args.project_number,
             "REGION": args.region,
-            "IMAGE": f"{args.registry}/{service}:{args.tag}",
+            "IMAGE": image,
         }
         for manifest in manifests(args.root, service):
             try:

@@ -84,7 +84,7 @@ def values(manifest: Path) -> dict[str, str]:
         "PROJECT_ID": "demo-project",
         "PROJECT_NUMBER": "123456789012",
         "REGION": "europe-west1",
-        "IMAGE": f"europe-west1-docker.pkg.dev/demo-project/mesh/{manifest.parent.name}:0a1b2c3",
+        "IMAGE": f"europe-west1-docker.pkg.dev/demo-project/mesh/{manifest.parent.name}@sha256:abababababababababababababababababababababababababababababababab",
     }
 
 

@@ -2,9 +2,9 @@
 one project (its registry and Cloud Run services kept between builds, as a real project keeps them):
 
 1. a commit changing only services/ping deploys only ping (its two Cloud Run services), pushed, pulled back
-   and serving, through the canary;
+   by the digest of its push and serving, through the canary, its invokers those of services/invokers.yaml;
 2. a commit changing libs/ deploys all three services, the called before their callers, each new revision
-   without traffic until its smoke test passed;
+   without traffic until its smoke test passed, and an invoker bound by hand meanwhile is revoked;
 3. a docs-only commit deploys nothing;
 4. a commit whose routeguide answers wrongly (its built-in data changed) fails the build at routeguide's
    smoke test, and routeguide's traffic stays where it was.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -42,6 +43,7 @@ TOP_LEVEL = [
 # Each build packages, builds and deploys for real (1-4 minutes each); pytest's default timeout is 120 s.
 pytestmark = pytest.mark.timeout(900)
 REPLACE = "run services replace"
+INVOKER = "roles/run.invoker"
 TRAFFIC = "run services update-traffic"
 
 
@@ -77,6 +79,9 @@ class Outcome:
 
     def images(self) -> dict[str, list[str]]:
         return next(r["images"] for r in self.records if r["command"] == "registry")
+
+    def digests(self) -> dict[str, str]:
+        return dict(next(r["digests"] for r in self.records if r["command"] == "registry"))
 
     def first(self, command: str, service: str) -> dict[str, Any]:
         return next(r for r in self.records if r["command"] == command and r.get("service") == service)
@@ -137,12 +142,14 @@ def test_a_ping_only_commit_deploys_only_ping(project: Project, capsys: pytest.C
     # ping's image serves both of ping's Cloud Run services; the upstream first.
     assert outcome.replaced() == ["ping-upstream", "ping"]
     assert outcome.images() == {"local-project/mesh/ping": [sha]}
+    pushed = outcome.digests()[f"local-project/mesh/ping:{sha}"]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", pushed)
     for service in ("ping-upstream", "ping"):
         replaced = outcome.first(REPLACE, service)
-        # Pulled back from the registry and serving (the stand-in records a replace once the probe passed).
-        assert replaced["revision"] == f"{service}-sha-{sha}" and replaced["image"].endswith(
-            f"/mesh/ping:{sha}"
-        )
+        # Pulled back from the registry by the digest of the push (not the tag, which can move), and serving
+        # (the stand-in records a replace once the probe passed).
+        assert replaced["revision"] == f"{service}-sha-{sha}"
+        assert replaced["image"].endswith(f"/local-project/mesh/ping@{pushed}")
         # The smoke test's token, as one of the service's callers, for its audience.
         audience = f"https://{service}-123456789012.europe-west1.run.app"
         assert any(
@@ -154,12 +161,27 @@ def test_a_ping_only_commit_deploys_only_ping(project: Project, capsys: pytest.C
             {"revision": f"{service}-sha-{sha}", "percent": 100, "tag": None}
         ]
     assert "canary: ping: smoke test passed through tag sha-" in outcome.output
+    # Then the invokers services/invokers.yaml lists, and only those.
+    sa = "serviceAccount:{}@local-project.iam.gserviceaccount.com".format
+    assert services_now(project)["ping"]["bindings"] == [
+        [sa("aggregator-sa"), INVOKER],
+        [sa("mesh-client"), INVOKER],
+    ]
+    assert services_now(project)["ping-upstream"]["bindings"] == [[sa("ping-sa"), INVOKER]]
 
 
 def test_a_libs_commit_deploys_all_three_the_called_first(
     project: Project, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = services_now(project)
+    # Someone grants run.invoker on ping by hand between the builds; the file does not list them.
+    saved = project.state / "cloudrun" / "services.json"
+    saved.write_text(
+        json.dumps([
+            {**s, "bindings": [*s["bindings"], ["user:someone@example.com", INVOKER]]} if s["name"] == "ping" else s
+            for s in json.loads(saved.read_text())
+        ])
+    )  # fmt: skip
     sha = project.commit(
         "libs: a comment", "libs/mesh/serving.py", lambda t: t + "# touched by the pipeline test\n"
     )
@@ -184,6 +206,9 @@ def test_a_libs_commit_deploys_all_three_the_called_first(
         {"revision": old, "percent": 0, "tag": "previous"},
         {"revision": new, "percent": 100, "tag": None},
     ]
+    assert "invokers: ping: remove user:someone@example.com" in outcome.output
+    assert ["user:someone@example.com", INVOKER] not in services_now(project)["ping"]["bindings"]
+    assert before["ping"]["bindings"] == services_now(project)["ping"]["bindings"]
 
 
 def test_a_docs_only_commit_deploys_nothing(project: Project, capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,7 +244,7 @@ def test_a_revision_failing_its_smoke_test_moves_no_traffic_and_fails_the_build(
         "canary: FAILED: routeguide: smoke test failed: routeguide.GetFeature: the first canonical place is named"
         " 'Somewhere Else, Jefferson, NJ, USA'; no traffic moved, tag sha-" + sha + " removed"
     ) in outcome.output
-    assert 'build step 6 "gcr.io/google.com/cloudsdktool/cloud-sdk:slim" (deploy) failed' in outcome.output
+    assert 'build step 7 "gcr.io/google.com/cloudsdktool/cloud-sdk:slim" (deploy) failed' in outcome.output
     # Traffic where it was, the failed revision no longer reachable by its tag.
     assert [r for r in services_now(project)["routeguide"]["traffic"] if r["percent"] or r["tag"]] == [
         {"revision": serving, "percent": 100, "tag": None}
