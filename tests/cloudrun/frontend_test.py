@@ -1,0 +1,171 @@
+"""The front end as callers outside Cloud Run see it: one TLS connection to a service's `run.app` name, each
+request balanced over the revision's instances, traffic split by percent, tags, unknown hosts, the request
+timeout, an instance withdrawn then stopped under load, and nothing left running once it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cloudrun.frontend import FrontEnd, Target
+from emulators.dev_ca import DevCerts
+from mesh.testing import eventually
+from ping import ping_pb2, ping_pb2_grpc
+from tests.cloudrun.instances import (
+    CALL_TIMEOUT_S,
+    PROJECT_NUMBER,
+    REGION,
+    answers,
+    by_revision,
+    channel,
+    instance,
+    ports,
+)
+
+BLUE, GREEN = "ping-00001-abc", "ping-00002-def"
+# Envoy picks a revision at random per request: 1,600 calls put a 5-point margin at 4 standard deviations for
+# a 50/50 split (more for 10/90), so the check is exact in practice, never flaky.
+SPLIT_CALLS = 1600
+
+
+async def deploy(front: FrontEnd, service: str, *traffic: Target, timeout_s: float = 300.0) -> None:
+    for target in traffic:
+        await asyncio.to_thread(front.set_revision, target.revision, timeout_s=timeout_s)
+    await asyncio.to_thread(front.set_service, service, list(traffic))
+
+
+async def test_one_connection_is_balanced_per_request_over_the_revisions_instances(
+    front: FrontEnd, certs: DevCerts
+) -> None:
+    async with instance(BLUE) as first, instance(BLUE) as second:
+        await deploy(front, "ping", Target(BLUE, 100))
+        await asyncio.to_thread(front.set_endpoints, BLUE, ports(first, second))
+        async with channel(front, certs, front.host("ping") + ":443") as ch:
+            seen = await answers(ping_pb2_grpc.PingServiceStub(ch), 200)
+    assert set(seen) == {f"{BLUE}@{first.port}", f"{BLUE}@{second.port}"}, seen
+    assert min(seen.values()) >= 70, seen  # 35% each: per request, not per connection
+
+
+@pytest.mark.parametrize("green_percent", [10, 50])
+async def test_the_traffic_split_follows_the_percents_and_a_tag_reaches_its_revision(
+    front: FrontEnd, certs: DevCerts, green_percent: int
+) -> None:
+    async with instance(BLUE) as blue, instance(GREEN) as green:
+        await deploy(front, "ping", Target(BLUE, 100 - green_percent), Target(GREEN, green_percent, "canary"))
+        await asyncio.to_thread(front.set_endpoints, BLUE, ports(blue))
+        await asyncio.to_thread(front.set_endpoints, GREEN, ports(green))
+        async with channel(front, certs, front.host("ping")) as ch:
+            split = by_revision(await answers(ping_pb2_grpc.PingServiceStub(ch), SPLIT_CALLS))
+        async with channel(front, certs, front.host("ping", "canary") + ":443") as ch:
+            tagged = by_revision(await answers(ping_pb2_grpc.PingServiceStub(ch), 100))
+    measured = 100 * split[GREEN] / SPLIT_CALLS
+    assert abs(measured - green_percent) <= 5, split
+    assert split[BLUE] + split[GREEN] == SPLIT_CALLS, split
+    assert tagged == Counter({GREEN: 100}), tagged
+
+
+async def test_an_unknown_host_is_unimplemented(front: FrontEnd, certs: DevCerts) -> None:
+    async with instance(BLUE) as blue:
+        await deploy(front, "ping", Target(BLUE, 100))
+        await asyncio.to_thread(front.set_endpoints, BLUE, ports(blue))
+        async with channel(front, certs, front.host("pong")) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await ping_pb2_grpc.PingServiceStub(ch).Send(ping_pb2.Request(), timeout=CALL_TIMEOUT_S)
+        async with channel(
+            front, certs, front.host("ping")
+        ) as ch:  # the same connection setup serves a known one
+            await ping_pb2_grpc.PingServiceStub(ch).Send(ping_pb2.Request(), timeout=CALL_TIMEOUT_S)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED, raised.value
+
+
+async def test_the_revisions_timeout_ends_a_call_that_outlives_it(front: FrontEnd, certs: DevCerts) -> None:
+    async with instance(BLUE) as blue:
+        await deploy(front, "ping", Target(BLUE, 100), timeout_s=1)
+        await asyncio.to_thread(front.set_endpoints, BLUE, ports(blue))
+        async with channel(front, certs, front.host("ping")) as ch:
+            stub = ping_pb2_grpc.PingServiceStub(ch)
+            await stub.Send(
+                ping_pb2.Request(message="sleep 0.1"), timeout=CALL_TIMEOUT_S
+            )  # within it: answered
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Send(ping_pb2.Request(message="sleep 8"), timeout=CALL_TIMEOUT_S)
+            took = time.monotonic() - started
+    # The front end ended it at the revision's 1 s (a bound generous for a busy machine), long before the
+    # client's own 10 s deadline or the handler's 8 s.
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, raised.value
+    assert "duration timeout" in (raised.value.details() or ""), raised.value
+    assert took < 6, took
+
+
+async def test_an_instance_withdrawn_then_stopped_under_load_loses_no_call(
+    front: FrontEnd, certs: DevCerts
+) -> None:
+    answered: Counter[str] = Counter()
+    failed: list[grpc.StatusCode] = []
+    done = asyncio.Event()
+
+    async def caller(stub: ping_pb2_grpc.PingServiceStub) -> None:
+        for _ in range(20_000):  # bounded; ends when the test has seen enough
+            if done.is_set():
+                return
+            try:
+                reply = await stub.Send(ping_pb2.Request(message="load"), timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                failed.append(error.code())
+            else:
+                answered[reply.pong.message] += 1
+
+    async with instance(BLUE) as staying, contextlib.AsyncExitStack() as leaving_stack:
+        leaving = await leaving_stack.enter_async_context(instance(BLUE))
+        await deploy(front, "ping", Target(BLUE, 100))
+        await asyncio.to_thread(front.set_endpoints, BLUE, ports(staying, leaving))
+        async with channel(front, certs, front.host("ping")) as ch:
+            stub = ping_pb2_grpc.PingServiceStub(ch)
+            callers = [asyncio.create_task(caller(stub)) for _ in range(8)]
+            try:
+                await eventually(lambda: answered[f"{BLUE}@{leaving.port}"] >= 100, within=20, what="load")
+                # Cloud Run's order: out of the front end's endpoints first, then SIGTERM and the drain.
+                await asyncio.to_thread(front.set_endpoints, BLUE, ports(staying))
+                await leaving_stack.aclose()
+                after = sum(answered.values())
+                await eventually(lambda: sum(answered.values()) >= after + 300, within=20, what="more load")
+            finally:
+                done.set()
+                await asyncio.gather(*callers)
+    assert failed == [], Counter(failed)
+    assert answered[f"{BLUE}@{leaving.port}"] >= 100 and answered[f"{BLUE}@{staying.port}"] >= 300, answered
+
+
+def envoys_of(parent: int) -> list[int]:
+    """The envoy processes that are children of `parent` (zombies included: not yet reaped is not gone)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            comm, _, rest = stat.read_text().partition(")")
+            if comm.endswith("(envoy") and int(rest.split()[1]) == parent:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def test_the_front_end_stops_and_leaves_no_envoy(certs: DevCerts) -> None:
+    def front_end() -> FrontEnd:
+        return FrontEnd(certs.server_cert, certs.server_key, project_number=PROJECT_NUMBER, region=REGION)
+
+    before = set(envoys_of(os.getpid()))
+    started = front_end().start()
+    assert started.pid in envoys_of(os.getpid())
+    started.stop()
+    started.stop()  # idempotent
+    with pytest.raises(RuntimeError, match="a failing test"):
+        with front_end() as failing:
+            assert failing.pid in envoys_of(os.getpid())
+            raise RuntimeError("a failing test")
+    assert set(envoys_of(os.getpid())) == before
