@@ -98,10 +98,10 @@ async def test_the_revisions_timeout_ends_a_call_that_outlives_it(front: FrontEn
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stub.Send(ping_pb2.Request(message="sleep 8"), timeout=CALL_TIMEOUT_S)
             took = time.monotonic() - started
-    # The front end ended it at the revision's 1 s (a bound generous for a busy machine), long before the
-    # client's own 10 s deadline or the handler's 8 s.
-    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, raised.value
-    assert "duration timeout" in (raised.value.details() or ""), raised.value
+    # Ended at the revision's 1 s (a bound generous for a busy machine), long before the client's own 10 s
+    # deadline or the handler's 8 s: by Envoy ("downstream duration timeout") or, when Envoy passed the
+    # timeout on as the call's grpc-timeout, by the instance's own deadline first; DEADLINE_EXCEEDED either way.
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (took, raised.value)
     assert took < 6, took
 
 

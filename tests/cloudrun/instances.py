@@ -34,6 +34,12 @@ class Revisioned(ping_pb2_grpc.PingServiceServicer):
             await asyncio.sleep(float(request.message.removeprefix("sleep ")))
         return ping_pb2.Response(pong=ping_pb2.Pong(message=f"{self.revision}@{self.port[0]}"))
 
+    async def SendUpstream(
+        self, request: ping_pb2.Request, context: grpc.aio.ServicerContext
+    ) -> ping_pb2.Response:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "an instance of these tests has no upstream")
+        raise AssertionError("abort raises")
+
 
 @contextlib.asynccontextmanager
 async def instance(revision: str) -> AsyncIterator[serving.RunningServer]:
