@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,12 +157,14 @@ class FrontEnd:
 
     def set_service(self, service: str, traffic: Sequence[Target], *, wait: bool = True) -> None:
         """The service's traffic: percents (adding up to 100) over known revisions, and tags."""
-        unknown = sorted({t.revision for t in traffic} - set(self._timeouts))
-        if unknown:
-            raise FrontEndError(f"service {service!r}: revisions {unknown} are not known: set_revision first")
         if traffic and sum(t.percent for t in traffic) != 100:
             raise FrontEndError(f"service {service!r}: the traffic percentages must add up to 100")
         with self._lock:
+            unknown = sorted({t.revision for t in traffic} - set(self._timeouts))
+            if unknown:
+                raise FrontEndError(
+                    f"service {service!r}: revisions {unknown} are not known: set_revision first"
+                )
             self._services[service] = tuple(traffic)
             self._write_routes()
         if wait:
@@ -207,6 +210,13 @@ class FrontEnd:
         raise FrontEndError(
             f"Envoy did not apply the change within {within} s (wanted {wanted}, shown {shown}){self._log_tail()}"
         )
+
+    def stats(self, pattern: str = "") -> dict[str, int]:
+        """Envoy's counters and gauges whose names match the regular expression `pattern`: e.g.
+        `cluster\\.REVISION\\.upstream_rq_active` (a revision's calls in flight), or
+        `http\\.cloudrun\\.downstream_cx_total` (callers' connections so far)."""
+        query = "/stats?format=json" + (f"&filter={urllib.parse.quote(pattern)}" if pattern else "")
+        return {s["name"]: int(s["value"]) for s in json.loads(self._get(query))["stats"] if "value" in s}
 
     # -- files ---------------------------------------------------------------------------------------------------
     def _file(self, name: str) -> Path:

@@ -71,6 +71,32 @@ async def test_the_traffic_split_follows_the_percents_and_a_tag_reaches_its_revi
     assert tagged == Counter({GREEN: 100}), tagged
 
 
+async def test_revisions_and_instances_change_under_one_connection_without_a_restart(
+    front: FrontEnd, certs: DevCerts
+) -> None:
+    pid = front.pid
+    async with instance(BLUE) as blue, instance(GREEN) as green, instance(GREEN) as green2:
+        await deploy(front, "ping", Target(BLUE, 100))
+        await asyncio.to_thread(front.set_endpoints, BLUE, ports(blue))
+        async with channel(front, certs, front.host("ping")) as ch:
+            stub = ping_pb2_grpc.PingServiceStub(ch)
+            first = by_revision(await answers(stub, 40))
+            await deploy(front, "ping", Target(GREEN, 100))  # a new revision takes all the traffic
+            await asyncio.to_thread(front.set_endpoints, GREEN, ports(green))
+            second = by_revision(await answers(stub, 40))
+            await asyncio.to_thread(front.set_endpoints, GREEN, ports(green, green2))  # scaled out
+            third = await answers(stub, 40)
+            await asyncio.to_thread(front.remove_revision, BLUE)
+            fourth = by_revision(await answers(stub, 40))
+        connections = front.stats(r"^http\.cloudrun\.downstream_cx_total$")
+    assert (first, second, fourth) == (Counter({BLUE: 40}), Counter({GREEN: 40}), Counter({GREEN: 40}))
+    assert set(third) == {f"{GREEN}@{green.port}", f"{GREEN}@{green2.port}"}, third
+    assert front.pid == pid
+    assert connections == {
+        "http.cloudrun.downstream_cx_total": 1
+    }, connections  # the caller never reconnected
+
+
 async def test_an_unknown_host_is_unimplemented(front: FrontEnd, certs: DevCerts) -> None:
     async with instance(BLUE) as blue:
         await deploy(front, "ping", Target(BLUE, 100))
