@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cloudrun.frontend import FrontEnd, Target
+from cloudrun.frontend import FrontEnd, FrontEndError, Target
 from emulators.dev_ca import DevCerts
 from mesh.testing import eventually
 from ping import ping_pb2, ping_pb2_grpc
@@ -195,3 +195,17 @@ def test_the_front_end_stops_and_leaves_no_envoy(certs: DevCerts) -> None:
             assert failing.pid in envoys_of(os.getpid())
             raise RuntimeError("a failing test")
     assert set(envoys_of(os.getpid())) == before
+
+
+def test_a_wrong_change_is_refused_with_what_to_do_and_changes_nothing(front: FrontEnd) -> None:
+    front.set_revision(BLUE)
+    with pytest.raises(FrontEndError, match="add up to 100"):
+        front.set_service("ping", [Target(BLUE, 90)])
+    with pytest.raises(FrontEndError, match=f"{GREEN}.*set_revision first"):
+        front.set_service("ping", [Target(BLUE, 50), Target(GREEN, 50)])
+    with pytest.raises(FrontEndError, match="set_revision first"):
+        front.set_endpoints(GREEN, [1])
+    front.set_service("ping", [Target(BLUE, 100)])
+    with pytest.raises(FrontEndError, match="still has traffic"):
+        front.remove_revision(BLUE)
+    front.wait_applied()  # what Envoy holds is still what was accepted
