@@ -221,8 +221,10 @@ def _hosts(table: Resource) -> dict[str, tuple[tuple[tuple[str, int], ...], floa
 
 
 def _timeouts(seconds: float) -> Resource:
-    # `timeout` counts from the end of the request (a stream's half-close); `max_stream_duration` from its
-    # start: together they bound a whole stream, as Cloud Run's request timeout does.
+    # `timeout` counts from the end of the request (a stream's half-close), `max_stream_duration` from its
+    # start: together they bound a whole stream, as Cloud Run's request timeout does. A call that has not
+    # answered yet ends with DEADLINE_EXCEEDED (with `timeout` alone: UNAVAILABLE); a stream that has answered
+    # can only be reset (its caller sees INTERNAL).
     duration = f"{seconds:g}s"
     return {"timeout": duration, "max_stream_duration": {"max_stream_duration": duration}}
 

@@ -16,8 +16,10 @@ import pytest
 
 from cloudrun.frontend import FrontEnd, FrontEndError, Target
 from emulators.dev_ca import DevCerts
-from mesh.testing import eventually
+from mesh.testing import eventually, running
 from ping import ping_pb2, ping_pb2_grpc
+from routeguide import route_guide_pb2, route_guide_pb2_grpc
+from services.routeguide import main as routeguide
 from tests.cloudrun.instances import (
     CALL_TIMEOUT_S,
     PROJECT_NUMBER,
@@ -125,9 +127,25 @@ async def test_the_revisions_timeout_ends_a_call_that_outlives_it(front: FrontEn
                 await stub.Send(ping_pb2.Request(message="sleep 8"), timeout=CALL_TIMEOUT_S)
             took = time.monotonic() - started
     # Ended at the revision's 1 s (a bound generous for a busy machine), long before the client's own 10 s
-    # deadline or the handler's 8 s: by Envoy ("downstream duration timeout") or, when Envoy passed the
-    # timeout on as the call's grpc-timeout, by the instance's own deadline first; DEADLINE_EXCEEDED either way.
+    # deadline or the handler's 8 s: by the front end or by the instance, which the front end told (the
+    # call's grpc-timeout); DEADLINE_EXCEEDED either way.
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (took, raised.value)
+    assert took < 6, took
+
+
+async def test_the_revisions_timeout_bounds_a_streams_whole_life(front: FrontEnd, certs: DevCerts) -> None:
+    async with running("routeguide", routeguide.build, {"K_REVISION": "routeguide-00001"}) as server:
+        await deploy(front, "routeguide", Target("routeguide-00001", 100), timeout_s=1)
+        await asyncio.to_thread(front.set_endpoints, "routeguide-00001", [server.port])
+        async with channel(front, certs, front.host("routeguide")) as ch:
+            chat = route_guide_pb2_grpc.RouteGuideStub(ch).RouteChat(timeout=CALL_TIMEOUT_S)
+            started = time.monotonic()
+            await chat.write(route_guide_pb2.RouteNote(message="open, never half-closed"))
+            code = await asyncio.wait_for(chat.code(), CALL_TIMEOUT_S)
+            took = time.monotonic() - started
+    # An open stream (the request never ends) is bounded too: at the revision's 1 s, not the call's 10 s. It
+    # had answered (its headers), so the front end can only reset it: INTERNAL "Stream removed".
+    assert code == grpc.StatusCode.INTERNAL, (code, await chat.details(), took)
     assert took < 6, took
 
 
