@@ -12,6 +12,7 @@ no caller sees an instance go away (`set_endpoints` without it, then SIGTERM).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -81,6 +82,10 @@ class FrontEnd:
 
     # -- lifetime ----------------------------------------------------------------------------------------------
     def start(self) -> FrontEnd:
+        if self._process is not None:
+            raise FrontEndError("the front end is already started")
+        # An owner that forgets (or a Ctrl-C past its `finally`) still leaves no Envoy behind at exit.
+        atexit.register(self.stop)
         self._dir = Path(tempfile.mkdtemp(prefix="cloudrun-front-end-"))
         for folder in ("xds", "staging"):
             (self._dir / folder).mkdir()
@@ -100,6 +105,7 @@ class FrontEnd:
 
     def stop(self) -> None:
         """Envoy ended (SIGTERM, then SIGKILL after STOP_WITHIN_S) and its folder removed. Idempotent."""
+        atexit.unregister(self.stop)
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.terminate()
