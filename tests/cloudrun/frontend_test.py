@@ -16,7 +16,7 @@ import pytest
 
 from cloudrun.frontend import FrontEnd, FrontEndError, Target
 from emulators.dev_ca import DevCerts
-from mesh.testing import eventually, running
+from mesh.testing import running
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from services.routeguide import main as routeguide
@@ -28,6 +28,7 @@ from tests.cloudrun.instances import (
     by_revision,
     channel,
     instance,
+    load,
     ports,
 )
 
@@ -152,40 +153,41 @@ async def test_the_revisions_timeout_bounds_a_streams_whole_life(front: FrontEnd
 async def test_an_instance_withdrawn_then_stopped_under_load_loses_no_call(
     front: FrontEnd, certs: DevCerts
 ) -> None:
-    answered: Counter[str] = Counter()
-    failed: list[grpc.StatusCode] = []
-    done = asyncio.Event()
-
-    async def caller(stub: ping_pb2_grpc.PingServiceStub) -> None:
-        for _ in range(20_000):  # bounded; ends when the test has seen enough
-            if done.is_set():
-                return
-            try:
-                reply = await stub.Send(ping_pb2.Request(message="load"), timeout=CALL_TIMEOUT_S)
-            except grpc.aio.AioRpcError as error:
-                failed.append(error.code())
-            else:
-                answered[reply.pong.message] += 1
-
     async with instance(BLUE) as staying, contextlib.AsyncExitStack() as leaving_stack:
         leaving = await leaving_stack.enter_async_context(instance(BLUE))
         await deploy(front, "ping", Target(BLUE, 100))
         await asyncio.to_thread(front.set_endpoints, BLUE, ports(staying, leaving))
-        async with channel(front, certs, front.host("ping")) as ch:
-            stub = ping_pb2_grpc.PingServiceStub(ch)
-            callers = [asyncio.create_task(caller(stub)) for _ in range(8)]
-            try:
-                await eventually(lambda: answered[f"{BLUE}@{leaving.port}"] >= 100, within=20, what="load")
-                # Cloud Run's order: out of the front end's endpoints first, then SIGTERM and the drain.
-                await asyncio.to_thread(front.set_endpoints, BLUE, ports(staying))
-                await leaving_stack.aclose()
-                after = sum(answered.values())
-                await eventually(lambda: sum(answered.values()) >= after + 300, within=20, what="more load")
-            finally:
-                done.set()
-                await asyncio.gather(*callers)
-    assert failed == [], Counter(failed)
-    assert answered[f"{BLUE}@{leaving.port}"] >= 100 and answered[f"{BLUE}@{staying.port}"] >= 300, answered
+        async with channel(front, certs, front.host("ping")) as ch, load(
+            ping_pb2_grpc.PingServiceStub(ch)
+        ) as calls:
+            before = await calls.more(200)
+            # Cloud Run's order: out of the front end's endpoints first, then SIGTERM and the drain.
+            await asyncio.to_thread(front.set_endpoints, BLUE, ports(staying))
+            await leaving_stack.aclose()
+            after = await calls.more(300)
+    assert calls.failed == Counter(), calls.failed
+    assert before[f"{BLUE}@{leaving.port}"] >= 50, before  # it had its share until it was withdrawn
+    assert set(after) == {f"{BLUE}@{staying.port}"}, after
+
+
+async def test_a_rollout_under_load_loses_no_call(front: FrontEnd, certs: DevCerts) -> None:
+    async with instance(BLUE) as blue, instance(GREEN) as green:
+        await deploy(front, "ping", Target(BLUE, 100))
+        await asyncio.to_thread(front.set_endpoints, BLUE, ports(blue))
+        await asyncio.to_thread(front.set_revision, GREEN)
+        await asyncio.to_thread(front.set_endpoints, GREEN, ports(green))
+        async with channel(front, certs, front.host("ping")) as ch, load(
+            ping_pb2_grpc.PingServiceStub(ch)
+        ) as calls:
+            steps = [by_revision(await calls.more(100))]
+            for green_percent in (10, 50, 100):
+                traffic = [Target(BLUE, 100 - green_percent), Target(GREEN, green_percent)]
+                await asyncio.to_thread(front.set_service, "ping", traffic)
+                await calls.more(50)  # the calls in flight as the traffic moved may be answered by either
+                steps.append(by_revision(await calls.more(200)))
+    assert calls.failed == Counter(), calls.failed
+    assert set(steps[0]) == {BLUE} and set(steps[-1]) == {GREEN}, steps
+    assert steps[1][GREEN] > 0 and steps[2][BLUE] > 0, steps  # the steps between split for real
 
 
 def envoys_of(parent: int) -> list[int]:

@@ -14,7 +14,7 @@ import grpc
 from cloudrun.frontend import FrontEnd
 from emulators.dev_ca import DevCerts
 from mesh import serving
-from mesh.testing import NO_REUSEPORT, running
+from mesh.testing import NO_REUSEPORT, eventually, running
 from ping import ping_pb2, ping_pb2_grpc
 
 PROJECT_NUMBER = "123456789012"
@@ -90,3 +90,44 @@ def by_revision(seen: collections.Counter[str]) -> collections.Counter[str]:
 
 def ports(*servers: serving.RunningServer) -> Sequence[int]:
     return [s.port for s in servers]
+
+
+class Load:
+    """Callers sending Send in a loop over one stub, counting who answered and the codes of what failed."""
+
+    def __init__(self) -> None:
+        self.answered: collections.Counter[str] = collections.Counter()
+        self.failed: collections.Counter[grpc.StatusCode] = collections.Counter()
+
+    def total(self) -> int:
+        return sum(self.answered.values())
+
+    async def more(self, calls: int) -> collections.Counter[str]:
+        """Who answered the next `calls` calls (at least), once they are answered."""
+        before = self.answered.copy()
+        await eventually(lambda: self.total() >= sum(before.values()) + calls, within=20, what="the load")
+        return self.answered - before
+
+
+@contextlib.asynccontextmanager
+async def load(stub: ping_pb2_grpc.PingServiceStub, callers: int = 8) -> AsyncIterator[Load]:
+    """`callers` loops of Send on `stub` until the block ends (each bounded in count)."""
+    seen, done = Load(), asyncio.Event()
+
+    async def caller() -> None:
+        for _ in range(20_000):
+            if done.is_set():
+                return
+            try:
+                reply = await stub.Send(ping_pb2.Request(message="load"), timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                seen.failed[error.code()] += 1
+            else:
+                seen.answered[reply.pong.message] += 1
+
+    tasks = [asyncio.create_task(caller()) for _ in range(callers)]
+    try:
+        yield seen
+    finally:
+        done.set()
+        await asyncio.gather(*tasks)
