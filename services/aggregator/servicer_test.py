@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -45,15 +46,24 @@ def survey_request() -> aggregator_pb2.SurveyRequest:
     return aggregator_pb2.SurveyRequest(message="hello", area=AREA, route=ROUTE)
 
 
-async def test_survey_combines_all_three_downstream_calls() -> None:
+@contextlib.asynccontextmanager
+async def three_services() -> AsyncIterator[aggregator_pb2_grpc.AggregatorAsyncStub]:
+    """ping, routeguide and the aggregator calling them, in this process; the aggregator's client."""
     async with (
         running("ping", build_ping) as ping,
         running("routeguide", build_routeguide) as routes,
         running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
     ):
         channel, client = stub(aggregator.port)
+        try:
+            yield client
+        finally:
+            await channel.close()
+
+
+async def test_survey_combines_all_three_downstream_calls() -> None:
+    async with three_services() as client:
         reply = await client.Survey(survey_request(), timeout=10)
-        await channel.close()
     assert reply.pong.message == "hello" and reply.pong.index == 1
     assert len(reply.features) == 100  # the canonical area holds every feature of the canonical db (64 named)
     assert len([f for f in reply.features if f.name]) == 64
@@ -120,34 +130,21 @@ async def test_a_route_past_the_cap_is_refused_before_any_downstream_call() -> N
 
 
 async def test_the_largest_valid_survey_is_answered_in_full() -> None:
-    async with (
-        running("ping", build_ping) as ping,
-        running("routeguide", build_routeguide) as routes,
-        running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
-    ):
-        channel, client = stub(aggregator.port)
-        request = largest_survey()
+    request = largest_survey()
+    async with three_services() as client:
         reply = await client.Survey(request, timeout=30)
-        await channel.close()
     assert [c.code for c in reply.calls] == [0, 0, 0], reply.calls
     assert reply.pong.message == request.message
     assert reply.route_summary.point_count == MAX_ROUTE_POINTS and reply.route_summary.distance > 0
 
 
 async def test_tour_streams_an_arrival_per_stop_and_earlier_notes() -> None:
-    async with (
-        running("ping", build_ping) as ping,
-        running("routeguide", build_routeguide) as routes,
-        running("aggregator", build_aggregator, aggregator_env(ping.port, routes.port)) as aggregator,
-    ):
-        channel, client = stub(aggregator.port)
+    async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
+        for note in ("first visit", "second visit"):
+            yield aggregator_pb2.TourStop(location=BERKSHIRE, note=note)
 
-        async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
-            for note in ("first visit", "second visit"):
-                yield aggregator_pb2.TourStop(location=BERKSHIRE, note=note)
-
+    async with three_services() as client:
         updates = [u async for u in client.Tour(stops(), timeout=10)]
-        await channel.close()
     arrivals = [u.arrival for u in updates if u.HasField("arrival")]
     notes = [u.note.message for u in updates if u.HasField("note")]
     assert [a.stop for a in arrivals] == [0, 1]
