@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TOP_LEVEL = [
     ".ci", ".flake8", ".gitignore", "BENCHMARKS.md", "BUILD", "README.md", "RELIABILITY.md", "build-support",
     "cloudbuild.yaml", "libs", "pants", "pants.toml", "protos", "pyproject.toml", "python-default.lock",
-    "requirements.txt", "services", "tests",
+    "requirements.txt", "services", "tests", "docs",
 ]  # fmt: skip
 # Each build packages, builds and deploys for real (1-4 minutes each); pytest's default timeout is 120 s.
 pytestmark = pytest.mark.timeout(900)
