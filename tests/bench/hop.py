@@ -10,6 +10,7 @@ endpoints change between them), so drift hits all alike, and each is compared wi
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -128,18 +129,19 @@ def _revision(service: str) -> str:
 
 async def _deploy(front: FrontEnd, service: str, ports: Sequence[int]) -> None:
     revision = _revision(service)
-    options = (
-        {"concurrency": UNCAPPED} if "concurrency" in inspect.signature(front.set_revision).parameters else {}
-    )
-    await asyncio.to_thread(front.set_revision, revision, timeout_s=300.0, **options)
+    set_revision = functools.partial(front.set_revision, revision, timeout_s=300.0)
+    if "concurrency" in inspect.signature(front.set_revision).parameters:  # the autoscaler's cap, when there
+        set_revision = functools.partial(set_revision, concurrency=UNCAPPED)
+    await asyncio.to_thread(set_revision)
     await asyncio.to_thread(front.set_service, service, [Traffic(revision, 100)])
     await asyncio.to_thread(front.set_endpoints, revision, ports)
 
 
 def _target(bench: Bench, front: FrontEnd, service: Service, config: Config, direct_port: int) -> Target:
-    common = dict(
-        method=service.method,
-        request=service.request,
+    direct = Target(
+        f"127.0.0.1:{direct_port}",
+        service.method,
+        service.request,
         token=bench.fx.token(service.name),
         metadata=CLOUD_RUN_UNSAMPLED,
         streaming=service.streaming,
@@ -148,11 +150,11 @@ def _target(bench: Bench, front: FrontEnd, service: Service, config: Config, dir
         messages_per_call=service.messages,
     )
     if config.behind == 0:
-        return Target(f"127.0.0.1:{direct_port}", **common)  # type: ignore[arg-type]
+        return direct
     # TLS to the run.app name (its SNI and :authority), the socket to the front end's port.
-    return Target(
-        front.host(service.name), tls_ca=bench.fx.certs.ca_cert, connect_to=front.address, **common
-    )  # type: ignore[arg-type]
+    return replace(
+        direct, address=front.host(service.name), tls_ca=bench.fx.certs.ca_cert, connect_to=front.address
+    )
 
 
 def _channel(
@@ -209,14 +211,15 @@ async def _check(bench: Bench, front: FrontEnd, service: Service, config: Config
 async def _run(bench: Bench, target: Target, pids: Sequence[int], config: Config) -> None:
     """A warm-up thrown away, then one measured run with every call's time."""
     plan = bench.plan
+    count, duration_s = None, None
     if target.streaming:  # by count (see Bench._measure), sized from the warm-up
         warm = await bench.gen.run(target, count=64)
-        bound = {"count": max(64, int(warm.rate * plan.run_s))}
+        count = max(64, int(warm.rate * plan.run_s))
     else:
         await bench.gen.run(target, duration_s=plan.warmup_s)
-        bound = {"duration_s": plan.run_s}
+        duration_s = plan.run_s
     before = sum(cpu_seconds(pid) for pid in pids)
-    load = await bench.gen.run(target, latencies=True, **bound)
+    load = await bench.gen.run(target, latencies=True, count=count, duration_s=duration_s)
     spent = sum(cpu_seconds(pid) for pid in pids) - before
     config.rates.append(load.message_rate if target.streaming else load.rate)
     config.p99s.append(percentile(load.latencies_ms, 0.99))
