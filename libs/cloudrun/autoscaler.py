@@ -229,9 +229,7 @@ class Autoscaler:
         if leaving:
             threading.Thread(target=_stop_all, args=(leaving,), name=f"stop-{self.revision}").start()
 
-    def _wanted_now(
-        self, now: float, in_flight: int, none_healthy: int, scaling: Scaling
-    ) -> tuple[int, int]:
+    def _wanted_now(self, now: float, in_flight: int, none_healthy: int, scaling: Scaling) -> tuple[int, int]:
         """Instances wanted for what is in flight now (to scale out), and the most wanted over the last idle
         period (to scale in: a dip between two calls is no reason to drain)."""
         wanted = math.ceil(in_flight / (scaling.target * scaling.concurrency))
@@ -283,7 +281,9 @@ class Autoscaler:
     def _queue_stats(self) -> tuple[int, int]:
         """Calls waiting in the front end's queue (not yet in any instance's count), and how many calls so far
         found no instance at all (a revision scaled to zero)."""
-        names = [f"cluster.{self.revision}.{s}" for s in ("upstream_rq_pending_active", "upstream_cx_none_healthy")]
+        names = [
+            f"cluster.{self.revision}.{s}" for s in ("upstream_rq_pending_active", "upstream_cx_none_healthy")
+        ]
         stats = self.front.stats("^(" + "|".join(re.escape(n) for n in names) + ")$")
         return stats.get(names[0], 0), stats.get(names[1], 0)
 

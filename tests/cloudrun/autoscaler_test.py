@@ -35,7 +35,9 @@ WORLD = route_guide_pb2.Rectangle(
 
 
 @contextlib.asynccontextmanager
-async def scaled(front: FrontEnd, service: str, revision: str, launch: Launcher, scaling: Scaling) -> AsyncIterator[Autoscaler]:
+async def scaled(
+    front: FrontEnd, service: str, revision: str, launch: Launcher, scaling: Scaling
+) -> AsyncIterator[Autoscaler]:
     await asyncio.to_thread(front.set_revision, revision, concurrency=scaling.concurrency)
     await asyncio.to_thread(front.set_service, service, [Target(revision, 100)])
     scaler = Autoscaler(front, revision, launch, scaling)
@@ -47,7 +49,9 @@ async def scaled(front: FrontEnd, service: str, revision: str, launch: Launcher,
 
 
 def note(stream: int, message: str) -> route_guide_pb2.RouteNote:
-    return route_guide_pb2.RouteNote(location=route_guide_pb2.Point(latitude=stream, longitude=2), message=message)
+    return route_guide_pb2.RouteNote(
+        location=route_guide_pb2.Point(latitude=stream, longitude=2), message=message
+    )
 
 
 async def finish(stream: grpc.aio.StreamStreamCall, number: int) -> tuple[list[str], grpc.StatusCode]:
@@ -63,7 +67,9 @@ async def test_instances_follow_the_load_and_scale_in_loses_nothing(front: Front
         pings = Launcher(loop, "ping", ping.build, {"K_REVISION": PING})
         async with scaled(front, "routeguide", ROUTEGUIDE, routeguides, SCALING) as scaler, scaled(
             front, "ping", PING, pings, Scaling(concurrency=4, min_instances=1, max_instances=3, idle_s=1.0)
-        ), channel(front, certs, front.host("routeguide")) as rg, channel(front, certs, front.host("ping")) as pg:
+        ), channel(front, certs, front.host("routeguide")) as rg, channel(
+            front, certs, front.host("ping")
+        ) as pg:
             stub = route_guide_pb2_grpc.RouteGuideStub(rg)
             counts = [len(scaler.instances())]
 
@@ -80,7 +86,9 @@ async def test_instances_follow_the_load_and_scale_in_loses_nothing(front: Front
                 await eventually(lambda: len(scaler.instances()) == 3, within=20, what="3 instances")
                 counts.append(len(scaler.instances()))
                 await eventually(
-                    lambda: sum(s.in_flight for s in scaler.instances()) >= STREAMS, within=20, what="the streams"
+                    lambda: sum(s.in_flight for s in scaler.instances()) >= STREAMS,
+                    within=20,
+                    what="the streams",
                 )
 
                 # Most streams end; every KEEP_EVERY-th stays open (streams opened over the whole scale-out, so on
@@ -89,7 +97,9 @@ async def test_instances_follow_the_load_and_scale_in_loses_nothing(front: Front
                 kept = [(n, s) for n, s in enumerate(streams) if n % KEEP_EVERY == 0]
                 ending = [(n, s) for n, s in enumerate(streams) if n % KEEP_EVERY]
                 ended = await asyncio.gather(*(finish(s, n) for n, s in ending))
-                await eventually(lambda: any(s.draining for s in scaler.instances()), within=20, what="draining")
+                await eventually(
+                    lambda: any(s.draining for s in scaler.instances()), within=20, what="draining"
+                )
                 await asyncio.sleep(0.5)  # the calls in flight as it began draining are over; streams are not
                 holding = {s.port for s in scaler.instances() if s.draining and s.in_flight}
                 await asyncio.sleep(SCALING.idle_s * 3)  # long past the idle period of an instance with none
@@ -99,7 +109,9 @@ async def test_instances_follow_the_load_and_scale_in_loses_nothing(front: Front
                 counts.append(len(scaler.instances()))
                 await sends.more(50)
                 await lists.more(10)
-    stopped_holding = [i.in_flight_at_stop for i in routeguides.started + pings.started if i.in_flight_at_stop]
+    stopped_holding = [
+        i.in_flight_at_stop for i in routeguides.started + pings.started if i.in_flight_at_stop
+    ]
     assert counts == [1, 3, 1], counts
     assert sends.failed == Counter() and lists.failed == Counter(), (sends.failed, lists.failed)
     assert ended == [(["first"], grpc.StatusCode.OK)] * STREAMS, ended

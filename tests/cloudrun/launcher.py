@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 from cloudrun.autoscaler import StartupFailed
 from mesh import serving
@@ -23,7 +24,13 @@ class InProcess:
     `kill()` ends it at once, open calls cut, as SIGKILL would. `in_flight_at_stop` is what the instance itself
     counted in its handlers when it was told to stop (the autoscaler's order says: nothing)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, service: str, build: serving.ServiceFactory, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        service: str,
+        build: serving.ServiceFactory,
+        env: Mapping[str, str],
+    ) -> None:
         self._loop = loop
         self._stop = asyncio.Event()
         self._server: serving.RunningServer | None = None
@@ -36,7 +43,12 @@ class InProcess:
         except Exception as error:  # noqa: BLE001 (a build that raised, or no start in time)
             raise StartupFailed(f"{service} did not start: {error!r}") from error
 
-    async def _serve(self, service: str, build: serving.ServiceFactory, env: Mapping[str, str], ready: concurrent.futures.Future[serving.RunningServer]
+    async def _serve(
+        self,
+        service: str,
+        build: serving.ServiceFactory,
+        env: Mapping[str, str],
+        ready: concurrent.futures.Future[serving.RunningServer],
     ) -> None:
         try:
             async with running(service, build, env) as server:
@@ -65,21 +77,26 @@ class InProcess:
     def kill(self) -> None:
         assert self._server is not None
         self._killed = True
-        asyncio.run_coroutine_threadsafe(serving.stop_server(self._server.server, None), self._loop).result(STOP_WITHIN_S)
+        asyncio.run_coroutine_threadsafe(serving.stop_server(self._server.server, None), self._loop).result(
+            STOP_WITHIN_S
+        )
 
     def alive(self) -> bool:
         return not self._killed and not self._task.done()
 
 
+@dataclass
 class Launcher:
-    """Starts instances of `service` (`build`, `env`); remembers every one it started."""
+    """Starts instances of `service` (`build`, `env`) on `loop`; remembers every one it started."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, service: str, build: serving.ServiceFactory, env: Mapping[str, str]) -> None:
-        self._loop, self._service, self._build, self._env = loop, service, build, dict(env)
-        self.started: list[InProcess] = []
+    loop: asyncio.AbstractEventLoop
+    service: str
+    build: serving.ServiceFactory
+    env: Mapping[str, str]
+    started: list[InProcess] = field(default_factory=list)
 
     def __call__(self) -> InProcess:
-        instance = InProcess(self._loop, self._service, self._build, self._env)
+        instance = InProcess(self.loop, self.service, self.build, self.env)
         self.started.append(instance)
         return instance
 
