@@ -1,7 +1,7 @@
 """RED metrics of every call, served and outgoing: OpenTelemetry's RPC semantic conventions on its SDK.
 
 Why these names and not gRPC's own (`grpc.server.call.duration`, from grpcio-observability): the chains in
-mesh.server_chain and mesh.client_chain already know each call's method, outcome and duration, so recording
+mesh.server_chain and mesh.client's ClientChain already know each call's method, outcome and duration, so recording
 there costs one histogram point a call, where the plugin would add a second interception layer inside gRPC's
 C core; and `rpc.server.duration` / `rpc.client.duration` are what OpenTelemetry's own gRPC instrumentation
 emits, so dashboards built for it read ours.

@@ -1,7 +1,7 @@
 """The services that probes and tooling call rather than clients: gRPC health checking and reflection.
 
 Two rules are drawn from this one list: such calls get no span and no metrics (mesh.server_spans,
-mesh.client_spans, mesh.metrics), and, with ID-token verification on, the one method Cloud Run's probes call
+mesh.client, mesh.metrics), and, with ID-token verification on, the one method Cloud Run's probes call
 takes no token (mesh.identity.EXEMPT_METHODS, a narrower set: Watch and reflection still want one).
 """
 

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mesh.client_spans import ClientSpans
+from mesh.client._spans import ClientSpans
 
 SEND = "/ping.PingService/Send"
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736

@@ -33,7 +33,7 @@ class _Injected(NamedTuple):
 
 class ClientSpans:
     """The CLIENT span of an outgoing call (when its trace is sampled) and the trace headers to send;
-    run by mesh.client_chain."""
+    run by ClientChain."""
 
     def __init__(self, provider: trace.TracerProvider) -> None:
         self._tracer = provider.get_tracer(SCOPE, schema_url=SCHEMA_URL)
