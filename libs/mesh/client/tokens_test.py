@@ -114,6 +114,14 @@ async def two_services(certs: DevCerts, emulator: IdentityEmulator) -> AsyncIter
         await server.stop(None)
 
 
+async def calls_as(account: str, emulator: IdentityEmulator, certs: DevCerts, plan: list[Any]) -> Any:
+    """The answers (caller|audience: count) to `plan`'s calls, made by the calling service as `account`."""
+    args = ("-c", CLIENT, str(certs.ca_cert), json.dumps(plan))
+    done = await asyncio.to_thread(run_client, emulator.env_for(account), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
 async def test_one_mint_per_audience_across_many_calls(
     certs: DevCerts, emulator: IdentityEmulator, two_services: list[str]
 ) -> None:
@@ -123,11 +131,10 @@ async def test_one_mint_per_audience_across_many_calls(
         [two_services[0], "https://a.example", 40],
         [two_services[1], "https://b.example", 20],
     ]
-    done = await asyncio.to_thread(
-        run_client, emulator.env_for(ALICE), "-c", CLIENT, str(certs.ca_cert), json.dumps(plan)
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout) == {f"{ALICE}|https://a.example": 240, f"{ALICE}|https://b.example": 80}
+    assert await calls_as(ALICE, emulator, certs, plan) == {
+        f"{ALICE}|https://a.example": 240,
+        f"{ALICE}|https://b.example": 80,
+    }
     assert emulator.identity_requests(ALICE, "https://a.example") == 1
     assert emulator.identity_requests(ALICE, "https://b.example") == 1
     assert emulator.identity_requests() == 2
@@ -146,11 +153,10 @@ async def test_token_is_refreshed_once_when_google_auth_deems_it_stale(
         [a, "https://a.example", 40],
         [b, "https://b.example", 40],
     ]
-    done = await asyncio.to_thread(
-        run_client, emulator.env_for(ALICE), "-c", CLIENT, str(certs.ca_cert), json.dumps(plan)
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout) == {f"{ALICE}|https://a.example": 80, f"{ALICE}|https://b.example": 80}
+    assert await calls_as(ALICE, emulator, certs, plan) == {
+        f"{ALICE}|https://a.example": 80,
+        f"{ALICE}|https://b.example": 80,
+    }
     assert emulator.identity_requests(ALICE, "https://a.example") == 2
     assert emulator.identity_requests(ALICE, "https://b.example") == 2
 
@@ -160,11 +166,7 @@ async def test_each_account_has_its_own_metadata_server(
 ) -> None:
     plan = [[two_services[0], "https://a.example", 20]]
     for account in (ALICE, BOB):
-        done = await asyncio.to_thread(
-            run_client, emulator.env_for(account), "-c", CLIENT, str(certs.ca_cert), json.dumps(plan)
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads(done.stdout) == {f"{account}|https://a.example": 20}
+        assert await calls_as(account, emulator, certs, plan) == {f"{account}|https://a.example": 20}
         assert emulator.identity_requests(account) == 1
     assert emulator.env_for(ALICE) != emulator.env_for(BOB)
 
