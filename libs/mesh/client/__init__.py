@@ -7,13 +7,14 @@ A call going out, in order:
   ClientChain   on each call, in one place (_chain): the timeout capped by the incoming deadline
                 (mesh.deadlines), the ID token for the callee's audience (IdTokens, _tokens), the CLIENT span
                 and trace headers (_spans), the duration (mesh.metrics)
-  mesh.downstream  what the caller is told when that call fails
+  reported      what the caller is told when that call fails (_downstream)
 
 The modules are private: what is used from outside is named here.
 """
 
 from mesh.client._chain import ClientChain
 from mesh.client._channels import MAX_MESSAGE_BYTES, Channels
+from mesh.client._downstream import reported
 from mesh.client._tokens import IdTokens, NoCredentialsError, audience_for
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "IdTokens",
     "NoCredentialsError",
     "audience_for",
+    "reported",
 ]
