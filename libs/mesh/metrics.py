@@ -1,7 +1,7 @@
 """RED metrics of every call, served and outgoing: OpenTelemetry's RPC semantic conventions on its SDK.
 
 Why these names and not gRPC's own (`grpc.server.call.duration`, from grpcio-observability): the chains in
-mesh.server_chain and mesh.client_chain already know each call's method, outcome and duration, so recording
+mesh.server_chain and mesh.client's ClientChain already know each call's method, outcome and duration, so recording
 there costs one histogram point a call, where the plugin would add a second interception layer inside gRPC's
 C core; and `rpc.server.duration` / `rpc.client.duration` are what OpenTelemetry's own gRPC instrumentation
 emits, so dashboards built for it read ours.
@@ -30,7 +30,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, Perio
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
 from mesh.handler_kinds import Messages
-from mesh.probes import PROBE_SERVICES
+from mesh.probes import rpc_attributes
 from mesh.resources import resource_from_env
 from mesh.settings import ConfigError, Env, names
 
@@ -97,11 +97,14 @@ class MethodMetrics:
     __slots__ = ("_duration", "_requests", "_responses", "_static", "_by_code")
 
     def __init__(
-        self, method: str, duration: Histogram, requests: Histogram | None, responses: Histogram | None
+        self,
+        attributes: dict[str, str],
+        duration: Histogram,
+        requests: Histogram | None,
+        responses: Histogram | None,
     ) -> None:
-        service, _, name = method.lstrip("/").partition("/")
         self._duration, self._requests, self._responses = duration, requests, responses
-        self._static = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        self._static = attributes  # the method's (mesh.probes.rpc_attributes)
         self._by_code: dict[int, dict[str, Any]] = {}
 
     def record(self, started: float, code: grpc.StatusCode, messages: Messages | None = None) -> None:
@@ -135,15 +138,15 @@ class RpcMetrics:
             self._responses = meter.create_histogram(
                 SERVER_RESPONSES, unit="{count}", description="Messages sent per served stream"
             )
-        self._methods: dict[str, MethodMetrics | None] = {}
+        self._methods: dict[str | bytes, MethodMetrics | None] = {}
 
     def method(self, method: str | bytes) -> MethodMetrics | None:
-        name = method.decode() if isinstance(method, bytes) else method  # grpc.aio hands over bytes
-        if name not in self._methods:
+        if method not in self._methods:
+            attributes = rpc_attributes(method)
             tracked = None
-            if not name.lstrip("/").startswith(PROBE_SERVICES):
-                tracked = MethodMetrics(name, self._duration, self._requests, self._responses)
+            if attributes is not None:
+                tracked = MethodMetrics(attributes, self._duration, self._requests, self._responses)
             if len(self._methods) < 10_000:  # method names can come from callers: bounded
-                self._methods[name] = tracked
+                self._methods[method] = tracked
             return tracked
-        return self._methods[name]
+        return self._methods[method]

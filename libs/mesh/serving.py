@@ -31,7 +31,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from mesh import logs, metrics, propagation, tracing, workers
-from mesh.channels import MAX_MESSAGE_BYTES, Channels
+from mesh.client import MAX_MESSAGE_BYTES, Channels, IdTokens
 from mesh.drain import Drain, Drained
 from mesh.handler_kinds import Threads
 from mesh.identity import TokenVerifier
@@ -49,7 +49,6 @@ from mesh.settings import (
     log_level,
     text,
 )
-from mesh.tokens import IdTokens
 
 log = logging.getLogger("mesh.serving")
 

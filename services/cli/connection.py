@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from mesh.channels import Channels
+from mesh.client import Channels, IdTokens, audience_for
 from mesh.settings import ConnectTo, Env, Upstream
-from mesh.tokens import IdTokens, audience_for
 
 # Read-only calls, safe to retry on UNAVAILABLE (the shared channel's retry policy).
 IDEMPOTENT = [

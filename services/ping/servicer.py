@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mesh.downstream import reported
+from mesh.client import reported
 from mesh.handler_kinds import Threads, never_waits
 from ping import ping_pb2, ping_pb2_grpc
 
