@@ -13,19 +13,11 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from cloudrun.runners import CLOUD_RUN_FLAGS
 from emulators.dev_ca import DevCerts
 
-# Cloud Run's contract, as flags: the image's own non-root user, a read-only root with a writable /tmp, no
-# capabilities, no privilege gain, 512 MiB and one CPU. --network=host: a private engine has no bridge.
-CLOUD_RUN_FLAGS = (
-    "--network=host",
-    "--read-only",
-    "--tmpfs=/tmp",
-    "--cap-drop=ALL",
-    "--security-opt=no-new-privileges",
-    "--memory=512m",
-    "--cpus=1",
-)
+__all__ = ["CLOUD_RUN_FLAGS", "container_certs", "images", "run_argv"]
+
 IMAGE_USER = 10001  # services/Dockerfile's USER
 # The image each role of the mesh runs (ping-upstream is the ping image, as on Cloud Run).
 IMAGE_OF_ROLE = {

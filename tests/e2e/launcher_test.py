@@ -33,7 +33,7 @@ def _launcher_env(state_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def _children_of(launcher_pid: int) -> list[int]:
-    """Live service processes started by the launcher with this pid (localmesh.child names it in its argv)."""
+    """Live service processes started by the launcher with this pid (cloudrun.child names it in its argv)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -43,7 +43,7 @@ def _children_of(launcher_pid: int) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue  # it exited meanwhile
-        if b"localmesh.child" in argv and str(launcher_pid).encode() in argv and state != "Z":
+        if b"cloudrun.child" in argv and str(launcher_pid).encode() in argv and state != "Z":
             found.append(int(entry.name))
     return found
 
