@@ -176,7 +176,12 @@ def target(gcloud: Gcloud, release: Release, url: str) -> smoke.Target:
     ).strip()  # fmt: skip
     ca = os.environ.get("TLS_CA_FILE")
     return smoke.Target(
-        release.kind, url, token, relay="GRPC_PING_HOST" in env, ca_file=Path(ca) if ca else None
+        release.kind,
+        url,
+        token,
+        relay="GRPC_PING_HOST" in env,
+        ca_file=Path(ca) if ca else None,
+        connect_to=os.environ.get("MESH_CONNECT_TO") or None,
     )
 
 
