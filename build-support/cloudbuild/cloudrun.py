@@ -88,7 +88,9 @@ class CloudRun:
     def update_traffic(self, name: str, changes: Mapping[str, Any]) -> list[str]:
         with self.lock:
             traffic = self.platform.update_traffic(name, **changes)
-            self.record("run services update-traffic", service=name, traffic=[asdict(t) for t in traffic])
+            # With the calls each revision has answered so far: what went where, through the front end.
+            self.record("run services update-traffic", service=name, traffic=[asdict(t) for t in traffic],
+                        served=self.platform.served(name))  # fmt: skip
             return self._traffic_lines(name)
 
     def add_binding(self, name: str, member: str, role: str) -> str:

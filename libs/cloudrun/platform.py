@@ -263,6 +263,13 @@ class CloudRun:
                 },
             }
 
+    def served(self, service: str) -> dict[str, int]:
+        """Calls each running revision of the service has answered through the front end (Envoy's counters)."""
+        with self._lock:
+            running = [n for n, r in self._get(service).revisions.items() if r.scaler is not None]
+        counters = self.front.stats(r"^cluster\.[^.]+\.upstream_rq_completed$")
+        return {n: counters.get(f"cluster.{n}.upstream_rq_completed", 0) for n in running}
+
     def snapshot(self) -> list[Row]:
         """Each revision of each service: its share, tags, instances and calls in flight (a live table)."""
         rows = []
