@@ -98,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return INVALID
         record = args.record.resolve() if args.record else scratch / "record.jsonl"
         record.write_text("")
-        cloud_run = CloudRun(state / "cloudrun", project.number, say, record, engine=engine, region=project.location)
+        cloud_run = CloudRun(
+            state / "cloudrun", project.number, say, record, engine=engine, region=project.location
+        )
         stack.callback(cloud_run.close)
         # What the build left in the registry, for the record.
         stack.callback(

@@ -25,7 +25,6 @@ from cloudrun.frontend import Target
 from cloudrun.manifest import parse
 from cloudrun.platform import CloudRun as Platform
 from cloudrun.platform import CloudRunError
-
 from engine.daemon import Engine
 
 __all__ = ["CloudRun", "CloudRunError"]
@@ -59,8 +58,12 @@ class CloudRun:
 
     def step_env(self) -> dict[str, str]:
         """What a build step needs to call the services by their URLs: the front end's CA, and the front end
-        as the address of every `*.run.app` name (mesh.settings' MESH_CONNECT_TO; deploy.smoke reads it too)."""
-        return {"TLS_CA_FILE": str(self.platform.ca_file), "MESH_CONNECT_TO": f".run.app={self.platform.front.address}"}
+        as the address of every `*.run.app` name (mesh.settings' MESH_CONNECT_TO; deploy.smoke reads it too).
+        """
+        return {
+            "TLS_CA_FILE": str(self.platform.ca_file),
+            "MESH_CONNECT_TO": f".run.app={self.platform.front.address}",
+        }
 
     # -- what gcloud asks ------------------------------------------------------------------------------------
     def record(self, command: str, **details: Any) -> None:
@@ -120,7 +123,9 @@ class CloudRun:
             bindings = self._bindings(name)
             self.record("run services get-iam-policy", service=name)
             roles = sorted({role for _, role in bindings})
-            listed = [{"members": sorted(m for m, r in bindings if r == role), "role": role} for role in roles]
+            listed = [
+                {"members": sorted(m for m, r in bindings if r == role), "role": role} for role in roles
+            ]
             return {**({"bindings": listed} if listed else {}), "etag": "ACAB", "version": 1}
 
     def describe(self, name: str) -> dict[str, Any]:

@@ -102,15 +102,17 @@ def test_describe_of_a_service_never_deployed(cloud_run: CloudRun) -> None:
 
 def test_traffic_moves_by_revision_and_tag_as_cloud_run_moves_it(cloud_run: CloudRun, tmp_path: Path) -> None:
     document = yaml.safe_load(rendered(tmp_path).read_text())
-    for name, traffic in (
+    for name, targets in (
         ("ping-old", None),
         ("ping-new", [{"revisionName": "ping-old", "percent": 100}, {"latestRevision": True, "percent": 0, "tag": "sha-1"}]),
     ):  # fmt: skip
         document["spec"]["template"]["metadata"]["name"] = name
-        if traffic:
-            document["spec"]["traffic"] = traffic
+        if targets:
+            document["spec"]["traffic"] = targets
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(document))
-        done = answer(cloud_run, ["run", "services", "replace", str(tmp_path / f"{name}.yaml"), *WHERE], Path("."))
+        done = answer(
+            cloud_run, ["run", "services", "replace", str(tmp_path / f"{name}.yaml"), *WHERE], Path(".")
+        )
         assert done.code == 0, done.stderr
 
     def traffic(*flags: str) -> list[tuple[str, int, str | None]]:

@@ -37,7 +37,7 @@ AREA = route_guide_pb2.Rectangle(
     hi=route_guide_pb2.Point(latitude=420000000, longitude=-730000000),
 )
 # Channel options: no port sharing (tests bind port 0 in parallel).
-OPTIONS = (("grpc.so_reuseport", 0),)
+OPTIONS: tuple[tuple[str, int | str], ...] = (("grpc.so_reuseport", 0),)
 
 
 class SmokeFailed(Exception):
@@ -61,14 +61,17 @@ def check(target: Target) -> None:
     parts = urlsplit(target.url)
     if parts.scheme != "https" or not parts.hostname:
         raise SmokeFailed(f"{target.url!r} is not an https URL")
-    address, options = f"{parts.hostname}:{parts.port or 443}", OPTIONS
+    address, options = f"{parts.hostname}:{parts.port or 443}", list(OPTIONS)
     if target.connect_to:
         suffix, _, dialled = target.connect_to.partition("=")
         if not (suffix and dialled):
             raise SmokeFailed(f"MESH_CONNECT_TO {target.connect_to!r} is not SUFFIX=HOST:PORT")
         if parts.hostname.endswith(suffix):
-            name = (("grpc.ssl_target_name_override", parts.hostname), ("grpc.default_authority", parts.hostname))
-            address, options = dialled, (*OPTIONS, *name)
+            name = (
+                ("grpc.ssl_target_name_override", parts.hostname),
+                ("grpc.default_authority", parts.hostname),
+            )
+            address, options = dialled, [*OPTIONS, *name]
     roots = target.ca_file.read_bytes() if target.ca_file else None
     credentials = grpc.composite_channel_credentials(
         grpc.ssl_channel_credentials(roots), grpc.access_token_call_credentials(target.token)

@@ -103,7 +103,9 @@ class CloudRun:
         self.ca_file.chmod(0o644)
         self._own_identity = identity is None
         self.identity = identity or IdentityEmulator()
-        self.front = FrontEnd(certs.server_cert, certs.server_key, project_number=project_number, region=region)
+        self.front = FrontEnd(
+            certs.server_cert, certs.server_key, project_number=project_number, region=region
+        )
         try:
             if self._own_identity:
                 self.identity.start()
@@ -145,7 +147,11 @@ class CloudRun:
             if name in service.revisions:
                 raise CloudRunError(f"Revision named '{name}' with different configuration already exists.")
             traffic = [
-                Target(name if t.revision in (None, name) else self._revision(service, t.revision), t.percent, t.tag)
+                Target(
+                    name if t.revision in (None, name) else self._revision(service, t.revision),
+                    t.percent,
+                    t.tag,
+                )
                 for t in spec.traffic
             ] or [Target(name, 100)]
             revision = RevisionState(name, spec, text)
@@ -156,7 +162,9 @@ class CloudRun:
             self._apply(service, traffic)
             return name
 
-    def restore(self, service: str, manifests: Mapping[str, str], traffic: Sequence[Target], latest: str) -> None:
+    def restore(
+        self, service: str, manifests: Mapping[str, str], traffic: Sequence[Target], latest: str
+    ) -> None:
         """A service as a project kept it between builds: its revisions (by name: their manifests), traffic."""
         with self._lock:
             state = ServiceState(service, latest=latest)
@@ -209,7 +217,9 @@ class CloudRun:
             self._apply(state, _layout(state, routes, tags))
             return list(state.traffic)
 
-    def set_scaling(self, service: str, min_instances: int | None = None, max_instances: int | None = None) -> None:
+    def set_scaling(
+        self, service: str, min_instances: int | None = None, max_instances: int | None = None
+    ) -> None:
         """The service's running revisions held between these counts (locally: `./pants run :mesh` options)."""
         with self._lock:
             for revision in self._get(service).revisions.values():
@@ -319,7 +329,9 @@ class CloudRun:
         spec = revision.spec
         self.front.set_revision(revision.name, timeout_s=spec.timeout_s, concurrency=spec.concurrency)
         launcher = self._runner(Revision(spec, revision.name, self._instance_env(spec, revision.name)))
-        scaling = Scaling(concurrency=spec.concurrency, min_instances=spec.min_scale, max_instances=spec.max_scale)
+        scaling = Scaling(
+            concurrency=spec.concurrency, min_instances=spec.min_scale, max_instances=spec.max_scale
+        )
         scaler = Autoscaler(self.front, revision.name, launcher, scaling)
         try:
             scaler.start()

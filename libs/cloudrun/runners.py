@@ -30,6 +30,8 @@ from cloudrun.manifest import RevisionSpec
 # STAND-IN until cloudrun.autoscaler merges: `from cloudrun.autoscaler import Launcher, StartupFailed`.
 from cloudrun.standin_autoscaler import Launcher, StartupFailed
 
+__all__ = ["CLOUD_RUN_FLAGS", "Launcher", "Process", "Revision", "from_image", "from_source", "instance_env"]
+
 LOOPBACK = "127.0.0.1"
 STARTUP_WITHIN_S = 30.0  # the manifests' startup probe: 30 tries, a second apart
 # Cloud Run's: SIGTERM, then SIGKILL 10 s later; and a little for the process to be reaped.
@@ -139,7 +141,8 @@ def from_source(
     startup_within_s: float = STARTUP_WITHIN_S,
 ) -> Launcher:
     """Instances as `python -m services.<folder>.main` with this interpreter and import path, each dying with
-    this process (cloudrun.child), the folder named by the image's repository (`.../ping@sha256:..` -> ping)."""
+    this process (cloudrun.child), the folder named by the image's repository (`.../ping@sha256:..` -> ping).
+    """
     module = f"services.{revision.spec.folder.replace('-', '_')}.main"
 
     def launch() -> Process:
@@ -167,7 +170,9 @@ def from_image(
         port = free_port()
         env = instance_env(revision, port, extra_env)
         name = f"cloudrun-{revision.name}-{uuid.uuid4().hex[:6]}"
-        mounts = [f"--volume={d}:{d}:ro" for d in {os.path.dirname(env["TLS_CA_FILE"])} if "TLS_CA_FILE" in env]
+        mounts = [
+            f"--volume={d}:{d}:ro" for d in {os.path.dirname(env["TLS_CA_FILE"])} if "TLS_CA_FILE" in env
+        ]
         # Names only: the values (the metadata server's secret among them) come from the CLI's environment.
         argv = ["docker", "run", "--rm", f"--name={name}", *CLOUD_RUN_FLAGS, *mounts,
                 *(f"--env={k}" for k in sorted(env)), revision.spec.image]  # fmt: skip

@@ -22,9 +22,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloudrun.runners import CLOUD_RUN_FLAGS
 from engine import daemon
 from engine.daemon import Engine
-from cloudrun.runners import CLOUD_RUN_FLAGS
 from mesh.testing import NO_REUSEPORT
 
 BUILD_SCRIPT = Path("build-support/engine/build_image.sh")
