@@ -60,7 +60,7 @@ class ServiceProcess:
 
     def _show(self, line: str) -> None:
         assert self._echo is not None
-        self._echo(f"{self._prefix} {_readable(line)}")
+        self._echo(f"{self._prefix} {readable(line)}")
 
     async def stop(self, timeout: float = 12.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within `timeout` (beyond the service's own grace)."""
@@ -76,7 +76,7 @@ class ServiceProcess:
             self._process.signal(signum)
 
 
-def _readable(line: str) -> str:
+def readable(line: str) -> str:
     try:
         entry = json.loads(line)
     except ValueError:
