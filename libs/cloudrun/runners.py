@@ -11,6 +11,7 @@ answers SERVING, or raises StartupFailed with the instance's last lines of outpu
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import signal
 import socket
@@ -50,6 +51,10 @@ CLOUD_RUN_FLAGS = (
 )
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
+# PR_SET_PDEATHSIG (cloudrun.child) fires when the *thread* that spawned an instance ends, not its process, and
+# launchers run on threads that end (the autoscaler's): every instance is spawned from this long-lived thread.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cloudrun-spawn")
+
 Lines = Callable[[str, str], None]  # (revision, one line of an instance's output)
 ExtraEnv = Callable[[RevisionSpec], Mapping[str, str]]  # e.g. the local mesh's OTLP receiver
 
@@ -81,14 +86,15 @@ class Process:
         self._kill_argv, self._env = list(kill_argv), dict(env)
         self.tail: collections.deque[str] = collections.deque(maxlen=10)
         # Its own session: a Ctrl-C in the terminal reaches its owner only, which stops each instance once.
-        self._process = subprocess.Popen(
+        self._process = _SPAWNER.submit(
+            subprocess.Popen,
             list(argv),
             env=self._env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-        )
+        ).result()
         self._reader = threading.Thread(target=self._read, args=(on_line,), daemon=True)
         self._reader.start()
 

@@ -13,7 +13,6 @@ that is deployed, as a pushed tag cannot change a Cloud Run revision.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import os
 import shlex
@@ -86,10 +85,6 @@ class Mesh:
         self.started: list[tuple[str, runners.Process]] = []  # every instance, by service
         self._receiver: grpc.aio.Server | None = None
         self._receiver_port = 0
-        # Instances are spawned from these threads, which live as long as the mesh: an instance from source
-        # asks for SIGTERM when the thread that spawned it ends (PR_SET_PDEATHSIG is per thread, cloudrun.child),
-        # and the autoscaler launches from threads that end right after.
-        self._spawner = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="mesh-spawn")
 
     async def __aenter__(self) -> Mesh:
         try:
@@ -169,7 +164,6 @@ class Mesh:
         if self.run is not None:
             await asyncio.to_thread(self.run.close)
             self.run = None
-        self._spawner.shutdown(wait=False, cancel_futures=True)
         codes: dict[str, int | None] = {}
         for service, instance in self.started:
             code = await asyncio.to_thread(instance.stop)  # already stopped: its exit code
@@ -211,7 +205,7 @@ class Mesh:
             )
 
         def started() -> runners.Process:
-            instance = self._spawner.submit(launch).result()
+            instance = launch()
             self.started.append((service, instance))
             return instance
 
