@@ -41,7 +41,7 @@ def write_cli(path: Path, env: Mapping[str, str]) -> None:
     reaches the front end): commands that use it answer in a second terminal while the mesh runs, where
     `./pants run` would wait on the lock the running mesh holds. `env` holds the developer's metadata secret,
     so only the developer's user may read or run it (made so before anything is written)."""
-    settings = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
+    settings = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     script = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
@@ -50,7 +50,7 @@ def write_cli(path: Path, env: Mapping[str, str]) -> None:
             "#!/bin/sh\n"
             "# Written by the local mesh when it started, removed when it stops: the CLI, as the mesh's "
             "developer.\n"
-            f"{settings} exec {shlex.quote(sys.executable)} -m services.cli.main"
+            f"{settings}exec {shlex.quote(sys.executable)} -m services.cli.main"
             ' --ca "$TLS_CA_FILE" "$@"\n'
         )
 
