@@ -64,9 +64,11 @@ def check(target: Target) -> None:
     address, options = f"{parts.hostname}:{parts.port or 443}", list(OPTIONS)
     if target.connect_to:
         suffix, _, dialled = target.connect_to.partition("=")
+        suffix = suffix.removeprefix(".")
         if not (suffix and dialled):
             raise SmokeFailed(f"MESH_CONNECT_TO {target.connect_to!r} is not SUFFIX=HOST:PORT")
-        if parts.hostname.endswith(suffix):
+        # Label by label, as mesh.settings matches it: `.run.app` is not the end of `evilrun.app`.
+        if parts.hostname == suffix or parts.hostname.endswith(f".{suffix}"):
             name = (
                 ("grpc.ssl_target_name_override", parts.hostname),
                 ("grpc.default_authority", parts.hostname),

@@ -144,7 +144,7 @@ def build(project: Project, capsys: pytest.CaptureFixture[str], name: str, *extr
     record = project.records / f"{name}.jsonl"
     began = time.monotonic()
     code = cloudbuild(["--root", str(project.repo), "--state", str(project.state), "--record", str(record),
-                       "--substitutions=_VERIFY=none,_TRAFFIC_STEPS=10,50,100", *extra])  # fmt: skip
+                       "--substitutions=^;^_VERIFY=none;_TRAFFIC_STEPS=10,50,100", *extra])  # fmt: skip
     seconds = time.monotonic() - began
     captured = capsys.readouterr()
     print(f"pipeline {name}: exit {code} in {seconds:.0f} s")  # the figure for the report (-s shows it)
