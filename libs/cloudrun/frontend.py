@@ -2,12 +2,14 @@
 
 `FrontEnd` starts Envoy with a bootstrap it writes to a folder of its own, then changes what Envoy serves by
 writing Envoy's resource files there (renamed in whole, so Envoy never reads half a file): a revision's
-instances (`set_endpoints`), its request timeout (`set_revision`), a service's traffic split and tags
-(`set_service`). Envoy applies them without a restart and without dropping a connection; each setter returns
+instances (`set_endpoints`, the autoscaler's), its request timeout and containerConcurrency (`set_revision`),
+a service's traffic split and tags (`set_service`). Envoy applies them without a restart and without dropping a connection; each setter returns
 once the admin interface shows the change applied. The owner stops it (`stop`, or `with FrontEnd(...)`).
 
 Instances are announced when they are ready and withdrawn before they are stopped: Cloud Run's order, in which
-no caller sees an instance go away (`set_endpoints` without it, then SIGTERM).
+no caller sees an instance go away (`set_endpoints` with it draining, or without it, then SIGTERM). Envoy runs
+one worker thread: each worker would hold its own connection to every instance, and the cap per instance is
+one connection's streams.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +36,7 @@ import envoy
 from cloudrun import names, xds
 
 DEFAULT_TIMEOUT_S = 300.0  # Cloud Run's default timeoutSeconds
+DEFAULT_CONCURRENCY = 80  # Cloud Run's default containerConcurrency
 START_WITHIN_S = 20.0
 APPLY_WITHIN_S = 10.0
 STOP_WITHIN_S = 5.0
@@ -63,13 +66,12 @@ class FrontEnd:
         project_number: str,
         region: str,
         port: int = 0,
-        concurrency: int = 1,
     ) -> None:
         """`cert`/`key`: a server certificate covering `names.wildcard(region)` (e.g. from the development CA:
         `ensure_dev_certs(DIR, [names.wildcard(region)])`). `port` 0: a free one (see `.port`)."""
         self.project_number = project_number
         self.region = region
-        self._cert, self._key, self._wanted_port, self._concurrency = cert, key, port, concurrency
+        self._cert, self._key, self._wanted_port = cert, key, port
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
@@ -77,7 +79,10 @@ class FrontEnd:
         self.port = 0
         self._versions = 0
         self._timeouts: dict[str, float] = {}  # revision -> seconds
+        self._concurrency: dict[str, int] = {}  # revision -> calls at once per instance
         self._endpoints: dict[str, tuple[int, ...]] = {}  # revision -> instances' ports
+        self._draining: dict[str, frozenset[int]] = {}  # revision -> the ports that get no new call
+        self._refusing: dict[str, bool] = {}  # revision -> a call finding no free slot is refused (429)
         self._services: dict[str, tuple[Target, ...]] = {}
 
     # -- lifetime ----------------------------------------------------------------------------------------------
@@ -140,26 +145,72 @@ class FrontEnd:
         return names.tag_host(tag, host) if tag else host
 
     # -- what it serves ----------------------------------------------------------------------------------------
-    def set_revision(self, revision: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, wait: bool = True) -> None:
-        """A revision known to the front end (with no instance until `set_endpoints`), or its timeout changed."""
+    def set_revision(
+        self,
+        revision: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        wait: bool = True,
+    ) -> None:
+        """A revision known to the front end (with no instance until `set_endpoints`), or its timeout or
+        containerConcurrency (each instance's cap: calls and streams at once) changed."""
+        if concurrency < 1:
+            raise FrontEndError(f"revision {revision!r}: containerConcurrency must be at least 1")
         with self._lock:
             self._timeouts[revision] = timeout_s
+            self._concurrency[revision] = concurrency
             self._endpoints.setdefault(revision, ())
+            self._draining.setdefault(revision, frozenset())
             self._write_endpoints(revision)
             self._write_clusters()
             self._write_routes()
         if wait:
             self.wait_applied()
 
-    def set_endpoints(self, revision: str, ports: Sequence[int], *, wait: bool = True) -> None:
-        """The revision's ready instances (loopback ports), in place of the ones before."""
+    def set_endpoints(
+        self, revision: str, ports: Sequence[int], *, draining: Collection[int] = (), wait: bool = True
+    ) -> None:
+        """The revision's instances (loopback ports), in place of the ones before; those in `draining` get no
+        new call while their open calls and streams go on (the autoscaler's scale-in)."""
         with self._lock:
             if revision not in self._timeouts:
                 raise FrontEndError(f"revision {revision!r} is not known: set_revision first")
             self._endpoints[revision] = tuple(ports)
+            self._draining[revision] = frozenset(draining) & frozenset(ports)
             self._write_endpoints(revision)
         if wait:
             self.wait_applied()
+
+    def set_refusing(self, revision: str, refusing: bool) -> None:
+        """`refusing`: a call that finds every instance's slots busy is answered 429 (gRPC: UNAVAILABLE), as
+        Cloud Run answers at maxScale; otherwise it waits in Envoy's queue for a slot. Applied at once (a
+        runtime override: the cluster and its connections stay)."""
+        with self._lock:
+            if revision not in self._timeouts:
+                raise FrontEndError(f"revision {revision!r} is not known: set_revision first")
+            if self._refusing.get(revision, False) == refusing:
+                return
+            self._refusing[revision] = refusing
+            bound = 0 if refusing else xds.UNLIMITED
+            self._post(f"/runtime_modify?{urllib.parse.quote(xds.queue_key(revision))}={bound}")
+
+    def refusing(self, revision: str) -> bool:
+        return self._refusing.get(revision, False)
+
+    def in_flight(self, revision: str) -> dict[int, int]:
+        """Each of the revision's instances (by port) and its calls and streams in flight, as Envoy counts
+        them (a host's `rq_active`)."""
+        clusters = json.loads(self._get("/clusters?format=json")).get("cluster_statuses", [])
+        found: dict[int, int] = {}
+        for status in clusters:
+            if status.get("name") != revision:
+                continue
+            for host in status.get("host_statuses", []):
+                port = int(host["address"]["socket_address"]["port_value"])
+                stats = {s["name"]: int(s.get("value", 0)) for s in host.get("stats", [])}
+                found[port] = stats.get("rq_active", 0)
+        return found
 
     def set_service(self, service: str, traffic: Sequence[Target], *, wait: bool = True) -> None:
         """The service's traffic: percents (adding up to 100) over known revisions, and tags."""
@@ -192,7 +243,11 @@ class FrontEnd:
             if routed:
                 raise FrontEndError(f"revision {revision!r} still has traffic from {routed}")
             self._timeouts.pop(revision, None)
+            self._concurrency.pop(revision, None)
             self._endpoints.pop(revision, None)
+            self._draining.pop(revision, None)
+            if self._refusing.pop(revision, False):  # a revision of the same name later starts afresh
+                self._post(f"/runtime_modify?{urllib.parse.quote(xds.queue_key(revision))}={xds.UNLIMITED}")
             self._write_clusters()
         if wait:
             self.wait_applied()
@@ -206,7 +261,7 @@ class FrontEnd:
         wanted = shown = xds.State()
         for _ in range(int(within / 0.02) + 1):
             with self._lock:
-                wanted = xds.state(self._route_table(), self._endpoints)
+                wanted = xds.state(self._route_table(), self._endpoints, self._draining)
             shown = xds.shown(json.loads(self._get("/config_dump?include_eds")))
             if shown == wanted:
                 return
@@ -239,11 +294,14 @@ class FrontEnd:
         os.replace(staged, self._file(name))
 
     def _write_clusters(self) -> None:
-        clusters = [xds.cluster(r, self._file(f"endpoints-{r}")) for r in sorted(self._timeouts)]
+        clusters = [
+            xds.cluster(r, self._file(f"endpoints-{r}"), self._concurrency[r]) for r in sorted(self._timeouts)
+        ]
         self._write("clusters", clusters)
 
     def _write_endpoints(self, revision: str) -> None:
-        self._write(f"endpoints-{revision}", [xds.endpoints(revision, self._endpoints[revision])])
+        resource = xds.endpoints(revision, self._endpoints[revision], self._draining[revision])
+        self._write(f"endpoints-{revision}", [resource])
 
     def _write_routes(self) -> None:
         self._write("routes", [self._route_table()])
@@ -275,7 +333,7 @@ class FrontEnd:
                     "--admin-address-path",
                     str(admin_file),
                     "--concurrency",
-                    str(self._concurrency),
+                    "1",  # one worker: one connection (one pool) per instance, so the cap holds
                     "--disable-hot-restart",  # several front ends (parallel tests) on one machine
                     "--log-level",
                     "warning",
@@ -306,9 +364,15 @@ class FrontEnd:
         return int(status["local_address"]["socket_address"]["port_value"])
 
     def _get(self, path: str) -> str:
+        return self._admin_call(path, None)
+
+    def _post(self, path: str) -> str:
+        return self._admin_call(path, b"")
+
+    def _admin_call(self, path: str, data: bytes | None) -> str:
         if self._process is None or self._process.poll() is not None:
             raise FrontEndError(f"Envoy is not running{self._log_tail()}")
-        with _ADMIN.open(f"http://{self._admin}{path}", timeout=2) as reply:
+        with _ADMIN.open(f"http://{self._admin}{path}", data=data, timeout=2) as reply:
             body: Any = reply.read()
         return body.decode()
 

@@ -37,9 +37,8 @@ from cloudrun.frontend import Target
 from cloudrun.manifest import RevisionSpec, parse
 from cloudrun.runners import Revision
 
-# STAND-IN until cloudrun.autoscaler merges: `from cloudrun.autoscaler import Autoscaler, Launcher, Scaling,
-# StartupFailed` and `from cloudrun.frontend import FrontEnd`.
-from cloudrun.standin_autoscaler import Autoscaler, FrontEnd, Launcher, Scaling, StartupFailed
+from cloudrun.autoscaler import Autoscaler, Launcher, Scaling, StartupFailed
+from cloudrun.frontend import FrontEnd
 from emulators.dev_ca import ensure_dev_certs
 from emulators.identity import IdentityEmulator
 

@@ -28,8 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cloudrun.child import child_env, python_module
 from cloudrun.manifest import RevisionSpec
 
-# STAND-IN until cloudrun.autoscaler merges: `from cloudrun.autoscaler import Launcher, StartupFailed`.
-from cloudrun.standin_autoscaler import Launcher, StartupFailed
+from cloudrun.autoscaler import Launcher, StartupFailed
 
 __all__ = ["CLOUD_RUN_FLAGS", "Launcher", "Process", "Revision", "from_image", "from_source", "instance_env"]
 

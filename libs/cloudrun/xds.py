@@ -4,9 +4,14 @@ TLS listener, a cluster and a load assignment per revision, and one route table 
 What each piece stands in for on Cloud Run:
 - the listener: Google's front end, TLS on 443 with a certificate for every `*.run.app` name; HTTP/2 (ALPN h2)
   to callers, the port of the host name ignored (`name` and `name:443` are the same service);
-- a cluster per revision: its instances, reached in cleartext HTTP/2 (h2c on `$PORT`, as `--use-http2`),
-  each request (not each connection) sent to the next instance in turn, with no cap of Envoy's own below
-  what the instances take (the circuit breakers are out of the way; a cap is the autoscaler's to enforce);
+- a cluster per revision: its instances, reached in cleartext HTTP/2 (h2c on `$PORT`, as `--use-http2`), each
+  request (not each connection) sent to the instance with the fewest in flight. `containerConcurrency` is
+  each instance's cap: one connection per instance (a per-host circuit breaker; Envoy runs one worker, so one
+  pool per instance) carrying at most `concurrency` streams, a stream holding its slot for its whole life. A
+  call that finds every slot busy waits in Envoy's queue (as Cloud Run queues while an instance starts) unless
+  the revision refuses (the autoscaler's call at maxScale, a runtime override): then the pool's overflow is
+  answered 429 (gRPC clients see UNAVAILABLE), as Cloud Run answers. An instance being scaled in is DRAINING:
+  no new call, its open streams continue;
 - a route per host: a service's host splits its requests by the `traffic:` block's percents over its revisions,
   a tag's host reaches its revision only, and an unknown host gets 404 (gRPC clients see UNIMPLEMENTED); the
   request timeout (`timeoutSeconds`) bounds a stream's whole life, not only its wait for a first byte;
@@ -16,7 +21,7 @@ What each piece stands in for on Cloud Run:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,12 @@ UNLIMITED = 1_000_000_000
 # Retry only what never reached an instance's handler: safe for every method, idempotent or not.
 RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 RETRIES = 3
+# What Envoy's pool answers when it may not queue a call (response flag UO, upstream overflow), and what Cloud
+# Run answers a revision at maxScale with every slot busy.
+OVERFLOW_FLAG = "UO"
+TOO_MANY_REQUESTS = 429
+
+HEALTHY, DRAINING = "HEALTHY", "DRAINING"
 
 Resource = dict[str, Any]
 _TYPES = "type.googleapis.com/envoy."
@@ -71,6 +82,14 @@ def bootstrap(cert: Path, key: Path, port: int, clusters: Path, routes: Path) ->
         # A stream is bounded by its route's timeout alone (a quiet RouteChat is no reason to end it).
         "stream_idle_timeout": "0s",
         "rds": {"route_config_name": ROUTE_TABLE, "config_source": source(routes)},
+        "local_reply_config": {
+            "mappers": [
+                {
+                    "filter": {"response_flag_filter": {"flags": [OVERFLOW_FLAG]}},
+                    "status_code": TOO_MANY_REQUESTS,
+                }
+            ]
+        },
         "http_filters": [
             {
                 "name": "envoy.filters.http.router",
@@ -82,6 +101,9 @@ def bootstrap(cert: Path, key: Path, port: int, clusters: Path, routes: Path) ->
         "node": {"id": "cloudrun-front-end", "cluster": "cloudrun"},
         "admin": {"address": _address(0)},
         "dynamic_resources": {"cds_config": source(clusters)},
+        # The admin layer takes `/runtime_modify`: a revision refuses or queues with no new cluster (a new
+        # cluster would start new connections, and its breakers would not count the old one's calls).
+        "layered_runtime": {"layers": [{"name": "admin", "admin_layer": {}}]},
         "static_resources": {
             "listeners": [
                 {
@@ -104,22 +126,37 @@ def bootstrap(cert: Path, key: Path, port: int, clusters: Path, routes: Path) ->
     }
 
 
-def cluster(revision: str, endpoints: Path) -> Resource:
-    """A revision's instances: h2c, round robin per request, endpoints from the file `endpoints`."""
+def cluster(revision: str, endpoints: Path, concurrency: int) -> Resource:
+    """A revision's instances: h2c, each at most `concurrency` calls at once, the least busy one picked per
+    request, endpoints from the file `endpoints`."""
+    least_request = _TYPES + "extensions.load_balancing_policies.least_request.v3.LeastRequest"
     return {
         "@type": CLUSTER_TYPE,
         "name": revision,
         "type": "EDS",
         "eds_cluster_config": {"eds_config": source(endpoints)},
         "connect_timeout": "1s",
-        "lb_policy": "ROUND_ROBIN",
+        # Every instance compared (not two at random), so an instance with a free slot is found if one is.
+        "load_balancing_policy": {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": "envoy.load_balancing_policies.least_request",
+                        "typed_config": {"@type": least_request, "selection_method": "FULL_SCAN"},
+                    }
+                }
+            ]
+        },
+        # Never "panic" onto DRAINING instances when few are left: a drained instance gets no new call.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _TYPES + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
+                "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": concurrency}},
             }
         },
         "circuit_breakers": {
+            # The revision as a whole: no cap of Envoy's own (the queue is bounded by the runtime override).
             "thresholds": [
                 {
                     "priority": "DEFAULT",
@@ -128,14 +165,26 @@ def cluster(revision: str, endpoints: Path) -> Resource:
                     "max_requests": UNLIMITED,
                     "max_retries": UNLIMITED,
                 }
-            ]
+            ],
+            # One connection per instance: with the streams per connection, the instance's cap.
+            "per_host_thresholds": [{"priority": "DEFAULT", "max_connections": 1}],
         },
     }
 
 
-def endpoints(revision: str, ports: Sequence[int]) -> Resource:
-    """The revision's ready instances, each on loopback:port."""
-    lb_endpoints = [{"endpoint": {"address": _address(port)}} for port in ports]
+def queue_key(revision: str) -> str:
+    """The runtime key that overrides the revision's queue bound (0: a call that finds no free slot is
+    refused)."""
+    return f"circuit_breakers.{revision}.default.max_pending_requests"
+
+
+def endpoints(revision: str, ports: Sequence[int], draining: Collection[int] = ()) -> Resource:
+    """The revision's instances, each on loopback:port; those in `draining` get no new call (their open calls
+    and streams go on)."""
+    lb_endpoints = [
+        {"endpoint": {"address": _address(port)}, "health_status": DRAINING if port in draining else HEALTHY}
+        for port in ports
+    ]
     return {
         "@type": ENDPOINTS_TYPE,
         "cluster_name": revision,
@@ -168,19 +217,24 @@ def routes(hosts: Mapping[str, Mapping[str, int]], timeouts: Mapping[str, float]
 @dataclass(frozen=True)
 class State:
     """What Envoy serves, in a form both the resources written and Envoy's config dump reduce to: each
-    cluster's endpoint ports, and each host's weighted clusters and timeout."""
+    cluster's endpoints (port, draining), and each host's weighted clusters and timeout."""
 
-    endpoints: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    endpoints: dict[str, tuple[tuple[int, bool], ...]] = field(default_factory=dict)
     hosts: dict[str, tuple[tuple[tuple[str, int], ...], float]] = field(default_factory=dict)
 
 
-def state(table: Resource, ports: Mapping[str, Sequence[int]]) -> State:
-    return State({c: tuple(sorted(p)) for c, p in ports.items()}, _hosts(table))
+def state(
+    table: Resource, ports: Mapping[str, Sequence[int]], draining: Mapping[str, Collection[int]]
+) -> State:
+    return State(
+        {c: tuple(sorted((p, p in draining.get(c, ())) for p in ps)) for c, ps in ports.items()},
+        _hosts(table),
+    )
 
 
 def shown(dump: Resource) -> State:
     """The State of Envoy's `/config_dump?include_eds`; a warming cluster counts as not there yet."""
-    endpoints: dict[str, tuple[int, ...]] = {}
+    endpoints: dict[str, tuple[tuple[int, bool], ...]] = {}
     hosts: dict[str, tuple[tuple[tuple[str, int], ...], float]] = {}
     clusters: set[str] = set()
     for config in dump["configs"]:
@@ -194,7 +248,11 @@ def shown(dump: Resource) -> State:
                 loads = assignment.get("endpoint_config", {})
                 endpoints[loads.get("cluster_name", "")] = tuple(
                     sorted(
-                        e["endpoint"]["address"]["socket_address"]["port_value"]
+                        (
+                            e["endpoint"]["address"]["socket_address"]["port_value"],
+                            # Envoy's dump shows a DRAINING endpoint as UNHEALTHY (only HEALTHY is written).
+                            e.get("health_status", HEALTHY) != HEALTHY,
+                        )
                         for locality in loads.get("endpoints", [])
                         for e in locality.get("lb_endpoints", [])
                     )

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Sequence
 
 import grpc
 from opentelemetry import metrics, trace
 
 from mesh.client_chain import ClientChain, MeshChannel
-from mesh.settings import CallSettings, Upstream
+from mesh.settings import CONNECT_TO_VARIABLE, CallSettings, Upstream, target_host
 from mesh.tokens import IdTokens, audience_for
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+log = logging.getLogger(__name__)
 
 # Connection-level settings every outgoing channel shares (keepalive and connect timeout: `connection_options`).
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
@@ -105,10 +107,16 @@ class Channels:
             *connection_options(self._calls),
             ("grpc.service_config", retry_service_config(idempotent)),
         ]
-        if upstream.authority:
-            options += [("grpc.default_authority", upstream.authority)]
+        # Dialled elsewhere (MESH_CONNECT_TO), an upstream is still named by its address (:authority, TLS name).
+        authority = upstream.authority or (upstream.address if upstream.dial else None)
+        if authority:
+            options += [("grpc.default_authority", authority)]
             if not upstream.insecure:
-                options += [("grpc.ssl_target_name_override", upstream.authority)]
+                name = upstream.authority or target_host(upstream.address)
+                options += [("grpc.ssl_target_name_override", name)]
+        if upstream.dial:
+            log.info("%s is dialled at %s (%s)", upstream.address, upstream.dial, CONNECT_TO_VARIABLE)
+        target = upstream.dial or upstream.address
         chain_of = functools.partial(
             ClientChain,
             self._provider,
@@ -121,7 +129,7 @@ class Channels:
             # Plaintext is for local development only: a bearer token is never sent in the clear.
             return MeshChannel(
                 lambda interceptors: grpc.aio.insecure_channel(
-                    upstream.address, options=options, interceptors=interceptors
+                    target, options=options, interceptors=interceptors
                 ),
                 chain,
             )
@@ -137,7 +145,7 @@ class Channels:
             chain = chain_of(id_tokens=self._id_tokens, audience=audience)
         return MeshChannel(
             lambda interceptors: grpc.aio.secure_channel(
-                upstream.address, credentials, options=options, interceptors=interceptors
+                target, credentials, options=options, interceptors=interceptors
             ),
             chain,
         )

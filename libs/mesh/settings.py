@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -153,6 +153,27 @@ def log_level(env: Env, name: str = "LOG_LEVEL") -> str:
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
+def target_host(target: str) -> str:
+    """The host of a gRPC target (`host:port`, `[v6]:port`, a bare host or `dns:///host:port`); IPv6 in
+    brackets. ValueError if it names none."""
+    host = target.strip()
+    if "://" in host:
+        host = host.split("://", 1)[1].lstrip("/")  # dns:///host:port names no authority
+    host = host.split("/", 1)[0]
+    if host.startswith("["):  # [v6]:port
+        host = host[: host.index("]") + 1] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    elif host.count(":") > 1:  # a bare IPv6 address has no port
+        try:
+            host = f"[{ipaddress.ip_address(host)}]"
+        except ValueError:
+            host = ""
+    if not host or host == "[]":
+        raise ValueError(f"target {target!r} names no host")
+    return host
+
+
 def https_url(env: Env, name: str, default: str) -> str:
     """An https URL; plain http only to a loopback host (a local emulator), where no one can read the wire."""
     value = text(env, name, default) or default
@@ -285,6 +306,59 @@ class AuthSettings:
         return settings
 
 
+CONNECT_TO_VARIABLE = "MESH_CONNECT_TO"
+
+
+@dataclass(frozen=True)
+class ConnectTo:
+    """MESH_CONNECT_TO=SUFFIX=HOST:PORT, a local resolver for development: an upstream whose host is SUFFIX or
+    ends with it (label by label: `.run.app` matches `ping-1.europe-west1.run.app`, not `evilrun.app`) is
+    dialled at HOST:PORT, e.g. the local Cloud Run's front end, and keeps its own name as the TLS name, the
+    `:authority` and the ID token's audience, as on Cloud Run. One entry: the local Cloud Run serves every
+    `run.app` name on one port. HOST must be this machine: nothing in production sets it, and a redirect
+    elsewhere would send the mesh's ID tokens to another host."""
+
+    suffix: str | None = None  # without its leading dot
+    address: str | None = None
+
+    def dial(self, target: str) -> str | None:
+        """Where to dial `target` instead, or None (dial it as it is)."""
+        if self.suffix is None:
+            return None
+        host = target_host(target)
+        return self.address if host == self.suffix or host.endswith("." + self.suffix) else None
+
+    @classmethod
+    def from_env(cls, env: Env) -> ConnectTo:
+        name = CONNECT_TO_VARIABLE
+        raw = text(env, name)
+        if raw is None:
+            return cls()
+        suffix, sep, where = raw.partition("=")
+        suffix = suffix.strip().removeprefix(".")
+        host, colon, port = where.strip().rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        well_formed = (
+            sep
+            and suffix
+            and not any(c in suffix for c in ",=:/[] ")
+            and colon
+            and port.isdigit()
+            and 0 < int(port) < 65536
+        )
+        if not well_formed:
+            raise ConfigError(
+                f"{name}={raw!r} is not valid; set {name} to one SUFFIX=HOST:PORT with HOST on this machine, "
+                f"e.g. .run.app=127.0.0.1:8443, or unset it"
+            )
+        if host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                f"{name}={raw!r} sends .{suffix} to {host}, not this machine; it is for local development: set "
+                f"its HOST to 127.0.0.1, [::1] or localhost, or unset {name}"
+            )
+        return cls(suffix=suffix, address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
 @dataclass(frozen=True)
 class Upstream:
     """Where an outgoing channel goes and how: TLS (system roots or TLS_CA_FILE) and an ID token by default."""
@@ -295,6 +369,13 @@ class Upstream:
     audience: str | None = None  # default: https://HOST
     ca_file: Path | None = None
     authority: str | None = None
+    # Dialled instead of `address` (MESH_CONNECT_TO), which still names the upstream: its TLS name and
+    # :authority (unless `authority` says otherwise) and its default audience.
+    dial: str | None = None
+
+    def connected(self, connect_to: ConnectTo) -> Upstream:
+        """This upstream as `connect_to` says to dial it."""
+        return replace(self, dial=connect_to.dial(self.address))
 
     @classmethod
     def from_env(
@@ -309,7 +390,7 @@ class Upstream:
             unauthenticated=flag(env, unauthenticated_var),
             audience=text(env, f"{address_var}_AUDIENCE"),
             ca_file=existing_file(env, "TLS_CA_FILE"),
-        )
+        ).connected(ConnectTo.from_env(env))
 
 
 @dataclass(frozen=True)

@@ -209,8 +209,47 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
     (upstream, {"GRPC_PING_HOST": "ping:443", "GRPC_PING_INSECURE": "maybe"}, "GRPC_PING_INSECURE"),
     (upstream, {"GRPC_PING_HOST": "ping:443", "GRPC_PING_UNAUTHENTICATED": "2"}, "GRPC_PING_UNAUTHENTICATED"),
     (upstream, {"GRPC_PING_HOST": "ping:443", "TLS_CA_FILE": "/no/such/ca.pem"}, "TLS_CA_FILE"),
+    # A local resolver: SUFFIX=HOST:PORT, one entry, HOST on this machine (it receives the mesh's ID tokens).
+    *[
+        (upstream, {"GRPC_PING_HOST": "p-1.r.run.app:443", "MESH_CONNECT_TO": value}, "MESH_CONNECT_TO")
+        for value in (
+            ".run.app",
+            "127.0.0.1:8443",
+            ".run.app=127.0.0.1",
+            ".run.app=127.0.0.1:0",
+            ".run.app=127.0.0.1:http",
+            "=127.0.0.1:8443",
+            ".=127.0.0.1:8443",
+            ".run.app=127.0.0.1:8443,.example=127.0.0.1:9443",
+            ".run.app=10.0.0.7:8443",
+            ".run.app=front.example:443",
+            ".run.app=[::2]:8443",
+            ".run.app=0.0.0.0:8443",
+        )
+    ],
     (log_level, {"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
 ]
+
+
+@pytest.mark.parametrize(
+    "address, connect_to, dialled",
+    [
+        ("ping-1.europe-west1.run.app:443", ".run.app=127.0.0.1:8443", "127.0.0.1:8443"),
+        ("tag---ping-1.europe-west1.run.app:443", "run.app=[::1]:8443", "[::1]:8443"),
+        ("ping-1.europe-west1.run.app:443", ".europe-west1.run.app=localhost:9", "localhost:9"),
+        ("run.app:443", ".run.app=127.0.0.1:8443", "127.0.0.1:8443"),
+        # By whole labels only, and never for other names.
+        ("evilrun.app:443", ".run.app=127.0.0.1:8443", None),
+        ("ping.example:443", ".run.app=127.0.0.1:8443", None),
+        ("ping-1.europe-west1.run.app:443", None, None),
+    ],
+)
+def test_connect_to_dials_matching_upstreams_on_this_machine_and_keeps_their_name(
+    address: str, connect_to: str | None, dialled: str | None
+) -> None:
+    env = {"GRPC_PING_HOST": address, **({"MESH_CONNECT_TO": connect_to} if connect_to else {})}
+    up = upstream(env)
+    assert (up.address, up.dial, up.authority, up.audience) == (address, dialled, None, None)
 
 
 @pytest.mark.parametrize(

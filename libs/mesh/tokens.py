@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import re
 import threading
@@ -22,6 +21,8 @@ import grpc
 from google.auth.credentials import Credentials, TokenState
 from google.auth.transport.grpc import AuthMetadataPlugin
 
+from mesh.settings import target_host
+
 
 class NoCredentialsError(RuntimeError):
     """No identity could be found to mint ID tokens with."""
@@ -29,27 +30,10 @@ class NoCredentialsError(RuntimeError):
 
 def audience_for(target: str) -> str:
     """The audience Cloud Run expects for a `host:port` target: `https://host` (the port dropped)."""
-    host = target.strip()
-    if "://" in host:
-        host = host.split("://", 1)[1].lstrip("/")  # dns:///host:port names no authority
-    host = host.split("/", 1)[0]
-    if host.startswith("["):  # [v6]:port
-        host = host[: host.index("]") + 1]
-    elif host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
-    elif host.count(":") > 1 and _is_ip(host):  # a bare IPv6 address has no port
-        host = f"[{host}]"
-    if not host or host == "[]":
-        raise ValueError(f"cannot derive a token audience from target {target!r}")
-    return "https://" + host
-
-
-def _is_ip(host: str) -> bool:
     try:
-        ipaddress.ip_address(host)
+        return "https://" + target_host(target)
     except ValueError:
-        return False
-    return True
+        raise ValueError(f"cannot derive a token audience from target {target!r}") from None
 
 
 # The user information of a URL (`scheme://user:secret@host`): google-auth names the metadata URL it failed to

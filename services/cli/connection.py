@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from mesh.channels import Channels
-from mesh.settings import Upstream
+from mesh.settings import ConnectTo, Env, Upstream
 from mesh.tokens import IdTokens, audience_for
 
 # Read-only calls, safe to retry on UNAVAILABLE (the shared channel's retry policy).
@@ -16,11 +17,13 @@ IDEMPOTENT = [
 ]
 
 
-def upstream(args: argparse.Namespace) -> Upstream:
+def upstream(args: argparse.Namespace, env: Env = os.environ) -> Upstream:
     """TLS with an ID token for https://HOST by default, as every call in the mesh.
 
     With --server-host the service is named by that host (e.g. a Cloud Run URL reached through another
-    address), so the default audience follows it; --audience overrides both.
+    address), so the default audience follows it; --audience overrides both. MESH_CONNECT_TO (as in the
+    services) dials a `run.app` name at the local front end: `--server ping-123.europe-west1.run.app:443`.
+    ConfigError if it is wrong.
     """
     audience = args.audience
     if audience is None and args.server_host:
@@ -32,7 +35,7 @@ def upstream(args: argparse.Namespace) -> Upstream:
         audience=audience,
         ca_file=args.ca,
         authority=args.server_host,
-    )
+    ).connected(ConnectTo.from_env(env))
 
 
 def channels_for(target: Upstream) -> Channels:

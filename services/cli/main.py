@@ -1,7 +1,7 @@
 """The mesh's command-line client: `cli --server HOST:PORT [flags] SERVICE RPC [args]`.
 
-Exit status: 0 on success, 1 when the call fails (`error: CODE: message` on stderr), 2 for bad arguments,
-141 (as if killed by SIGPIPE) when the reader of its output goes away, as with `| head`.
+Exit status: 0 on success, 1 when the call fails (`error: CODE: message` on stderr), 2 for bad arguments or
+a wrong MESH_CONNECT_TO, 141 (as if killed by SIGPIPE) when the reader of its output goes away (`| head`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from mesh.settings import ConfigError
 from mesh.tokens import NoCredentialsError
 from services.cli import aggregator_commands, arguments, connection, ping_commands, routeguide_commands
 from services.cli.command import Command
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = arguments.Parser(
         prog="cli",
         description="Call the mesh's services (ping, routeguide, aggregator). Points are degrees x 1e7.",
-        epilog="By default the call uses TLS (system roots) and an ID token for https://HOST.",
+        epilog="By default the call uses TLS (system roots) and an ID token for https://HOST. "
+        "MESH_CONNECT_TO=.run.app=127.0.0.1:PORT dials run.app names at the local Cloud Run's front end.",
     )
     parser.add_argument("--server", required=True, type=arguments.server_address, help="HOST:PORT to call")
     parser.add_argument("--insecure", action="store_true", help="plaintext h2c (local development; no token)")
@@ -54,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> int:
     """Makes the call the arguments describe; returns the exit status."""
-    target = connection.upstream(args)
+    try:
+        target = connection.upstream(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     channels = connection.channels_for(target)
     try:
         channel = channels.open(target, idempotent=connection.IDEMPOTENT)

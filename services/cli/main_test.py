@@ -54,6 +54,32 @@ def test_a_bad_argument_exits_2_with_the_reason(
     assert err.startswith("usage: cli") and complaint in err
 
 
+def test_a_connect_to_off_this_machine_exits_2_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A redirect to another host would hand it the ID token minted for the run.app name.
+    monkeypatch.setenv("MESH_CONNECT_TO", ".run.app=192.0.2.10:443")
+    status = main(["--server", "ping-1.europe-west1.run.app:443", "ping", "send", "--message", "m"])
+    captured = capsys.readouterr()
+    assert (status, captured.out) == (2, "")
+    (line,) = captured.err.splitlines()
+    assert line.startswith("error: MESH_CONNECT_TO=") and "192.0.2.10" in line and "127.0.0.1" in line
+
+
+def test_connect_to_dials_a_matching_server_at_loopback_and_keeps_its_name() -> None:
+    args = build_parser().parse_args(
+        ["--server", "ping-1.europe-west1.run.app:443", "ping", "send", "--message", "m"]
+    )
+    target = connection.upstream(args, {"MESH_CONNECT_TO": ".run.app=[::1]:8443"})
+    assert (target.address, target.dial, target.authority, target.audience) == (
+        "ping-1.europe-west1.run.app:443",
+        "[::1]:8443",
+        None,  # the channel names it by its address
+        None,  # the channel factory's https://HOST of the address
+    )
+    assert connection.upstream(args, {}).dial is None
+
+
 def test_southern_and_western_points_are_values_not_options() -> None:
     parse = build_parser().parse_args
     get = parse(["--server", "h:1", "routeguide", "get", "-338568000", "-1512153000"])

@@ -116,14 +116,18 @@ def command(
     duration_s: float | None = None,
     count: int | None = None,
     log_file: Path | None = None,
+    connect_to: str | None = None,
 ) -> list[str]:
     """One h2load run, bounded by a duration or by a request count (never unbounded); with `log_file`, each
-    request's time is written there (see latencies_ms)."""
+    request's time is written there (see latencies_ms); with `connect_to` (HOST:PORT), the URL's host is the
+    TLS name and :authority but that address is dialled."""
     if (duration_s is None) == (count is None):
         raise ValueError("give exactly one of duration_s and count")
     argv = [h2load, "-c", str(clients), "-m", str(streams), "-t", "1", "-d", str(body)]
     if log_file is not None:
         argv += ["--log-file", str(log_file)]
+    if connect_to is not None:
+        argv += [f"--connect-to={connect_to}"]
     for header in (*GRPC_HEADERS, *headers):
         argv += ["-H", header]
     argv += ["-D", f"{duration_s:g}"] if duration_s is not None else ["-n", str(count)]

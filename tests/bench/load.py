@@ -27,6 +27,8 @@ class Target:
     min_response_bytes: int = 0
     exact: bool = False
     messages_per_call: int = 1
+    # Dialled instead of `address`, which stays the TLS name and :authority (e.g. a front end's loopback port).
+    connect_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Generator:
                 duration_s=duration_s,
                 count=count,
                 log_file=log if latencies else None,
+                connect_to=target.connect_to,
             )
             output = await _output(argv, self.core)
             times = h2load.latencies_ms(log.read_text()) if latencies else []
@@ -126,12 +129,12 @@ class Generator:
         )
         header += target.metadata
         plan = pyload.Plan(
-            target=target.address,
+            target=target.connect_to or target.address,
             method=target.method,
             request_hex=target.request.hex(),
             streaming=target.streaming,
             ca_file=str(target.tls_ca) if target.tls_ca else None,
-            authority="localhost" if target.tls_ca else None,
+            authority=(target.address if target.connect_to else "localhost") if target.tls_ca else None,
             metadata=header,
             concurrency=self.clients * self.streams,
             duration_s=duration_s,

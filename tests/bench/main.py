@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.bench import h2load
+from tests.bench import h2load, hop
 from tests.bench.fixture import CLOUD_RUN_UNSAMPLED, Fixture, service_argv
 from tests.bench.layered_server import LAYERS
 from tests.bench.load import Generator
@@ -452,6 +452,23 @@ async def operating(args: argparse.Namespace) -> int:
     return 0
 
 
+async def front_end(args: argparse.Namespace) -> int:
+    """ping.Send and ListFeatures through the local Cloud Run's front end to one and two instances, against
+    direct: the cost of the hop, and what a second instance buys."""
+    bench = await started(args)
+    try:
+        rows = await hop.measure(bench, step)
+    finally:
+        await bench.fx.stop()
+    print()
+    print(table(hop.HEADER, rows))
+    print(
+        "(rate: the median of the rounds; p99 of each call's time, median of the rounds; CPU: the instances'"
+    )
+    print(" and the front end's, per call or per stream; vs direct: in the same run)")
+    return 0
+
+
 _BEGUN = time.monotonic()
 
 
@@ -474,8 +491,13 @@ def main() -> None:
     parser.add_argument(
         "--operating", action="store_true", help="only the cost of metrics and the worker processes' gain"
     )
+    parser.add_argument(
+        "--front-end",
+        action="store_true",
+        help="only ping.Send and ListFeatures through the local Cloud Run's front end, against direct",
+    )
     args = parser.parse_args()
-    mode = layers if args.layers else operating if args.operating else run
+    mode = layers if args.layers else operating if args.operating else front_end if args.front_end else run
     sys.exit(asyncio.run(mode(args)))
 
 

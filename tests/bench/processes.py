@@ -12,6 +12,8 @@ from localmesh.supervisor import Supervised
 
 _PR_SET_PDEATHSIG = 1
 _TICKS = os.sysconf("SC_CLK_TCK")
+# The cores this process may use before the harness pins itself (children inherit its affinity).
+_ALL_CORES = frozenset(os.sched_getaffinity(0))
 
 
 def python_path() -> str:
@@ -28,6 +30,11 @@ def cores() -> tuple[int | None, int | None]:
 def pin(core: int | None) -> None:
     if core is not None:
         os.sched_setaffinity(0, {core})
+
+
+def unpin() -> None:
+    """This process, and the processes it starts from now on, back on every core."""
+    os.sched_setaffinity(0, _ALL_CORES)
 
 
 class Server:

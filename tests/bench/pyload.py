@@ -41,8 +41,9 @@ async def run(plan: Plan) -> dict[str, Any]:
     if plan.duration_s is None and plan.count is None:
         raise ValueError("a load needs a duration or a count")
     options: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
-    if plan.authority:
+    if plan.authority:  # the TLS name, and the :authority a front end routes by
         options.append(("grpc.ssl_target_name_override", plan.authority))
+        options.append(("grpc.default_authority", plan.authority))
     if plan.ca_file:
         with open(plan.ca_file, "rb") as ca:
             credentials = grpc.ssl_channel_credentials(ca.read())

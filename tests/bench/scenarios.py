@@ -71,7 +71,7 @@ def _routes(channel: grpc.aio.Channel) -> route_guide_pb2_grpc.RouteGuideAsyncSt
     return route_guide_pb2_grpc.RouteGuideStub(channel)  # type: ignore[return-value]
 
 
-def _pong_bytes(message: str) -> int:
+def pong_bytes(message: str) -> int:
     """The smallest body of a successful Send answer (the timestamp's nanos field may be absent)."""
     stamp = Timestamp(seconds=int(time.time()))
     return 5 + ping_pb2.Response(pong=ping_pb2.Pong(index=1, message=message, received_on=stamp)).ByteSize()
@@ -134,7 +134,7 @@ class Bench:
                 tls_ca=self.fx.certs.ca_cert if tls else None,
                 token=self.fx.token(service) if service else None,
                 metadata=trace_context,
-                min_response_bytes=_pong_bytes(MESSAGE),
+                min_response_bytes=pong_bytes(MESSAGE),
             )
             result = await self._measure(server, target)
             await self.check_send(server.port, tls, service)
@@ -172,7 +172,7 @@ class Bench:
                     tls_ca=self.fx.certs.ca_cert,
                     token=self.fx.token("ping"),
                     metadata=CLOUD_RUN_UNSAMPLED,
-                    min_response_bytes=_pong_bytes(MESSAGE + " (relayed)"),
+                    min_response_bytes=pong_bytes(MESSAGE + " (relayed)"),
                 )
                 counted = await self.gen.run(target, count=self.plan.token_calls)
                 calls = 1 + counted.calls

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
@@ -112,6 +112,18 @@ class Load:
 @contextlib.asynccontextmanager
 async def load(stub: ping_pb2_grpc.PingServiceStub, callers: int = 8) -> AsyncIterator[Load]:
     """`callers` loops of Send on `stub` until the block ends (each bounded in count)."""
+
+    async def send() -> str:
+        reply = await stub.Send(ping_pb2.Request(message="load"), timeout=CALL_TIMEOUT_S)
+        return reply.pong.message
+
+    async with looping(send, callers) as seen:
+        yield seen
+
+
+@contextlib.asynccontextmanager
+async def looping(call: Callable[[], Awaitable[str]], callers: int = 8) -> AsyncIterator[Load]:
+    """`callers` loops of `call` (which answers who served it) until the block ends (each bounded in count)."""
     seen, done = Load(), asyncio.Event()
 
     async def caller() -> None:
@@ -119,11 +131,11 @@ async def load(stub: ping_pb2_grpc.PingServiceStub, callers: int = 8) -> AsyncIt
             if done.is_set():
                 return
             try:
-                reply = await stub.Send(ping_pb2.Request(message="load"), timeout=CALL_TIMEOUT_S)
+                answer = await call()
             except grpc.aio.AioRpcError as error:
                 seen.failed[error.code()] += 1
             else:
-                seen.answered[reply.pong.message] += 1
+                seen.answered[answer] += 1
 
     tasks = [asyncio.create_task(caller()) for _ in range(callers)]
     try:
