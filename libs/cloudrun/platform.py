@@ -33,12 +33,10 @@ from types import TracebackType
 from typing import Any
 
 from cloudrun import names
-from cloudrun.frontend import Target
+from cloudrun.autoscaler import Autoscaler, Launcher, Scaling, StartupFailed
+from cloudrun.frontend import FrontEnd, Target
 from cloudrun.manifest import RevisionSpec, parse
 from cloudrun.runners import Revision
-
-from cloudrun.autoscaler import Autoscaler, Launcher, Scaling, StartupFailed
-from cloudrun.frontend import FrontEnd
 from emulators.dev_ca import ensure_dev_certs
 from emulators.identity import IdentityEmulator
 
@@ -313,7 +311,8 @@ class CloudRun:
 
     def _apply(self, service: ServiceState, traffic: list[Target]) -> None:
         """The revisions the traffic names running (started first), the front end routing by it, then the ones
-        it no longer names scaled to zero. A target with neither percent nor tag is dropped, as Cloud Run does."""
+        it no longer names scaled to zero. A target with neither percent nor tag is dropped, as Cloud Run does.
+        """
         traffic = [t for t in traffic if t.percent or t.tag]
         named = {t.revision for t in traffic}
         for name in sorted(named):

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloudrun.autoscaler import Launcher, StartupFailed
 from cloudrun.child import child_env, python_module
 from cloudrun.manifest import RevisionSpec
-
-from cloudrun.autoscaler import Launcher, StartupFailed
 
 __all__ = ["CLOUD_RUN_FLAGS", "Launcher", "Process", "Revision", "from_image", "from_source", "instance_env"]
 

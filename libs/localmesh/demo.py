@@ -113,7 +113,8 @@ async def _survey(mesh: Mesh, client: DemoClient, say: Print) -> list[route_guid
     routeguide serves unless ROUTEGUIDE_DB says otherwise); returns the features found."""
     stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
     route = [
-        route_guide_pb2.Point(latitude=f.latitude, longitude=f.longitude) for f in builtin_database().features[:3]
+        route_guide_pb2.Point(latitude=f.latitude, longitude=f.longitude)
+        for f in builtin_database().features[:3]
     ]
     request = aggregator_pb2.SurveyRequest(message="survey", area=WORLD, route=route)
     with client.traced("demo: survey") as trace_id:

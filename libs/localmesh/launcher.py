@@ -29,10 +29,9 @@ from cloudrun.manifest import RevisionSpec
 from cloudrun.platform import CloudRun
 from emulators.identity import IdentityEmulator
 from localmesh.calls import CallStore, add_receiver
-from localmesh.processes import COLOURS, RESET, readable
 from localmesh.plan import PROJECT_ID, PROJECT_NUMBER, REGION, Plan, find_root, source_image, templates
+from localmesh.processes import COLOURS, RESET, readable
 from localmesh.spans import SpanStore, start_receiver
-
 
 
 def write_cli(path: Path, env: Mapping[str, str]) -> None:
@@ -183,7 +182,9 @@ class Mesh:
             return {folder: source_image(self.root, folder) for folder in folders}
         found = {}
         for folder in folders:
-            image_id = _docker(self._docker_env, "image", "inspect", "--format", "{{.Id}}", self._images[folder])
+            image_id = _docker(
+                self._docker_env, "image", "inspect", "--format", "{{.Id}}", self._images[folder]
+            )
             found[folder] = f"mesh.local/{folder}@{image_id}"
         return found
 

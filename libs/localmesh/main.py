@@ -86,7 +86,9 @@ def table(rows: list[Row]) -> list[str]:
     lines = [("SERVICE", "REVISION", "TRAFFIC", "INSTANCES", "IN FLIGHT")]
     for row in rows:
         tags = f" ({', '.join(row.tags)})" if row.tags else ""
-        lines.append((row.service, row.revision, f"{row.percent}%{tags}", str(row.instances), str(row.in_flight)))
+        lines.append(
+            (row.service, row.revision, f"{row.percent}%{tags}", str(row.instances), str(row.in_flight))
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
 
@@ -116,7 +118,12 @@ async def serve(args: argparse.Namespace) -> int:
         docker_env = engine.docker_env()
         images = {folder: f"{folder}:dev" for folder, _ in templates(find_root()).values()}
     mesh = Mesh(
-        args.state_dir, only=args.only, echo=say, colour=sys.stdout.isatty(), images=images, docker_env=docker_env
+        args.state_dir,
+        only=args.only,
+        echo=say,
+        colour=sys.stdout.isatty(),
+        images=images,
+        docker_env=docker_env,
     )
     status = 0
     try:

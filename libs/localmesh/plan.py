@@ -99,14 +99,20 @@ class Plan:
             rendered[name] = (folder, text, parse(text))
         hosts = {names.service_host(n, PROJECT_NUMBER, REGION): n for n in rendered}
         upstreams = {
-            name: tuple(sorted({hosts[h] for v in spec.env.values() if (h := v.removesuffix(":443")) in hosts}))
+            name: tuple(
+                sorted({hosts[h] for v in spec.env.values() if (h := v.removesuffix(":443")) in hosts})
+            )
             for name, (_, _, spec) in rendered.items()
         }
         unknown = sorted(set(only) - set(rendered))
         if unknown:
-            raise PlanError(f"no manifest for {', '.join(unknown)}; the services are {', '.join(sorted(rendered))}")
+            raise PlanError(
+                f"no manifest for {', '.join(unknown)}; the services are {', '.join(sorted(rendered))}"
+            )
         order = _callees_first(upstreams, list(only) or sorted(rendered))
-        services = tuple(Service(n, rendered[n][0], rendered[n][1], rendered[n][2], upstreams[n]) for n in order)
+        services = tuple(
+            Service(n, rendered[n][0], rendered[n][1], rendered[n][2], upstreams[n]) for n in order
+        )
         accounts = {spec.service_account.split("@")[0] for _, _, spec in rendered.values()}
         outside = sorted({i for ids in topology.invokers.values() for i in ids} - accounts)
         if len(outside) != 1:

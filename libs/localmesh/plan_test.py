@@ -32,7 +32,9 @@ def test_callees_start_first_and_each_runs_as_its_manifest_says() -> None:
     assert sorted(order) == ["aggregator", "ping", "ping-upstream", "routeguide"]
     for service in plan.services:
         assert all(order.index(u) < order.index(service.name) for u in service.upstreams), order
-    assert plan["aggregator"].upstreams == ("ping", "routeguide") and plan["ping"].upstreams == ("ping-upstream",)
+    assert plan["aggregator"].upstreams == ("ping", "routeguide") and plan["ping"].upstreams == (
+        "ping-upstream",
+    )
     assert plan["ping-upstream"].folder == "ping"  # the same image as ping: its manifest's folder
     assert plan["ping"].spec.service_account == "ping-sa@local-mesh.iam.gserviceaccount.com"
     assert plan["ping"].audience == f"https://{plan['ping'].host}"

@@ -49,7 +49,9 @@ def manifest() -> str:
 
 
 def note(stream: int, message: str) -> route_guide_pb2.RouteNote:
-    return route_guide_pb2.RouteNote(location=route_guide_pb2.Point(latitude=stream, longitude=7), message=message)
+    return route_guide_pb2.RouteNote(
+        location=route_guide_pb2.Point(latitude=stream, longitude=7), message=message
+    )
 
 
 async def test_a_hard_killed_instance_costs_no_idempotent_call_and_every_stream_ends(tmp_path: Path) -> None:
@@ -112,7 +114,9 @@ async def test_a_hard_killed_instance_costs_no_idempotent_call_and_every_stream_
             await eventually(lambda: unary["OK"] >= before + 200, within=30, what="the load after the kill")
             # The autoscaler noticed the death (out of the endpoints at once) and started a replacement.
             await eventually(
-                lambda: run.snapshot()[0].instances == 2 and not victim.alive(), within=30, what="a replacement"
+                lambda: run.snapshot()[0].instances == 2 and not victim.alive(),
+                within=30,
+                what="a replacement",
             )
             done.set()
             await asyncio.gather(*callers)
@@ -120,7 +124,9 @@ async def test_a_hard_killed_instance_costs_no_idempotent_call_and_every_stream_
             async def finish(read: asyncio.Future[object], number: int) -> tuple[grpc.StatusCode, object]:
                 chat = chats[number]
                 if not read.done():
-                    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # cut meanwhile
+                    with contextlib.suppress(
+                        grpc.aio.AioRpcError, asyncio.InvalidStateError
+                    ):  # cut meanwhile
                         await chat.write(note(number, "second"))
                         await chat.done_writing()
                 answer: object = None
@@ -130,12 +136,16 @@ async def test_a_hard_killed_instance_costs_no_idempotent_call_and_every_stream_
                         pass
                 return await chat.code(), answer
 
-            ends = await asyncio.wait_for(asyncio.gather(*(finish(f, n) for f, n in reads.items())), FINISH_WITHIN_S)
+            ends = await asyncio.wait_for(
+                asyncio.gather(*(finish(f, n) for f, n in reads.items())), FINISH_WITHIN_S
+            )
     for code, answer in ends:
         streams["completed" if code == grpc.StatusCode.OK else f"cut: {code.name}"] += 1
         if code == grpc.StatusCode.OK:
             assert isinstance(answer, route_guide_pb2.RouteNote) and answer.message == "first", answer
-    print(f"\nhard kill: unary GetFeature {dict(unary)}; streams {dict(streams)}; first end {first_end_s:.2f} s")
+    print(
+        f"\nhard kill: unary GetFeature {dict(unary)}; streams {dict(streams)}; first end {first_end_s:.2f} s"
+    )
     assert set(unary) == {"OK"}, unary  # retried to success: no caller saw the kill
     assert ended, f"no stream ended within {CUT_WITHIN_S} s of the kill"
     # Both instances held streams: the killed one's were cut with a status, the other's completed.

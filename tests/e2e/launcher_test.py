@@ -191,12 +191,19 @@ def test_the_printed_cli_commands_answer_as_pasted_while_the_mesh_serves(tmp_pat
         # The script holds the developer's metadata secret: no other user may read it.
         assert (tmp_path / ".mesh" / "cli").stat().st_mode & 0o077 == 0
         shell = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PEX", "GCE_METADATA"))}
-        answers = {  # by the service the command calls: `.mesh/cli --server SERVICE-NUMBER.REGION.run.app:443 ...`
-            re.split(r"-\d+\.", command.split(" --server ")[1])[0]: subprocess.run(
-                ["bash", "-c", command], cwd=tmp_path, env=shell, capture_output=True, text=True, timeout=60
-            )
-            for command in printed
-        }
+        answers = (
+            {  # by the service the command calls: `.mesh/cli --server SERVICE-NUMBER.REGION.run.app:443 ...`
+                re.split(r"-\d+\.", command.split(" --server ")[1])[0]: subprocess.run(
+                    ["bash", "-c", command],
+                    cwd=tmp_path,
+                    env=shell,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                for command in printed
+            }
+        )
     finally:
         launcher.send_signal(signal.SIGINT)
         rest, _ = launcher.communicate(timeout=60)
@@ -247,7 +254,16 @@ def test_min_instances_shows_in_the_live_table_and_max_caps_it(tmp_path: Path) -
 
 def test_scaling_an_unknown_service_stops_with_one_line(tmp_path: Path) -> None:
     launcher = subprocess.run(
-        [sys.executable, "-m", main.__name__, "--demo", "--only", "ping-upstream", "--max-instances", "nope=1"],
+        [
+            sys.executable,
+            "-m",
+            main.__name__,
+            "--demo",
+            "--only",
+            "ping-upstream",
+            "--max-instances",
+            "nope=1",
+        ],
         env=_launcher_env(tmp_path),
         capture_output=True,
         text=True,

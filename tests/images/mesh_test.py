@@ -32,7 +32,9 @@ async def test_relay_survey_and_tour_through_the_containers_with_their_traces(
             # The manifest names the image by its ID, and the service's container runs that very image.
             assert service.spec.image == f"mesh.local/{service.folder}@{ids[service.folder]}"
             (name,) = [n for n in running if n.startswith(f"cloudrun-{mesh.deployed[service.name]}-")]
-            assert engine.docker("inspect", "--format", "{{.Image}}", name).stdout.strip() == ids[service.folder]
+            assert (
+                engine.docker("inspect", "--format", "{{.Image}}", name).stdout.strip() == ids[service.folder]
+            )
         # Each step waits for the spans of every service it crosses (demo._show_trace), so the traces printed
         # came from the containers' OTLP exporters.
         await demo.run(mesh, said.append)
