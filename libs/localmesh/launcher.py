@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from cloudrun import runners
+from cloudrun.autoscaler import Instance
 from cloudrun.child import child_env
 from cloudrun.manifest import RevisionSpec
 from cloudrun.platform import CloudRun
@@ -81,7 +82,7 @@ class Mesh:
         self.plan: Plan | None = None
         self.run: CloudRun | None = None
         self.deployed: dict[str, str] = {}  # service -> its revision, in start order
-        self.started: list[tuple[str, runners.Process]] = []  # every instance, by service
+        self.started: list[tuple[str, Instance]] = []  # every instance, by service
         self._receiver: grpc.aio.Server | None = None
         self._receiver_port = 0
 
@@ -205,7 +206,7 @@ class Mesh:
                 extra_env=self.telemetry,
             )
 
-        def started() -> runners.Process:
+        def started() -> Instance:
             instance = launch()
             self.started.append((service, instance))
             return instance

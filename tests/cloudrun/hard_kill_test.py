@@ -18,6 +18,7 @@ import grpc
 import yaml
 
 from cloudrun import runners
+from cloudrun.autoscaler import Instance
 from cloudrun.platform import CloudRun
 from deploy.render import render
 from mesh.channels import retry_service_config
@@ -55,12 +56,12 @@ def note(stream: int, message: str) -> route_guide_pb2.RouteNote:
 
 
 async def test_a_hard_killed_instance_costs_no_idempotent_call_and_every_stream_ends(tmp_path: Path) -> None:
-    started: list[runners.Process] = []
+    started: list[Instance] = []
 
     def runner(revision: runners.Revision) -> runners.Launcher:
         launch = runners.from_source(revision)
 
-        def tracked() -> runners.Process:
+        def tracked() -> Instance:
             started.append(launch())
             return started[-1]
 
