@@ -27,6 +27,12 @@ class TimeLeft(ping_pb2_grpc.PingServiceServicer):
         headers = sorted(key for key, _ in context.invocation_metadata() or ())
         return ping_pb2.Response(pong=ping_pb2.Pong(message=json.dumps([context.time_remaining(), headers])))
 
+    async def SendUpstream(
+        self, request: ping_pb2.Request, context: grpc.aio.ServicerContext
+    ) -> ping_pb2.Response:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "an instance of this test has no upstream")
+        raise AssertionError("abort raises")
+
 
 def build(runtime: serving.Runtime) -> list[serving.Service]:
     return [serving.Service("ping.PingService", TimeLeft(), ping_pb2_grpc.add_PingServiceServicer_to_server)]
