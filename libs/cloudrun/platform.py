@@ -314,7 +314,8 @@ class CloudRun:
 
     def _apply(self, service: ServiceState, traffic: list[Target]) -> None:
         """The revisions the traffic names running (started first), the front end routing by it, then the ones
-        it no longer names scaled to zero. A target with neither percent nor tag is dropped, as Cloud Run does."""
+        it no longer names scaled to zero. A target with neither percent nor tag is dropped, as Cloud Run does.
+        """
         traffic = [t for t in traffic if t.percent or t.tag]
         named = {t.revision for t in traffic}
         for name in sorted(named):
