@@ -21,7 +21,7 @@ from cloudrun import runners
 from cloudrun.autoscaler import Instance
 from cloudrun.platform import CloudRun
 from deploy.render import render
-from mesh.channels import retry_service_config
+from mesh.client import retry_service_config
 from mesh.testing import NO_REUSEPORT, eventually
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from tests.cloudrun.instances import CALL_TIMEOUT_S, PROJECT_NUMBER, REGION
