@@ -1,4 +1,4 @@
-"""Run cloudbuild.yaml here as Cloud Build runs it on a push (README: "The pipeline, locally"):
+"""Run cloudbuild.yaml here as Cloud Build runs it on a push (README.md beside this file):
 
     ./pants run build-support/cloudbuild:local -- [--substitutions=_SERVICES=all] [--record=FILE]
 
