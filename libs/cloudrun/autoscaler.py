@@ -21,7 +21,6 @@ import collections
 import dataclasses
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -188,8 +187,8 @@ class Autoscaler:
                 log.exception("autoscaler %s: poll failed", self.revision)
 
     def _tick(self) -> None:
-        in_flight = self.front.in_flight(self.revision)
-        pending, none_healthy = self._queue_stats()
+        load = self.front.load(self.revision)
+        in_flight, pending, none_healthy = load.in_flight, load.pending, load.none_healthy
         changed = False
         with self._lock:
             now, scaling = time.monotonic(), self._scaling
@@ -277,15 +276,6 @@ class Autoscaler:
             self._on_change()
         else:
             instance.stop()
-
-    def _queue_stats(self) -> tuple[int, int]:
-        """Calls waiting in the front end's queue (not yet in any instance's count), and how many calls so far
-        found no instance at all (a revision scaled to zero)."""
-        names = [
-            f"cluster.{self.revision}.{s}" for s in ("upstream_rq_pending_active", "upstream_cx_none_healthy")
-        ]
-        stats = self.front.stats("^(" + "|".join(re.escape(n) for n in names) + ")$")
-        return stats.get(names[0], 0), stats.get(names[1], 0)
 
     def _announce(self) -> None:
         ports = sorted(self._running)

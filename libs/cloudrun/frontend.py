@@ -40,12 +40,27 @@ DEFAULT_CONCURRENCY = 80  # Cloud Run's default containerConcurrency
 START_WITHIN_S = 20.0
 APPLY_WITHIN_S = 10.0
 STOP_WITHIN_S = 5.0
+# Envoy answers its admin interface on its main thread: on a busy 2-core machine a reply can take seconds, which
+# is no reason to fail a deploy. Each call still ends within this bound.
+ADMIN_TIMEOUT_S = 10.0
+# One reading of every revision's load serves every autoscaler that asks within this age: N revisions polling
+# every 0.1 s would otherwise cost Envoy's main thread 3N admin replies a tick (the whole cluster dump each).
+LOAD_FRESH_S = 0.05
 # Loopback admin calls only: never through a proxy the environment names.
 _ADMIN = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class FrontEndError(Exception):
     """Envoy did not start, rejected a change or did not apply it in time; the message says which."""
+
+
+@dataclass(frozen=True)
+class Load:
+    """A revision's load as the front end sees it."""
+
+    in_flight: dict[int, int]  # instance port -> calls and streams in flight (Envoy's host `rq_active`)
+    pending: int  # calls waiting in the front end's queue, not yet on any instance
+    none_healthy: int  # calls so far that found no instance at all (a revision scaled to zero)
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,9 @@ class FrontEnd:
         self.region = region
         self._cert, self._key, self._wanted_port = cert, key, port
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._loads: dict[str, Load] = {}
+        self._load_read_at = float("-inf")
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self._admin = ""
@@ -201,16 +219,33 @@ class FrontEnd:
     def in_flight(self, revision: str) -> dict[int, int]:
         """Each of the revision's instances (by port) and its calls and streams in flight, as Envoy counts
         them (a host's `rq_active`)."""
-        clusters = json.loads(self._get("/clusters?format=json")).get("cluster_statuses", [])
-        found: dict[int, int] = {}
-        for status in clusters:
-            if status.get("name") != revision:
-                continue
+        return self.load(revision).in_flight
+
+    def load(self, revision: str) -> Load:
+        """The revision's load, from one reading of Envoy's counters shared by every revision (LOAD_FRESH_S)."""
+        with self._load_lock:
+            if time.monotonic() - self._load_read_at > LOAD_FRESH_S:
+                self._loads = self._read_loads()
+                self._load_read_at = time.monotonic()
+            return self._loads.get(revision, Load({}, 0, 0))
+
+    def _read_loads(self) -> dict[str, Load]:
+        hosts: dict[str, dict[int, int]] = {}
+        for status in json.loads(self._get("/clusters?format=json")).get("cluster_statuses", []):
+            found = hosts.setdefault(status.get("name", ""), {})
             for host in status.get("host_statuses", []):
                 port = int(host["address"]["socket_address"]["port_value"])
                 stats = {s["name"]: int(s.get("value", 0)) for s in host.get("stats", [])}
                 found[port] = stats.get("rq_active", 0)
-        return found
+        queues = self.stats(r"^cluster\.[^.]+\.(upstream_rq_pending_active|upstream_cx_none_healthy)$")
+        return {
+            revision: Load(
+                in_flight,
+                queues.get(f"cluster.{revision}.upstream_rq_pending_active", 0),
+                queues.get(f"cluster.{revision}.upstream_cx_none_healthy", 0),
+            )
+            for revision, in_flight in hosts.items()
+        }
 
     def set_service(self, service: str, traffic: Sequence[Target], *, wait: bool = True) -> None:
         """The service's traffic: percents (adding up to 100) over known revisions, and tags."""
@@ -372,7 +407,7 @@ class FrontEnd:
     def _admin_call(self, path: str, data: bytes | None) -> str:
         if self._process is None or self._process.poll() is not None:
             raise FrontEndError(f"Envoy is not running{self._log_tail()}")
-        with _ADMIN.open(f"http://{self._admin}{path}", data=data, timeout=2) as reply:
+        with _ADMIN.open(f"http://{self._admin}{path}", data=data, timeout=ADMIN_TIMEOUT_S) as reply:
             body: Any = reply.read()
         return body.decode()
 
