@@ -18,8 +18,8 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from mesh.probes import PROBE_SERVICES
-from mesh.server_spans import SCHEMA_URL, SCOPE, drops_unsampled_parents
+from mesh.probes import method_names, probe
+from mesh.propagation import SCHEMA_URL, SCOPE, drops_unsampled_parents
 
 
 class _Injected(NamedTuple):
@@ -48,11 +48,10 @@ class ClientSpans:
         found = self._methods.get(method, False)
         if found is not False:
             return found  # type: ignore[return-value]
-        name = method.decode() if isinstance(method, bytes) else method  # grpc.aio hands over bytes
-        service, _, short = name[1:].partition("/")
+        service, short = method_names(method)
         plan = None
-        if not name[1:].startswith(PROBE_SERVICES):
-            plan = name, {
+        if not probe(service):
+            plan = f"/{service}/{short}", {
                 "rpc.system": "grpc",
                 "rpc.grpc.status_code": 0,
                 "rpc.method": short,

@@ -1,7 +1,7 @@
 """RED metrics of every call, served and outgoing: OpenTelemetry's RPC semantic conventions on its SDK.
 
 Why these names and not gRPC's own (`grpc.server.call.duration`, from grpcio-observability): the chains in
-mesh.server_chain and mesh.client_chain already know each call's method, outcome and duration, so recording
+mesh.server._chain and mesh.client_chain already know each call's method, outcome and duration, so recording
 there costs one histogram point a call, where the plugin would add a second interception layer inside gRPC's
 C core; and `rpc.server.duration` / `rpc.client.duration` are what OpenTelemetry's own gRPC instrumentation
 emits, so dashboards built for it read ours.
@@ -11,7 +11,7 @@ emits, so dashboards built for it read ours.
   of the histogram is the call rate, the points with a code other than 0 are the errors.
 - `rpc.server.requests_per_rpc`, `rpc.server.responses_per_rpc`: messages per served stream (streaming
   calls only).
-- Probes and tooling (health, reflection) are not recorded, as they are not traced (mesh.server_spans).
+- Probes and tooling (health, reflection) are not recorded, as they are not traced (mesh.server._spans).
 
 OTEL_METRICS_EXPORTER = none (default) | console | otlp | gcp_monitoring (Cloud Monitoring), comma-separated;
 OTEL_METRIC_EXPORT_INTERVAL (ms) and OTEL_EXPORTER_OTLP_* are read by the SDK and the exporter themselves.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from opentelemetry.metrics import Histogram, MeterProvider
@@ -29,8 +29,7 @@ from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
-from mesh.handler_kinds import Messages
-from mesh.probes import PROBE_SERVICES
+from mesh.probes import method_names, probe
 from mesh.resources import resource_from_env
 from mesh.settings import ConfigError, Env, names
 
@@ -91,6 +90,13 @@ def provider_from_env(
     )
 
 
+class Counts(Protocol):
+    """The messages a streaming call received and sent (what the server's handler wrappers count)."""
+
+    received: int
+    sent: int
+
+
 class MethodMetrics:
     """What one method's calls record: made once per method, a cached attribute set per status code."""
 
@@ -99,12 +105,12 @@ class MethodMetrics:
     def __init__(
         self, method: str, duration: Histogram, requests: Histogram | None, responses: Histogram | None
     ) -> None:
-        service, _, name = method.lstrip("/").partition("/")
+        service, name = method_names(method)
         self._duration, self._requests, self._responses = duration, requests, responses
         self._static = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         self._by_code: dict[int, dict[str, Any]] = {}
 
-    def record(self, started: float, code: grpc.StatusCode, messages: Messages | None = None) -> None:
+    def record(self, started: float, code: grpc.StatusCode, messages: Counts | None = None) -> None:
         """One call that began at `started` (time.perf_counter) and ended now with `code`; `messages` for a
         streaming call."""
         number = code.value[0]
@@ -138,10 +144,10 @@ class RpcMetrics:
         self._methods: dict[str, MethodMetrics | None] = {}
 
     def method(self, method: str | bytes) -> MethodMetrics | None:
-        name = method.decode() if isinstance(method, bytes) else method  # grpc.aio hands over bytes
+        name = method.decode() if isinstance(method, bytes) else method  # grpc.aio's client hands over bytes
         if name not in self._methods:
             tracked = None
-            if not name.lstrip("/").startswith(PROBE_SERVICES):
+            if not probe(method_names(name)[0]):
                 tracked = MethodMetrics(name, self._duration, self._requests, self._responses)
             if len(self._methods) < 10_000:  # method names can come from callers: bounded
                 self._methods[name] = tracked

@@ -204,7 +204,7 @@ class ServerSettings:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # After SIGTERM: NOT_SERVING while still serving for `lame_duck_seconds` (health-checking front ends move
-    # away), then in-flight calls get `grace_seconds` (mesh.drain). Cloud Run sends SIGKILL 10 s after SIGTERM:
+    # away), then in-flight calls get `grace_seconds` (mesh.server._drain). Cloud Run sends SIGKILL 10 s after SIGTERM:
     # both together stay within SHUTDOWN_SECONDS, leaving time to flush spans and metrics.
     lame_duck_seconds: float = 1.5
     grace_seconds: float = 7.0

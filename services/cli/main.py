@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from mesh.settings import ConfigError
+from mesh import ConfigError
 from mesh.tokens import NoCredentialsError
 from services.cli import aggregator_commands, arguments, connection, ping_commands, routeguide_commands
 from services.cli.command import Command

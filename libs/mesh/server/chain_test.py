@@ -27,8 +27,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from emulators.identity import IdentityEmulator
 from mesh import deadlines
-from mesh.identity import TokenVerifier, current_caller
-from mesh.server_chain import ServerChain
+from mesh.server import AsyncioModel, ServerChain, ServingModel, ThreadsModel, TokenVerifier, current_caller
 from mesh.testing import loopback
 from ping import ping_pb2, ping_pb2_grpc
 
@@ -175,9 +174,9 @@ CALLER_SPAN = 0x00F067AA0BA902B7
 SAMPLED = (("traceparent", f"00-0af7651916cd43dd8448eb211c80319c-{CALLER_SPAN:016x}-01"),)
 
 
-@pytest.mark.parametrize("threads", [False, True], ids=["asyncio", "threads"])
+@pytest.mark.parametrize("model", [AsyncioModel, ThreadsModel], ids=["asyncio", "threads"])
 async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted(
-    emulator: IdentityEmulator, threads: bool
+    emulator: IdentityEmulator, model: type[ServingModel]
 ) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))  # only a sampled caller makes a span record
@@ -187,7 +186,7 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
     verifier = TokenVerifier(AUDIENCE, certs.url, allowed_callers=frozenset({ALICE}))
     chain = ServerChain(provider, verifier, meters=MeterProvider(metric_readers=[reader]))
     add = functools.partial(
-        ping_pb2_grpc.add_PingServiceServicer_to_server, ThreadsPing() if threads else Ping()
+        ping_pb2_grpc.add_PingServiceServicer_to_server, ThreadsPing() if model is ThreadsModel else Ping()
     )
     alice = emulator.mint(ALICE, AUDIENCE)
     refused = {
@@ -198,7 +197,7 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
     }
     refused["a stranger, seen before"] = refused["a stranger, new"]
     try:
-        async with loopback(add, chain=chain, threads=threads) as served, served.channel() as channel:
+        async with loopback(add, chain=chain, model=model) as served, served.channel() as channel:
             stub: Any = ping_pb2_grpc.PingServiceStub(channel)
             for _ in range(2):  # a new token (verified first, the certs fetched then), then the same one
                 answer = await stub.Send(

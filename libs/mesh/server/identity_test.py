@@ -13,8 +13,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from emulators.identity import IdentityEmulator, SigningKey
-from mesh.identity import AuthError, Caller, TokenVerifier, current_caller
-from mesh.server_chain import ServerChain
+from mesh.server import AuthError, Caller, ServerChain, TokenVerifier, current_caller
 from mesh.testing import eventually, start_loopback
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2 as rg
