@@ -6,6 +6,7 @@ call records none, whatever its caller's trace context asks for, and is still co
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 import time
@@ -30,6 +31,7 @@ from mesh import deadlines
 from mesh.server import AsyncioModel, ServerChain, ServingModel, ThreadsModel, TokenVerifier, current_caller
 from mesh.testing import loopback
 from ping import ping_pb2, ping_pb2_grpc
+from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
 ALICE = "alice@proj.iam.gserviceaccount.com"
 AUDIENCE = "https://svc.example"
@@ -235,3 +237,29 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
                     for point in metric.data.data_points:
                         counted[(point.attributes or {})["rpc.grpc.status_code"]] = point.count  # type: ignore[union-attr]
     assert counted == {0: 2, 16: 3, 7: 2}
+
+
+class WrittenChat(route_guide_pb2_grpc.RouteGuideServicer):
+    """RouteChat as a coroutine that writes its responses with `context.write` (as grpc's own health Watch
+    does), not as an async generator."""
+
+    async def RouteChat(self, request_iterator: Any, context: Any) -> None:
+        async for note in request_iterator:
+            await context.write(note)
+
+
+async def test_a_request_stream_answered_by_context_write_is_told_it_is_admitted_before_it_writes() -> None:
+    """Every wrapper of a request stream sends the response headers once the call is admitted (a client may
+    wait for them before it writes: mesh.server._calls.ADMITTED); the one for a handler that writes with
+    `context.write` too, not only the generator's and the one-response wrappers."""
+    add = functools.partial(route_guide_pb2_grpc.add_RouteGuideServicer_to_server, WrittenChat())
+    async with loopback(add, chain=ServerChain()) as served, served.channel() as channel:
+        stub: Any = route_guide_pb2_grpc.RouteGuideStub(channel)
+        call = stub.RouteChat(timeout=30)
+        # Nothing written yet: only the admission can send the headers.
+        await asyncio.wait_for(call.initial_metadata(), 10)
+        await call.write(route_guide_pb2.RouteNote(message="after the headers"))
+        reply = await call.read()
+        await call.done_writing()
+    assert reply.message == "after the headers"
+
