@@ -122,10 +122,7 @@ class Runtime:
         id_tokens: IdTokens | None,
         meters: MeterProvider | None = None,
     ) -> None:
-        self.name = name
-        self.env = env
-        self.provider = provider
-        self.meters = meters
+        self.name, self.env, self.provider, self.meters = name, env, provider, meters
         self._id_tokens = id_tokens
         self._channels = Channels(id_tokens, provider, calls=calls, meters=meters)
 

@@ -24,20 +24,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from mesh import watchdog
+from mesh.server import _calls
 from mesh.server._calls import (
     ADMITTED,
     KINDS,
     UNDECODABLE,
-    After,
-    Arrival,
-    Enter,
-    Entered,
     Messages,
-    Pending,
     Refusal,
     kind_of,
-    no_request,
-    not_a_message,
     one_answered,
     tolerant,
 )
@@ -99,17 +93,19 @@ def _parsed(
     for request in requests:
         messages.received += 1
         if request is UNDECODABLE:
-            _refuse(not_a_message(method), context)
+            _refuse(_calls.not_a_message(method), context)
         yield request
 
 
 def _one(requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Any:
     for request in requests:
         return request
-    _refuse(no_request(method), context)
+    _refuse(_calls.no_request(method), context)
 
 
-def _arriving(requests: Iterator[Any], arrival: Arrival, context: grpc.ServicerContext) -> Iterator[Any]:
+def _arriving(
+    requests: Iterator[Any], arrival: _calls.Arrival, context: grpc.ServicerContext
+) -> Iterator[Any]:
     """`requests`, the first of them within `arrival.seconds` (else the process's watchdog cancels the call,
     which wakes the read with grpc.RpcError: the client sees CANCELLED) and before the arrival ends the wait
     (the same way), then `arrival.arrived()`."""
@@ -184,7 +180,7 @@ class ThreadsModel(ServingModel):
     def adding(self, server: Any, wrap: Wrap) -> Any:
         return _ThreadsServer(server, wrap)
 
-    def finish(self, pending: Pending | Refusal, context: Any) -> None:
+    def finish(self, pending: _calls.Pending | Refusal, context: Any) -> None:
         if isinstance(pending, Refusal):
             refused: Refusal | None = pending
         else:
@@ -207,7 +203,12 @@ class ThreadsModel(ServingModel):
         await asyncio.to_thread(server.stop(grace).wait)
 
     def wrap(
-        self, handler: grpc.RpcMethodHandler, enter: Enter, after: After, method: str, headers_first: bool
+        self,
+        handler: grpc.RpcMethodHandler,
+        enter: _calls.Enter,
+        after: _calls.After,
+        method: str,
+        headers_first: bool,
     ) -> grpc.RpcMethodHandler:
         """`enter` always runs before a unary request is read here (the module's docstring says why)."""
         finish = self.finish
@@ -221,7 +222,7 @@ class ThreadsModel(ServingModel):
         deserializer = tolerant(handler.request_deserializer)
 
         def admitted(
-            entered: Entered, requests: Iterator[Any], context: grpc.ServicerContext
+            entered: _calls.Entered, requests: Iterator[Any], context: grpc.ServicerContext
         ) -> Iterator[Any]:
             """The call's admission, before its handler, whatever its kind: what `enter` left pending finished,
             the arrival of its request awaited, a request stream told it is admitted (ADMITTED); then its
@@ -263,15 +264,18 @@ class ThreadsModel(ServingModel):
 
             # A stream the client abandons is not run to its end: end the call's work when the RPC ends.
             context.add_callback(lambda: end(None))
+            error: BaseException | None = None
             try:
                 requests = admitted(entered, requests, context)
-                for response in behavior(_parsed(requests, context, method, messages), context):
-                    messages.sent += 1
+                for messages.sent, response in enumerate(
+                    behavior(_parsed(requests, context, method, messages), context), 1
+                ):
                     yield response
             except BaseException as exc:
-                end(exc)
+                error = exc
                 raise
-            end(None)
+            finally:
+                end(error)
 
         served: Any = streaming if handler.response_streaming else unary
         if quick is not None:

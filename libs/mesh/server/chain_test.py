@@ -262,4 +262,3 @@ async def test_a_request_stream_answered_by_context_write_is_told_it_is_admitted
         reply = await call.read()
         await call.done_writing()
     assert reply.message == "after the headers"
-
