@@ -10,23 +10,25 @@ A call coming in:
                  (deadlines, identity, the span, metrics, the parse check), then the servicer's method
 
 A call going out:
-  channels       one channel per downstream, made once: TLS, keepalive, retries of idempotent methods
-  client_chain   on each call: the timeout capped by the incoming deadline (deadlines), the ID token for the
-                 callee's audience (tokens), the CLIENT span and trace headers (client_spans), the duration
-                 (metrics)
-  downstream     what the caller is told when that call fails
+  client/        one channel per upstream (Channels), then, on each call, the client chain (ClientChain):
+                 the timeout capped by the incoming deadline, the ID token for the callee's audience, the
+                 CLIENT span and trace headers, the duration; `reported`: what the caller is told when it fails
 """
 
-from mesh.downstream import reported
+from mesh.client import Channels, IdTokens, NoCredentialsError, audience_for, reported
 from mesh.server import AsyncioModel, Caller, Threads, ThreadsModel, current_caller, never_waits
 from mesh.serving import RunningServer, Runtime, Service, ServiceFactory, main
-from mesh.settings import ConfigError, Env, Upstream, text
+from mesh.settings import ConfigError, ConnectTo, Env, Upstream, text
 
 __all__ = [
     "AsyncioModel",
     "Caller",
+    "Channels",
     "ConfigError",
+    "ConnectTo",
     "Env",
+    "IdTokens",
+    "NoCredentialsError",
     "RunningServer",
     "Runtime",
     "Service",
@@ -34,6 +36,7 @@ __all__ = [
     "Threads",
     "ThreadsModel",
     "Upstream",
+    "audience_for",
     "current_caller",
     "main",
     "never_waits",

@@ -1,9 +1,9 @@
 """RED metrics of every call, served and outgoing: OpenTelemetry's RPC semantic conventions on its SDK.
 
 Why these names and not gRPC's own (`grpc.server.call.duration`, from grpcio-observability): the chains in
-mesh.server._chain and mesh.client_chain already know each call's method, outcome and duration, so recording
-there costs one histogram point a call, where the plugin would add a second interception layer inside gRPC's
-C core; and `rpc.server.duration` / `rpc.client.duration` are what OpenTelemetry's own gRPC instrumentation
+mesh.server._chain and mesh.client's ClientChain already know each call's method, outcome and duration, so
+recording there costs one histogram point a call, where the plugin would add a second interception layer
+inside gRPC's C core; and `rpc.server.duration` / `rpc.client.duration` are what OpenTelemetry's own gRPC instrumentation
 emits, so dashboards built for it read ours.
 
 - `rpc.server.duration`, `rpc.client.duration` (ms): one point per call, with `rpc.system`, `rpc.service`,
@@ -29,7 +29,7 @@ from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
-from mesh.probes import method_names, probe
+from mesh.probes import rpc_attributes
 from mesh.resources import resource_from_env
 from mesh.settings import ConfigError, Env, names
 
@@ -103,11 +103,14 @@ class MethodMetrics:
     __slots__ = ("_duration", "_requests", "_responses", "_static", "_by_code")
 
     def __init__(
-        self, method: str, duration: Histogram, requests: Histogram | None, responses: Histogram | None
+        self,
+        attributes: dict[str, str],
+        duration: Histogram,
+        requests: Histogram | None,
+        responses: Histogram | None,
     ) -> None:
-        service, name = method_names(method)
         self._duration, self._requests, self._responses = duration, requests, responses
-        self._static = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        self._static = attributes  # the method's (mesh.probes.rpc_attributes)
         self._by_code: dict[int, dict[str, Any]] = {}
 
     def record(self, started: float, code: grpc.StatusCode, messages: Counts | None = None) -> None:
@@ -141,15 +144,15 @@ class RpcMetrics:
             self._responses = meter.create_histogram(
                 SERVER_RESPONSES, unit="{count}", description="Messages sent per served stream"
             )
-        self._methods: dict[str, MethodMetrics | None] = {}
+        self._methods: dict[str | bytes, MethodMetrics | None] = {}
 
     def method(self, method: str | bytes) -> MethodMetrics | None:
-        name = method.decode() if isinstance(method, bytes) else method  # grpc.aio's client hands over bytes
-        if name not in self._methods:
+        if method not in self._methods:
+            attributes = rpc_attributes(method)
             tracked = None
-            if not probe(method_names(name)[0]):
-                tracked = MethodMetrics(name, self._duration, self._requests, self._responses)
+            if attributes is not None:
+                tracked = MethodMetrics(attributes, self._duration, self._requests, self._responses)
             if len(self._methods) < 10_000:  # method names can come from callers: bounded
-                self._methods[name] = tracked
+                self._methods[method] = tracked
             return tracked
-        return self._methods[name]
+        return self._methods[method]

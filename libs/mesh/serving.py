@@ -30,7 +30,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from mesh import logs, metrics, propagation, tracing, workers
-from mesh.channels import MAX_MESSAGE_BYTES, Channels
+from mesh.client import MAX_MESSAGE_BYTES, Channels, IdTokens
 from mesh.server import AsyncioModel, Drain, Drained, ServerChain, ServingModel, Threads, TokenVerifier
 from mesh.settings import (
     ALL_INTERFACES,
@@ -44,7 +44,6 @@ from mesh.settings import (
     log_level,
     text,
 )
-from mesh.tokens import IdTokens
 
 log = logging.getLogger("mesh.serving")
 
@@ -80,8 +79,8 @@ MAX_PING_STRIKES = 2
 
 
 def keepalive_policy(keepalive: Keepalive) -> list[tuple[str, int]]:
-    """What the server accepts from its callers' keepalive (mesh.channels.connection_options): pings on idle
-    connections, and pings twice as often as they are sent (every 10 s at least, for callers outside the
+    """What the server accepts from its callers' keepalive (mesh.client's connection options): pings on
+    idle connections, and pings twice as often as they are sent (every 10 s at least, for callers outside the
     mesh), so that no caller with the same settings collects the ping strikes that end in GOAWAY
     "too_many_pings"; a caller that pings faster is told so at its third early ping."""
     interval = min(10.0, keepalive.time / 2)

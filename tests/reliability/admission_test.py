@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from emulators.identity import IdentityEmulator
-from mesh.channels import MAX_MESSAGE_BYTES
+from mesh.client import MAX_MESSAGE_BYTES
 from mesh.serving import MAX_STREAMS_PER_CONNECTION
 from tests.reliability import h2c
 from tests.reliability.figures import report

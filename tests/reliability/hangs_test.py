@@ -97,7 +97,7 @@ async def first_and_second(stub: aggregator_pb2_grpc.AggregatorAsyncStub) -> tup
 
 async def healed(stub: aggregator_pb2_grpc.AggregatorAsyncStub) -> tuple[list[str], float]:
     """Surveys until every downstream call is OK again (bounded: gRPC reconnects with a backoff capped at
-    10 s by mesh.channels); the last codes and the time it took."""
+    10 s by mesh.client's Channels); the last codes and the time it took."""
     timer, found = Timer(), [""]
     for _ in range(60):
         found = codes(await stub.Survey(small("again"), timeout=DEADLINE))

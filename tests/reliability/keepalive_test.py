@@ -1,4 +1,4 @@
-"""Keepalive as the mesh configures it (mesh.channels.connection_options, mesh.serving.keepalive_policy), on
+"""Keepalive as the mesh configures it (mesh.client._channels.connection_options, mesh.serving.keepalive_policy), on
 real routeguide processes: a channel pinging every second stays connected to a server of the same settings
 (no GOAWAY "too_many_pings", which a server with the default policy does send), and notices within the
 keepalive bound when that server freezes."""
@@ -10,7 +10,7 @@ import signal
 
 import grpc
 
-from mesh.channels import Channels
+from mesh.client import Channels
 from mesh.settings import CallSettings, Keepalive, Upstream
 from routeguide.route_guide_pb2 import Point
 from tests.reliability import calls

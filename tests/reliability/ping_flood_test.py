@@ -14,7 +14,7 @@ import asyncio
 
 import grpc
 
-from mesh.channels import Channels
+from mesh.client import Channels
 from mesh.settings import CallSettings, Keepalive, Upstream
 from ping.ping_pb2 import Request
 from tests.reliability import calls, pings

@@ -3,7 +3,7 @@
 `TokenVerifier` checks an RS256 ID token against the issuer's published certs (cached per their
 Cache-Control max-age, refetched once on an unknown key id), its audience, issuer and times, then the
 caller's email against an optional allow-list. Verified tokens are cached until they expire, so a caller
-that reuses its token (as mesh.tokens does) pays a dict lookup per call, not an RSA verification.
+that reuses its token (as mesh.client's IdTokens does) pays a dict lookup per call, not an RSA verification.
 mesh.server._chain applies it (`admitter`) to every RPC of a server except the exempt methods.
 """
 

@@ -24,7 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from mesh.probes import PROBE_SERVICES, method_names, probe
+from mesh.probes import PROBE_SERVICES, rpc_attributes
 from mesh.propagation import SCHEMA_URL, SCOPE, drops_unsampled_parents, traceparent_decides
 from mesh.server._calls import Metadata
 
@@ -102,15 +102,10 @@ class ServerSpans:
     def starter(self, method: str) -> Start | None:
         """What opens a call's span from its context and metadata and makes it current (what `end_span`
         closes); None for an untraced method."""
-        service, name = method_names(method)
-        if probe(service, self._untraced):
+        named = rpc_attributes(method, self._untraced)
+        if named is None:
             return None
-        attributes = {
-            "rpc.system": "grpc",
-            "rpc.grpc.status_code": grpc.StatusCode.OK.value[0],
-            "rpc.method": name,
-            "rpc.service": service,
-        }
+        attributes = {**named, "rpc.grpc.status_code": grpc.StatusCode.OK.value[0]}
         tracer, ids = self._tracer, self._ids
 
         def unsampled_child(trace_id: int, flags: int, state: TraceState, parent: Context) -> OpenSpan:

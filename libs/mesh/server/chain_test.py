@@ -239,21 +239,29 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
     assert counted == {0: 2, 16: 3, 7: 2}
 
 
-class WrittenChat(route_guide_pb2_grpc.RouteGuideServicer):
+async def written_chat(notes: AsyncIterator[route_guide_pb2.RouteNote], context: Any) -> None:
     """RouteChat as a coroutine that writes its responses with `context.write` (as grpc's own health Watch
     does), not as an async generator."""
+    async for note in notes:
+        await context.write(note)
 
-    async def RouteChat(self, request_iterator: Any, context: Any) -> None:
-        async for note in request_iterator:
-            await context.write(note)
+
+def add_written_chat(server: Any) -> None:
+    chat = grpc.stream_stream_rpc_method_handler(
+        written_chat,
+        request_deserializer=route_guide_pb2.RouteNote.FromString,
+        response_serializer=route_guide_pb2.RouteNote.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("routeguide.RouteGuide", {"RouteChat": chat})]
+    )
 
 
 async def test_a_request_stream_answered_by_context_write_is_told_it_is_admitted_before_it_writes() -> None:
     """Every wrapper of a request stream sends the response headers once the call is admitted (a client may
     wait for them before it writes: mesh.server._calls.ADMITTED); the one for a handler that writes with
     `context.write` too, not only the generator's and the one-response wrappers."""
-    add = functools.partial(route_guide_pb2_grpc.add_RouteGuideServicer_to_server, WrittenChat())
-    async with loopback(add, chain=ServerChain()) as served, served.channel() as channel:
+    async with loopback(add_written_chat, chain=ServerChain()) as served, served.channel() as channel:
         stub: Any = route_guide_pb2_grpc.RouteGuideStub(channel)
         call = stub.RouteChat(timeout=30)
         # Nothing written yet: only the admission can send the headers.

@@ -17,22 +17,21 @@ import pytest
 
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
+from mesh.client.tokens_test import run_client
 from mesh.server import ServerChain, TokenVerifier, current_caller
 from mesh.testing import loopback
-from mesh.tokens_test import run_client
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
 ALICE = "alice@proj.iam.gserviceaccount.com"
 AUDIENCE = "https://routes.example"
 
-# Through mesh.channels.Channels, as a service calls: unary, server stream, client stream, bidi stream.
+# Through Channels, as a service calls: unary, server stream, client stream, bidi stream.
 CLIENT = r"""
 import asyncio, json, sys
 from pathlib import Path
 import grpc
-from mesh.channels import Channels
+from mesh.client import Channels, IdTokens
 from mesh.settings import Upstream
-from mesh.tokens import IdTokens
 from routeguide import route_guide_pb2 as rg, route_guide_pb2_grpc as rg_grpc
 
 async def main(target, ca_file, audience, calls, pause=""):

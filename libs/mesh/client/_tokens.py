@@ -1,9 +1,12 @@
-"""Outgoing ID-token call credentials, minted through google-auth and cached per audience.
+"""The caller's ID tokens, minted through google-auth and cached per audience, as the `authorization` metadata
+the client chain (ClientChain) adds to each outgoing call.
 
 google-auth finds the identity (service-account key in GOOGLE_APPLICATION_CREDENTIALS, impersonation, or
-the metadata server) and refreshes a token about 3m45s before it expires. This module keeps one credential
+the metadata server) and deems a token stale about 3m45s before it expires. This module keeps one credential
 per audience for the life of its owner, so every call to an audience reuses one token instead of minting
-one per call (the Cloud Run grpc-ping sample's open bug).
+one per call (the Cloud Run grpc-ping sample's open bug). The metadata is handed to the chain, not attached
+as gRPC call credentials: gRPC runs a call credential's plugin on a new thread for every call, which costs
+about as much as the call itself; here a call whose token is fresh pays a dict lookup.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import grpc
 from google.auth.credentials import Credentials, TokenState
-from google.auth.transport.grpc import AuthMetadataPlugin
 
 from mesh.settings import target_host
 
@@ -67,23 +68,24 @@ def _in_daemon_thread(work: Callable[[], T]) -> concurrent.futures.Future[T]:
     return future
 
 
-class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
-    """google-auth's plugin with a cheap path for every call and a single minter at a time.
+class _IdToken:
+    """One audience's token, as metadata: a cheap path for every call and a single minter at a time.
 
-    gRPC runs the plugin for every RPC, on a thread of its own. While google-auth says the token is fresh
-    the prepared header is handed back at once; otherwise one thread refreshes (through google-auth) while
-    concurrent calls either reuse the still-valid stale token or wait for the new one.
+    While google-auth says the token is fresh the prepared header is handed back at once; otherwise one
+    thread refreshes (through google-auth) while concurrent calls either reuse the still-valid stale token or
+    wait for the new one.
     """
 
     def __init__(self, credentials: Credentials, request: Any) -> None:
-        super().__init__(credentials, request, suppress_metrics_header=True)
+        self._credentials = credentials
+        self._request = request
         self._refresh_lock = threading.Lock()
         self._token: str | None = None
-        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._metadata: Metadata = ()
         # time.monotonic() until which the token counts as fresh without asking google-auth again.
         self._fresh_until = 0.0
 
-    def cached(self) -> tuple[tuple[str, str], ...] | None:
+    def cached(self) -> Metadata | None:
         """The prepared metadata while google-auth deems the token fresh; None when it needs a refresh.
 
         google-auth's verdict (two clock reads and datetime arithmetic) is taken at most every
@@ -106,7 +108,7 @@ class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
                 return self._metadata
         return None
 
-    def refreshed(self, context: Any = None) -> tuple[tuple[str, str], ...]:
+    def refreshed(self) -> Metadata:
         """Blocking: the metadata after google-auth refreshed the token if needed; one minter at a time.
 
         While a stale (still valid) token is being replaced by another thread, it is returned at once.
@@ -121,46 +123,26 @@ class _IdTokenPlugin(AuthMetadataPlugin):  # type: ignore[misc]
         if not acquired:  # first use or expired: every caller waits for the one mint
             self._refresh_lock.acquire()
         try:
-            headers = self._get_authorization_headers(context or _NO_CONTEXT)  # google-auth refreshes here
-            self._metadata = tuple((k.lower(), v) for k, v in headers)
+            headers: dict[str, str] = {}
+            # google-auth refreshes here if needed (the method and URL matter only to other credentials).
+            credentials.before_request(self._request, "", "", headers)
+            headers.pop("x-goog-api-client", None)  # google-auth's usage metrics, not for our callees
+            self._metadata = tuple((k.lower(), v) for k, v in headers.items())
             self._token = credentials.token  # after _metadata: cached() reads them in the other order
             return self._metadata
         finally:
             self._refresh_lock.release()
 
-    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
-        metadata = self.cached()
-        if metadata is None:
-            try:
-                metadata = self.refreshed(context)
-            except Exception as exc:  # gRPC fails the call with this; keep the reason
-                # google-auth's messages name the endpoint and status, never a token (nor, described, a secret).
-                callback((), RuntimeError(f"cannot mint an ID token: {described(exc)}"))
-                return
-        callback(metadata, None)
-
-
-class _NoContext:
-    method_name = ""
-    service_url = ""
-
-
-_NO_CONTEXT = _NoContext()
-
 
 class IdTokens:
-    """Owner of the ID-token credentials of one process: one google-auth credential per audience."""
+    """Owner of the ID tokens of one process: one google-auth credential per audience."""
 
     def __init__(self, request: Any | None = None) -> None:
         # The HTTP transport (requests, urllib3: ~7 MB and ~90 ms of imports) only once a token is needed.
         self._request = request
         self._lock = threading.Lock()
         self._refreshing: dict[str, concurrent.futures.Future[Metadata]] = {}
-        self._credentials: dict[str, tuple[_IdTokenPlugin, grpc.CallCredentials]] = {}
-
-    def credentials(self, audience: str) -> grpc.CallCredentials:
-        """Call credentials that attach `authorization: Bearer <ID token for audience>` to every call."""
-        return self._entry(audience)[1]
+        self._tokens: dict[str, _IdToken] = {}
 
     def prepare(self, audience: str) -> None:
         """Finds the identity for `audience` now: NoCredentialsError at start-up rather than on a call."""
@@ -168,39 +150,36 @@ class IdTokens:
 
     def cached(self, audience: str) -> Metadata | None:
         """The metadata for `audience` while its token is fresh (no coroutine: the per-call path), else None."""
-        entry = self._credentials.get(audience)
-        return None if entry is None else entry[0].cached()
+        token = self._tokens.get(audience)
+        return None if token is None else token.cached()
 
     async def metadata(self, audience: str, timeout: float | None = None) -> Metadata:
-        """`(("authorization", "Bearer <token>"),)` for per-call metadata (e.g. from a client interceptor).
+        """`(("authorization", "Bearer <token>"),)` for `audience`, to be sent with a call.
 
-        A cheaper alternative to call credentials: gRPC runs a metadata plugin on a new thread for every
-        RPC, which costs about as much as the RPC itself. A dict lookup while the token is fresh. A stale
-        token (google-auth refreshes ahead of expiry) is used while one refresh runs in the background, so an
+        A dict lookup while the token is fresh. A stale token (google-auth refreshes ahead of expiry) is used while one refresh runs in the background, so an
         unreachable metadata server costs nothing until the token really expires. Otherwise the caller waits
         for the (single, shared) mint, at most `timeout` seconds (asyncio.TimeoutError).
         """
-        entry = self._credentials.get(audience)
-        if entry is None:
-            entry = await asyncio.wait_for(
+        token = self._tokens.get(audience)
+        if token is None:
+            token = await asyncio.wait_for(
                 asyncio.wrap_future(_in_daemon_thread(lambda: self._entry(audience))), timeout
             )
-        plugin = entry[0]
-        cached = plugin.cached()
+        cached = token.cached()
         if cached is not None:
             return cached
-        refresh = self._refresh(audience, plugin)
-        stale = plugin.stale()
+        refresh = self._refresh(audience, token)
+        stale = token.stale()
         if stale is not None:
             return stale
         return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(refresh)), timeout)
 
-    def _refresh(self, audience: str, plugin: _IdTokenPlugin) -> concurrent.futures.Future[Metadata]:
+    def _refresh(self, audience: str, token: _IdToken) -> concurrent.futures.Future[Metadata]:
         """The refresh in progress for `audience`, or a new one: never more than one at a time."""
         with self._lock:
             pending = self._refreshing.get(audience)
             if pending is None or pending.done():
-                pending = _in_daemon_thread(plugin.refreshed)
+                pending = _in_daemon_thread(token.refreshed)
                 pending.add_done_callback(lambda f: self._report(audience, f))
                 self._refreshing[audience] = pending
             return pending
@@ -211,23 +190,22 @@ class IdTokens:
             # google-auth's messages name the endpoint and status, never a token (nor, described, a secret).
             _log.warning("cannot mint an ID token for %s: %s", audience, described(exc))
 
-    def _entry(self, audience: str) -> tuple[_IdTokenPlugin, grpc.CallCredentials]:
-        entry = self._credentials.get(audience)
-        if entry is not None:
-            return entry
+    def _entry(self, audience: str) -> _IdToken:
+        token = self._tokens.get(audience)
+        if token is not None:
+            return token
         if not audience:
             raise ValueError("an ID-token audience is required")
         with self._lock:
-            entry = self._credentials.get(audience)
-            if entry is None:
+            token = self._tokens.get(audience)
+            if token is None:
                 if self._request is None:
                     import google.auth.transport.requests
 
                     self._request = google.auth.transport.requests.Request()
-                plugin = _IdTokenPlugin(self._discover(audience), self._request)
-                entry = (plugin, grpc.metadata_call_credentials(plugin, name="id-token"))
-                self._credentials[audience] = entry
-        return entry
+                token = _IdToken(self._discover(audience), self._request)
+                self._tokens[audience] = token
+        return token
 
     def _discover(self, audience: str) -> Credentials:
         import google.auth.exceptions
@@ -247,4 +225,4 @@ class IdTokens:
 
     def close(self) -> None:
         with self._lock:
-            self._credentials.clear()
+            self._tokens.clear()

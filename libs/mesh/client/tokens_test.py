@@ -20,43 +20,37 @@ import pytest
 
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
+from mesh.client import audience_for
 from mesh.server import ServerChain, TokenVerifier, current_caller
 from mesh.testing import start_loopback
-from mesh.tokens import audience_for
 from ping import ping_pb2, ping_pb2_grpc
 
 ALICE = "alice@proj.iam.gserviceaccount.com"
 BOB = "bob@proj.iam.gserviceaccount.com"
 
-# The calling service: one IdTokens, TLS channels with its call credentials, N concurrent calls per target.
-# The calling service: one IdTokens, TLS channels, N concurrent calls per target. Mode "credentials" uses
-# the call credentials; "metadata" passes IdTokens.metadata() per call, as a client interceptor would;
-# "pause" sleeps `calls` seconds.
+# The calling service: one IdTokens behind Channels (the path a service's calls take), N concurrent calls per
+# target in batches of 20; a "pause" step sleeps `calls` seconds.
 CLIENT = r"""
 import asyncio, json, sys
-import grpc
-from mesh.tokens import IdTokens
+from pathlib import Path
+from mesh.client import Channels, IdTokens
+from mesh.settings import Upstream
 from ping import ping_pb2, ping_pb2_grpc
 
 async def main(ca_file, plan):
-    tokens = IdTokens()
-    ca = grpc.ssl_channel_credentials(open(ca_file, "rb").read())
+    channels = Channels(IdTokens())
     seen = {}
-    for target, audience, calls, mode in plan:
-        if mode == "pause":
+    for target, audience, calls in plan:
+        if target is None:
             await asyncio.sleep(calls)
             continue
-        creds = grpc.composite_channel_credentials(ca, tokens.credentials(audience)) if mode == "credentials" else ca
-        async with grpc.aio.secure_channel(target, creds, options=[("grpc.so_reuseport", 0)]) as channel:
-            stub = ping_pb2_grpc.PingServiceStub(channel)
-
-            async def send():
-                md = await tokens.metadata(audience) if mode == "metadata" else None
-                return await stub.Send(ping_pb2.Request(message="hi"), metadata=md, timeout=20)
-
-            for batch in range(calls // 20):
-                for r in await asyncio.gather(*(send() for _ in range(20))):
-                    seen[r.pong.message] = seen.get(r.pong.message, 0) + 1
+        upstream = Upstream(target, audience=audience, ca_file=Path(ca_file))
+        stub = ping_pb2_grpc.PingServiceStub(channels.open(upstream))
+        for batch in range(calls // 20):
+            sent = (stub.Send(ping_pb2.Request(message="hi"), timeout=20) for _ in range(20))
+            for r in await asyncio.gather(*sent):
+                seen[r.pong.message] = seen.get(r.pong.message, 0) + 1
+    await channels.close()
     print(json.dumps(seen))
 
 asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
@@ -119,20 +113,27 @@ async def two_services(certs: DevCerts, emulator: IdentityEmulator) -> AsyncIter
         await server.stop(None)
 
 
+async def calls_as(account: str, emulator: IdentityEmulator, certs: DevCerts, plan: list[Any]) -> Any:
+    """The answers (caller|audience: count) to `plan`'s calls, made by the calling service as `account`."""
+    args = ("-c", CLIENT, str(certs.ca_cert), json.dumps(plan))
+    done = await asyncio.to_thread(run_client, emulator.env_for(account), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
 async def test_one_mint_per_audience_across_many_calls(
     certs: DevCerts, emulator: IdentityEmulator, two_services: list[str]
 ) -> None:
     plan = [
-        [two_services[0], "https://a.example", 200, "credentials"],
-        [two_services[1], "https://b.example", 60, "metadata"],
-        [two_services[0], "https://a.example", 40, "metadata"],
-        [two_services[1], "https://b.example", 20, "credentials"],
+        [two_services[0], "https://a.example", 200],
+        [two_services[1], "https://b.example", 60],
+        [two_services[0], "https://a.example", 40],
+        [two_services[1], "https://b.example", 20],
     ]
-    done = await asyncio.to_thread(
-        run_client, emulator.env_for(ALICE), "-c", CLIENT, str(certs.ca_cert), json.dumps(plan)
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout) == {f"{ALICE}|https://a.example": 240, f"{ALICE}|https://b.example": 80}
+    assert await calls_as(ALICE, emulator, certs, plan) == {
+        f"{ALICE}|https://a.example": 240,
+        f"{ALICE}|https://b.example": 80,
+    }
     assert emulator.identity_requests(ALICE, "https://a.example") == 1
     assert emulator.identity_requests(ALICE, "https://b.example") == 1
     assert emulator.identity_requests() == 2
@@ -145,17 +146,16 @@ async def test_token_is_refreshed_once_when_google_auth_deems_it_stale(
     emulator.token_lifetime_s = 227
     a, b = two_services
     plan = [
-        [a, "https://a.example", 40, "credentials"],
-        [b, "https://b.example", 40, "metadata"],
-        [None, None, 3, "pause"],
-        [a, "https://a.example", 40, "credentials"],
-        [b, "https://b.example", 40, "metadata"],
+        [a, "https://a.example", 40],
+        [b, "https://b.example", 40],
+        [None, None, 3],
+        [a, "https://a.example", 40],
+        [b, "https://b.example", 40],
     ]
-    done = await asyncio.to_thread(
-        run_client, emulator.env_for(ALICE), "-c", CLIENT, str(certs.ca_cert), json.dumps(plan)
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout) == {f"{ALICE}|https://a.example": 80, f"{ALICE}|https://b.example": 80}
+    assert await calls_as(ALICE, emulator, certs, plan) == {
+        f"{ALICE}|https://a.example": 80,
+        f"{ALICE}|https://b.example": 80,
+    }
     assert emulator.identity_requests(ALICE, "https://a.example") == 2
     assert emulator.identity_requests(ALICE, "https://b.example") == 2
 
@@ -163,13 +163,9 @@ async def test_token_is_refreshed_once_when_google_auth_deems_it_stale(
 async def test_each_account_has_its_own_metadata_server(
     certs: DevCerts, emulator: IdentityEmulator, two_services: list[str]
 ) -> None:
-    plan = [[two_services[0], "https://a.example", 20, "credentials"]]
+    plan = [[two_services[0], "https://a.example", 20]]
     for account in (ALICE, BOB):
-        done = await asyncio.to_thread(
-            run_client, emulator.env_for(account), "-c", CLIENT, str(certs.ca_cert), json.dumps(plan)
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads(done.stdout) == {f"{account}|https://a.example": 20}
+        assert await calls_as(account, emulator, certs, plan) == {f"{account}|https://a.example": 20}
         assert emulator.identity_requests(account) == 1
     assert emulator.env_for(ALICE) != emulator.env_for(BOB)
 
@@ -181,12 +177,16 @@ def test_no_identity_gives_a_clear_error_without_secrets(tmp_path: Path) -> None
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{probe.getsockname()[1]}"
-    code = "from mesh.tokens import IdTokens\nIdTokens().credentials('https://a.example')\n"
+    # At start-up, as a service opens its channels: the identity is looked for before any call.
+    code = (
+        "from mesh.client import Channels, IdTokens\nfrom mesh.settings import Upstream\n"
+        "Channels(IdTokens()).open(Upstream('a.example:443'))\n"
+    )
     env = {"GCE_METADATA_HOST": closed, "GCE_METADATA_IP": closed, "GCE_METADATA_DETECT_RETRIES": "1"}
     done = run_client(env, "-c", code)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("mesh.tokens.NoCredentialsError: no identity to mint ID tokens with")
+    assert last.startswith("mesh.client._tokens.NoCredentialsError: no identity to mint ID tokens with")
     assert "GOOGLE_APPLICATION_CREDENTIALS" in last
 
 

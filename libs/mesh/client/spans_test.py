@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mesh.client_spans import ClientSpans
+from mesh.client._spans import ClientSpans
 
 SEND = "/ping.PingService/Send"
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -68,3 +68,29 @@ def test_a_replaced_propagator_writes_the_headers(spans: ClientSpans) -> None:
     assert "traceparent" in started(spans, context)
     propagate.set_global_textmap(W3CBaggagePropagator())  # restored by the fixture
     assert started(spans, context) == {}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/grpc.health.v1.Health/Check",
+        "grpc.health.v1.Health/Check",
+        b"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    ],
+)
+def test_probes_and_tooling_get_no_span_however_their_name_is_spelled(method: str | bytes) -> None:
+    assert ClientSpans(TracerProvider()).start(method) == (None, {})
+
+
+@pytest.mark.parametrize("method", [SEND, SEND[1:], SEND.encode()])
+def test_a_call_is_named_the_same_however_its_method_is_spelled(method: str | bytes) -> None:
+    span, headers = ClientSpans(TracerProvider()).start(method)  # sampled: a root span
+    assert span is not None and "traceparent" in headers
+    span.end()
+    assert span.name == SEND  # type: ignore[attr-defined]
+    assert span.attributes == {  # type: ignore[attr-defined]
+        "rpc.system": "grpc",
+        "rpc.service": "ping.PingService",
+        "rpc.method": "Send",
+        "rpc.grpc.status_code": 0,
+    }

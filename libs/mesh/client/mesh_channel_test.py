@@ -15,7 +15,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from mesh.client_chain import ClientChain, MeshChannel
+from mesh.client import ClientChain
+from mesh.client._channels import MeshChannel
 from mesh.testing import NO_REUSEPORT, loopback
 from ping import ping_pb2, ping_pb2_grpc
 

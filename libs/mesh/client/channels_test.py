@@ -12,7 +12,7 @@ import pytest
 
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from mesh import serving
-from mesh.channels import Channels
+from mesh.client import Channels
 from mesh.settings import Upstream
 from mesh.testing import running
 from ping import ping_pb2, ping_pb2_grpc

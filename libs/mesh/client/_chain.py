@@ -1,19 +1,19 @@
 """The mesh's client-side work on every outgoing call: its deadline, its ID token, its trace context and its
 metrics.
 
-Deadline capping (mesh.deadlines), the caller's ID token (mesh.tokens), the CLIENT span with the trace
-headers (mesh.client_spans) and the call's duration (mesh.metrics), worked out by one `ClientChain` per
-channel. A `MeshChannel` sets them on each call directly: grpc.aio runs a channel's client interceptors in a
-task of their own on every call, a cost paid even by an interceptor that does nothing, so the interceptors
-(`ClientChain.interceptors`) serve only a call that must wait for its token to be minted (the first one, or
-one after the token expired).
+Deadline capping (mesh.deadlines), the caller's ID token (IdTokens), the CLIENT span with the trace headers
+(ClientSpans) and the call's duration (mesh.metrics), worked out by one `ClientChain` per channel in one
+place, `ClientChain.outgoing`. A MeshChannel (mesh.client._channels) calls it directly on each call while the
+token is at hand; a call that must wait for its token to be minted (the first one, or one after the token
+expired) goes through the chain's interceptors (`ClientChain.interceptors`), which wait for the mint and then
+call the same `outgoing`. Interceptors serve only that call because grpc.aio runs a channel's client
+interceptors in a task of their own on every call, a cost paid even by an interceptor that does nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +22,9 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import Span
 
 from mesh import deadlines
-from mesh.client_spans import ClientSpans, ended
+from mesh.client._spans import ClientSpans, ended
+from mesh.client._tokens import IdTokens, Metadata
 from mesh.metrics import MethodMetrics, RpcMetrics
-from mesh.tokens import IdTokens, Metadata
 
 _UNBOUNDED = float("inf")
 
@@ -39,6 +39,12 @@ class Outgoing:
     span: Span | None
     measured: MethodMetrics | None
     started: float
+
+    def watch(self, call: Any) -> Any:
+        """`call`, whose metrics are recorded and CLIENT span (if any) ended with its outcome when it is done."""
+        if self.span is not None or self.measured is not None:
+            call.add_done_callback(lambda done: _ended(self, done))
+        return call
 
 
 class ClientChain:
@@ -66,39 +72,26 @@ class ClientChain:
         self._audience = audience or ""
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        """The chain as client interceptors, for a call that may wait for its token, or for a plain channel
+        (a test's, a command-line client's) that wants the trace context."""
         # One class per call kind: grpc.aio files an interceptor under the first kind it implements only.
         return [kind(self) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
 
-    def ready(
-        self, method: str | bytes, timeout: float | None, metadata: Any, bounded: bool = True
-    ) -> Outgoing | None:
-        """What a call made now gets, or None while the token is still to be minted."""
-        token: Metadata = ()
-        if self._tokens is not None:
-            cached = self._tokens.cached(self._audience)
-            if cached is None:
-                return None
-            token = cached
-        return self._outgoing(method, self._timeout(timeout, bounded), metadata, token)
+    def token(self) -> Metadata | None:
+        """The call's token metadata at hand (none without id_tokens), or None while it is still to be minted."""
+        return () if self._tokens is None else self._tokens.cached(self._audience)
 
-    async def prepare(self, details: Any, bounded: bool = True) -> tuple[Outgoing, Any]:
-        """As `ready`, for an interceptor's call details (returned with the chain's timeout and metadata),
-        waiting for the token when it must be minted."""
-        started = time.perf_counter()
-        timeout = self._timeout(details.timeout, bounded)
-        token = () if self._tokens is None else await self._token(timeout)
-        outgoing = self._outgoing(details.method, timeout, details.metadata, token, started)
-        metadata = grpc.aio.Metadata(*outgoing.metadata)
-        return outgoing, details._replace(timeout=outgoing.timeout, metadata=metadata)
-
-    def _outgoing(
+    def outgoing(
         self,
         method: str | bytes,
         timeout: float | None,
         metadata: Any,
         token: Metadata,
+        bounded: bool = True,
         started: float | None = None,
     ) -> Outgoing:
+        """What a call made now gets, given its token (from `token` or `mint`)."""
+        timeout = self._timeout(timeout, bounded)
         span, carrier = (None, {}) if self._spans is None else self._spans.start(method)
         measured = None if self._metrics is None else self._metrics.method(method)
         headers = (*(metadata or ()), *token, *carrier.items())
@@ -110,11 +103,11 @@ class ClientChain:
             return limit
         return timeout
 
-    async def _token(self, timeout: float | None) -> Metadata:
+    async def mint(self, timeout: float | None, bounded: bool = True) -> Metadata:
+        """The token metadata, waiting for its mint within the call's timeout (as `outgoing` caps it);
+        UNAVAILABLE if it cannot be had."""
         assert self._tokens is not None
-        cached = self._tokens.cached(self._audience)
-        if cached is not None:
-            return cached
+        timeout = self._timeout(timeout, bounded)
         # A mint may hang on an unreachable metadata server (google-auth retries for ~15 s): give up while
         # the caller still has time to hear why, instead of letting its deadline pass in silence.
         try:
@@ -141,8 +134,13 @@ class _Interceptor:
         self._chain = chain
 
     async def _call(self, continuation: Any, details: Any, request: Any, bounded: bool = True) -> Any:
-        outgoing, details = await self._chain.prepare(details, bounded)
-        return _ending_with(outgoing, await continuation(details, request))
+        started, chain = time.perf_counter(), self._chain
+        token = chain.token()
+        if token is None:  # `outgoing` then caps the timeout again: the mint took some of it
+            token = await chain.mint(details.timeout, bounded)
+        outgoing = chain.outgoing(details.method, details.timeout, details.metadata, token, bounded, started)
+        details = details._replace(timeout=outgoing.timeout, metadata=grpc.aio.Metadata(*outgoing.metadata))
+        return outgoing.watch(await continuation(details, request))
 
 
 # One class per call kind, as grpc.aio requires; the request is a message or an iterator of them.
@@ -170,109 +168,7 @@ class _StreamStream(_Interceptor, grpc.aio.StreamStreamClientInterceptor):
         return await self._call(continuation, client_call_details, requests, bounded=False)
 
 
-Opener = Callable[[Sequence[grpc.aio.ClientInterceptor]], grpc.aio.Channel]
-
-
-def _kind(kind: str, bounded: bool = True) -> Callable[..., _Method]:
-    """A MeshChannel's `unary_unary` (etc.): the channel's method of that kind, made through the chain."""
-
-    def method(
-        channel: MeshChannel,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool = False,
-    ) -> _Method:
-        how = (request_serializer, response_deserializer, _registered_method)
-        return channel._method(kind, method, *how, bounded=bounded)
-
-    return method
-
-
-class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
-    """A channel whose calls go out through `chain`: made directly on a channel without interceptors, or,
-    while the token is being minted, on a second channel with the chain's interceptors. Both are opened by
-    `open` with the same target and arguments, so gRPC gives them the same connection (subchannel)."""
-
-    def __init__(self, open: Opener, chain: ClientChain) -> None:
-        self._open = open
-        self._chain = chain
-        self._direct = open(())
-        self._intercepted: grpc.aio.Channel | None = None
-
-    def _waiting(self) -> grpc.aio.Channel:
-        if self._intercepted is None:
-            self._intercepted = self._open(self._chain.interceptors())
-        return self._intercepted
-
-    def _method(self, kind: str, method: str, *how: Any, bounded: bool = True) -> _Method:
-        return _Method(
-            getattr(self._direct, kind)(method, *how),
-            lambda: getattr(self._waiting(), kind)(method, *how),
-            method,
-            self._chain,
-            bounded,
-        )
-
-    unary_unary = _kind("unary_unary")
-    unary_stream = _kind("unary_stream")
-    stream_unary = _kind("stream_unary")
-    # A bidi stream (a chat, a tour) lives as long as its caller: only the incoming deadline bounds it.
-    stream_stream = _kind("stream_stream", bounded=False)
-
-    async def close(self, grace: float | None = None) -> None:
-        await self._direct.close(grace)
-        if self._intercepted is not None:
-            await self._intercepted.close(grace)
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self._direct.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._direct.wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        await self._direct.channel_ready()
-
-    async def __aenter__(self) -> MeshChannel:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close(None)
-
-
-class _Method:
-    """One method of a MeshChannel, for every kind of call (a request, or a request iterator, first)."""
-
-    __slots__ = ("_direct", "_waiting", "_method", "_chain", "_bounded")
-
-    def __init__(
-        self, direct: Any, waiting: Callable[[], Any], method: str, chain: ClientChain, bounded: bool
-    ) -> None:
-        self._direct = direct
-        self._waiting = waiting
-        self._method = method
-        self._chain = chain
-        self._bounded = bounded
-
-    def __call__(
-        self, request: Any = None, *, timeout: float | None = None, metadata: Any = None, **options: Any
-    ) -> Any:
-        ready = self._chain.ready(self._method, timeout, metadata, self._bounded)
-        if ready is None:  # no token at hand: the chain's interceptor waits for the mint
-            return self._waiting()(request, timeout=timeout, metadata=metadata, **options)
-        call = self._direct(request, timeout=ready.timeout, metadata=ready.metadata, **options)
-        return _ending_with(ready, call)
-
-
 _ending: set[asyncio.Task[None]] = set()  # held until done: the loop keeps only weak references to tasks
-
-
-def _ending_with(outgoing: Outgoing, call: Any) -> Any:
-    """`call`, whose metrics are recorded and CLIENT span (if any) ended with its outcome when it is done."""
-    if outgoing.span is not None or outgoing.measured is not None:
-        call.add_done_callback(lambda done: _ended(outgoing, done))
-    return call
 
 
 def _ended(outgoing: Outgoing, call: Any) -> None:

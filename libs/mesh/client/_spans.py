@@ -18,7 +18,7 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from mesh.probes import method_names, probe
+from mesh.probes import rpc_attributes
 from mesh.propagation import SCHEMA_URL, SCOPE, drops_unsampled_parents
 
 
@@ -33,7 +33,7 @@ class _Injected(NamedTuple):
 
 class ClientSpans:
     """The CLIENT span of an outgoing call (when its trace is sampled) and the trace headers to send;
-    run by mesh.client_chain."""
+    run by ClientChain."""
 
     def __init__(self, provider: trace.TracerProvider) -> None:
         self._tracer = provider.get_tracer(SCOPE, schema_url=SCHEMA_URL)
@@ -48,15 +48,11 @@ class ClientSpans:
         found = self._methods.get(method, False)
         if found is not False:
             return found  # type: ignore[return-value]
-        service, short = method_names(method)
+        attributes = rpc_attributes(method)
         plan = None
-        if not probe(service):
-            plan = f"/{service}/{short}", {
-                "rpc.system": "grpc",
-                "rpc.grpc.status_code": 0,
-                "rpc.method": short,
-                "rpc.service": service,
-            }
+        if attributes is not None:
+            name = f"/{attributes['rpc.service']}/{attributes['rpc.method']}"
+            plan = name, {**attributes, "rpc.grpc.status_code": 0}
         if len(self._methods) < 10_000:
             self._methods[method] = plan
         return plan
