@@ -1,6 +1,6 @@
-"""ServerChain: span, identity and deadline together in one wrapper, on a real grpc.aio server.
+"""ServerChain: span, identity and deadline together in one wrapper, on a real server of either model.
 
-Each part has its own tests (server_spans_test, identity_test, deadlines_test); these check how they meet:
+Each part has its own tests (spans_test, identity_test, deadlines_test); these check how they meet:
 what the handler sees at once, which refusal comes first, and the spans of admitted and refused calls: a refused
 call records none, whatever its caller's trace context asks for, and is still counted in the metrics."""
 
@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -142,35 +138,6 @@ class ThreadsPing(ping_pb2_grpc.PingServiceServicer):
         raise AssertionError("unreachable")
 
 
-class TimedCerts:
-    """The emulator's certs, served through here: when a verification fetched them (time.time_ns)."""
-
-    def __init__(self, upstream: str) -> None:
-        fetched = self.fetched = []  # type: list[int]
-
-        class Relay(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                fetched.append(time.time_ns())
-                with urllib.request.urlopen(upstream, timeout=5) as answer:
-                    body = answer.read()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # stdlib signature
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
-        self.url = f"http://127.0.0.1:{self._server.server_port}/certs"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 BOB = "bob@proj.iam.gserviceaccount.com"  # verified, not on the allow-list
 CALLER_SPAN = 0x00F067AA0BA902B7
 SAMPLED = (("traceparent", f"00-0af7651916cd43dd8448eb211c80319c-{CALLER_SPAN:016x}-01"),)
@@ -184,8 +151,8 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
     provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))  # only a sampled caller makes a span record
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
-    certs = TimedCerts(emulator.certs_url)
-    verifier = TokenVerifier(AUDIENCE, certs.url, allowed_callers=frozenset({ALICE}))
+    fetched_before = len(emulator.certs_requested_at())
+    verifier = TokenVerifier(AUDIENCE, emulator.certs_url, allowed_callers=frozenset({ALICE}))
     chain = ServerChain(provider, verifier, meters=MeterProvider(metric_readers=[reader]))
     add = functools.partial(
         ping_pb2_grpc.add_PingServiceServicer_to_server, ThreadsPing() if model is ThreadsModel else Ping()
@@ -198,21 +165,18 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
         "a stranger, new": (("authorization", f"Bearer {emulator.mint(BOB, AUDIENCE)}"),),
     }
     refused["a stranger, seen before"] = refused["a stranger, new"]
-    try:
-        async with loopback(add, chain=chain, model=model) as served, served.channel() as channel:
-            stub: Any = ping_pb2_grpc.PingServiceStub(channel)
-            for _ in range(2):  # a new token (verified first, the certs fetched then), then the same one
-                answer = await stub.Send(
-                    ping_pb2.Request(), metadata=(*SAMPLED, ("authorization", f"Bearer {alice}")), timeout=10
-                )
-                assert answer.pong.message == f"{ALICE}|True|True"
-            codes_seen = {}
-            for what, metadata in refused.items():
-                with pytest.raises(grpc.aio.AioRpcError) as error:
-                    await stub.Send(ping_pb2.Request(), metadata=(*SAMPLED, *metadata), timeout=10)
-                codes_seen[what] = error.value.code()
-    finally:
-        certs.close()
+    async with loopback(add, chain=chain, model=model) as served, served.channel() as channel:
+        stub: Any = ping_pb2_grpc.PingServiceStub(channel)
+        for _ in range(2):  # a new token (verified first, the certs fetched then), then the same one
+            answer = await stub.Send(
+                ping_pb2.Request(), metadata=(*SAMPLED, ("authorization", f"Bearer {alice}")), timeout=10
+            )
+            assert answer.pong.message == f"{ALICE}|True|True"
+        codes_seen = {}
+        for what, metadata in refused.items():
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.Send(ping_pb2.Request(), metadata=(*SAMPLED, *metadata), timeout=10)
+            codes_seen[what] = error.value.code()
     assert codes_seen == {
         "no token": grpc.StatusCode.UNAUTHENTICATED,
         "not a token": grpc.StatusCode.UNAUTHENTICATED,
@@ -224,7 +188,7 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
     first, second = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
     assert all(s.parent is not None and s.parent.span_id == CALLER_SPAN for s in (first, second))
     # The new token's span covers its verification (the certs fetch), as when it opened at the call's entry.
-    (fetched,) = certs.fetched
+    (fetched,) = emulator.certs_requested_at()[fetched_before:]
     assert first.start_time is not None and first.end_time is not None
     assert first.start_time <= fetched <= first.end_time
     # The refusals are still counted, by code.
