@@ -1,4 +1,4 @@
-"""Run cloudbuild.yaml here as Cloud Build runs it on a push (README: "The pipeline, locally"):
+"""Run cloudbuild.yaml here as Cloud Build runs it on a push (README.md beside this file):
 
     ./pants run build-support/cloudbuild:local -- [--substitutions=_SERVICES=all] [--record=FILE]
 
@@ -98,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return INVALID
         record = args.record.resolve() if args.record else scratch / "record.jsonl"
         record.write_text("")
-        cloud_run = CloudRun(engine, state / "cloudrun", project.number, say, record)
+        cloud_run = CloudRun(
+            state / "cloudrun", project.number, say, record, engine=engine, region=project.location
+        )
         stack.callback(cloud_run.close)
         # What the build left in the registry, for the record.
         stack.callback(
@@ -116,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             **engine.docker_env(),
             "PATH": f"{tools}{os.pathsep}{engine.docker_env()['PATH']}",
             gcloud.URL_VARIABLE: f"http://127.0.0.1:{control.server_address[1]}",
-            # The stand-in's revisions serve TLS signed by the development CA (Google's front end on Cloud Run).
-            "TLS_CA_FILE": str(cloud_run.ca_cert),
+            # The services' URLs reach the local Cloud Run's front end, whose certificate the development CA signed.
+            **cloud_run.step_env(),
         }
         say(
             f"cloudbuild: {build.substitutions['SHORT_SHA']} of {root.name} in {workspace}; registry {local_registry.address}"

@@ -29,7 +29,8 @@ from threading import Thread
 
 from cloudbuild.cloudrun import CloudRun, CloudRunError
 from cloudbuild.gcloud_client import URL_VARIABLE, command_name
-from cloudbuild.manifest import InvalidManifest
+
+from cloudrun.manifest import InvalidManifest
 
 __all__ = ["URL_VARIABLE", "answer", "serve", "write_client"]
 

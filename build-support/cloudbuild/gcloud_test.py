@@ -1,5 +1,5 @@
 """The gcloud stand-in refuses what gcloud and the Admin API refuse, records every command, and moves traffic
-as Cloud Run does. (Starting revisions for real is covered by tests/pipeline, which has an engine.)"""
+as Cloud Run does (revisions run from source here; from images in tests/pipeline, which has an engine)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cloudbuild.cloudrun import CloudRun, Revision, Route, Service
+from cloudbuild.cloudrun import CloudRun
 from cloudbuild.gcloud import answer
-from cloudbuild.manifest import InvalidManifest, parse
 
+from cloudrun.manifest import InvalidManifest, parse
 from deploy.reach import Topology, Vpc
 from deploy.render import render_manifest
-from engine.daemon import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 WHERE = ["--project=demo-project", "--region=europe-west1"]
@@ -23,8 +22,8 @@ WHERE = ["--project=demo-project", "--region=europe-west1"]
 
 @pytest.fixture
 def cloud_run(tmp_path: Path) -> Iterator[CloudRun]:
-    # No engine is reached by these tests: nothing here starts a revision.
-    stand_in = CloudRun(Engine("unix:///nonexistent.sock", False, False), tmp_path, "123456789012", print)
+    # No engine: the revisions these tests deploy run from source.
+    stand_in = CloudRun(tmp_path, "123456789012", print)
     yield stand_in
     stand_in.close()
 
@@ -101,17 +100,25 @@ def test_describe_of_a_service_never_deployed(cloud_run: CloudRun) -> None:
     )
 
 
-def test_traffic_moves_by_revision_and_tag_as_cloud_run_moves_it(cloud_run: CloudRun) -> None:
-    service = Service("ping", "europe-west1", latest="ping-new")
-    for name, port in (("ping-old", 1001), ("ping-new", 1002)):
-        service.revisions[name] = Revision(name, "ping", "img", port, f"c-{name}", {})
-    service.traffic = [Route("ping-old", 100), Route("ping-new", 0, "sha-1")]
-    cloud_run.services["ping"] = service
+def test_traffic_moves_by_revision_and_tag_as_cloud_run_moves_it(cloud_run: CloudRun, tmp_path: Path) -> None:
+    document = yaml.safe_load(rendered(tmp_path).read_text())
+    for name, targets in (
+        ("ping-old", None),
+        ("ping-new", [{"revisionName": "ping-old", "percent": 100}, {"latestRevision": True, "percent": 0, "tag": "sha-1"}]),
+    ):  # fmt: skip
+        document["spec"]["template"]["metadata"]["name"] = name
+        if targets:
+            document["spec"]["traffic"] = targets
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(document))
+        done = answer(
+            cloud_run, ["run", "services", "replace", str(tmp_path / f"{name}.yaml"), *WHERE], Path(".")
+        )
+        assert done.code == 0, done.stderr
 
     def traffic(*flags: str) -> list[tuple[str, int, str | None]]:
         done = answer(cloud_run, ["run", "services", "update-traffic", "ping", *flags, *WHERE], Path("."))
         assert done.code == 0, done.stderr
-        return [(r.revision, r.percent, r.tag) for r in cloud_run.services["ping"].traffic]
+        return [(r.revision, r.percent, r.tag) for r in cloud_run.platform.traffic("ping")]
 
     assert traffic("--to-revisions=ping-new=10") == [("ping-old", 90, None), ("ping-new", 10, "sha-1")]
     assert traffic("--to-tags=sha-1=100") == [("ping-new", 100, "sha-1")]
@@ -122,12 +129,13 @@ def test_traffic_moves_by_revision_and_tag_as_cloud_run_moves_it(cloud_run: Clou
     described = json.loads(
         answer(cloud_run, ["run", "services", "describe", "ping", *WHERE, "--format=json"], Path(".")).stdout
     )
-    assert described["status"]["url"] == "https://localhost:1002"
+    # The front end's URLs: the service's, and the tag's (which reaches its revision alone).
+    assert described["status"]["url"] == "https://ping-123456789012.europe-west1.run.app"
     assert {
         "revisionName": "ping-old",
         "percent": 0,
         "tag": "previous",
-        "url": "https://localhost:1001",
+        "url": "https://previous---ping-123456789012.europe-west1.run.app",
     } in described["status"]["traffic"]
     unknown = answer(
         cloud_run,

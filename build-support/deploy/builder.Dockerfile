@@ -2,7 +2,7 @@
 # CPython 3.11 (the services and the deploy programs), git (--changed-since) and PyYAML, pinned as in
 # python-default.lock (deploy/invokers.py and deploy/render.py read services/invokers.yaml), installed from
 # the hashed lock builder-requirements.txt: pip refuses any file whose sha256 the lock does not list.
-# The base images are named by tag: a team pins them by digest where it can verify one (README: Security).
+# The base images are named by tag: a team pins them by digest where it can verify one (docs/security.md, "The build").
 # Built by the first step of cloudbuild.yaml; ./pants bootstraps itself on top, as on a developer machine.
 FROM python:3.9-slim-bookworm AS python39
 

@@ -159,7 +159,8 @@ def rollout_one(gcloud: Gcloud, release: Release, tag: str, steps: Sequence[int]
             f"{release.name}: smoke test failed: {failure}; {moved}, tag {tag} removed"
         ) from None
     say(f"{release.name}: smoke test passed through tag {tag}")
-    for percent in steps:
+    # A first deploy already has all the traffic: there is no other revision to split with (gcloud would refuse).
+    for percent in steps if previous else []:
         gcloud("run", "services", "update-traffic", release.name, f"--to-revisions={revision}={percent}")
         say(f"{release.name}: {percent}% on {revision}")
     kept = [f"--update-tags={PREVIOUS}={previous}"] if previous else []
@@ -176,7 +177,12 @@ def target(gcloud: Gcloud, release: Release, url: str) -> smoke.Target:
     ).strip()  # fmt: skip
     ca = os.environ.get("TLS_CA_FILE")
     return smoke.Target(
-        release.kind, url, token, relay="GRPC_PING_HOST" in env, ca_file=Path(ca) if ca else None
+        release.kind,
+        url,
+        token,
+        relay="GRPC_PING_HOST" in env,
+        ca_file=Path(ca) if ca else None,
+        connect_to=os.environ.get("MESH_CONNECT_TO") or None,
     )
 
 

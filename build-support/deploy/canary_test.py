@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 from cloudbuild import gcloud
-from cloudbuild.cloudrun import CloudRun, Revision, Route, Service
+from cloudbuild.cloudrun import CloudRun
 
 from deploy import canary
 from deploy.layout import cloud_run_name, manifests
 from deploy.reach import Topology, Vpc
 from deploy.render import render_manifest
-from engine.daemon import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 WHERE = ["--project=demo-project", "--region=europe-west1"]
@@ -51,8 +50,8 @@ def test_traffic_steps_rise_to_100() -> None:
 
 @pytest.fixture
 def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CloudRun]:
-    # No revision is started here: the services are set up by hand, so no engine is reached.
-    cloud_run = CloudRun(Engine("unix:///nonexistent.sock", False, False), tmp_path, "123456789012", print)
+    # No engine: the revisions run from source.
+    cloud_run = CloudRun(tmp_path, "123456789012", print)
     server = gcloud.serve(cloud_run)
     import sys
 
@@ -61,18 +60,22 @@ def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CloudR
     monkeypatch.setenv(gcloud.URL_VARIABLE, f"http://127.0.0.1:{server.server_address[1]}")
     yield cloud_run
     server.shutdown()
-    cloud_run.identity.stop()
+    cloud_run.platform.close()
 
 
 def test_rollback_moves_the_traffic_to_previous_and_back(stand_in: CloudRun) -> None:
-    service = Service("ping", "europe-west1", latest="ping-sha-2")
-    for name, port in (("ping-sha-1", 1001), ("ping-sha-2", 1002)):
-        service.revisions[name] = Revision(name, "ping", "img", port, f"c-{name}", {})
-    service.traffic = [Route("ping-sha-1", 0, "previous"), Route("ping-sha-2", 100)]
-    stand_in.services["ping"] = service
+    manifest = release(ROOT / "services/ping/service.yaml").manifest
+    for name, traffic in (
+        ("ping-sha-1", None),
+        ("ping-sha-2", [{"revisionName": "ping-sha-1", "percent": 0, "tag": "previous"}, {"latestRevision": True, "percent": 100}]),
+    ):  # fmt: skip
+        manifest["spec"]["template"]["metadata"]["name"] = name
+        if traffic:
+            manifest["spec"]["traffic"] = traffic
+        stand_in.replace(yaml.safe_dump(manifest), "europe-west1")
 
     def serving() -> tuple[str, str]:
-        routes = stand_in.services["ping"].traffic
+        routes = stand_in.platform.traffic("ping")
         return (
             next(r.revision for r in routes if r.percent == 100),
             next(r.revision for r in routes if r.tag == "previous"),

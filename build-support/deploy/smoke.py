@@ -37,7 +37,7 @@ AREA = route_guide_pb2.Rectangle(
     hi=route_guide_pb2.Point(latitude=420000000, longitude=-730000000),
 )
 # Channel options: no port sharing (tests bind port 0 in parallel).
-OPTIONS = (("grpc.so_reuseport", 0),)
+OPTIONS: tuple[tuple[str, int | str], ...] = (("grpc.so_reuseport", 0),)
 
 
 class SmokeFailed(Exception):
@@ -51,6 +51,9 @@ class Target:
     token: str  # an ID token for the service's audience, from one of its callers
     relay: bool = False  # ping with an upstream: check SendUpstream too
     ca_file: Path | None = None  # extra root CA (the local stand-in's development CA)
+    # MESH_CONNECT_TO's `SUFFIX=HOST:PORT` (the local Cloud Run): a URL whose host ends with SUFFIX is dialled
+    # at HOST:PORT under its own name (TLS name and :authority), as the mesh's channels do.
+    connect_to: str | None = None
 
 
 def check(target: Target) -> None:
@@ -58,12 +61,24 @@ def check(target: Target) -> None:
     parts = urlsplit(target.url)
     if parts.scheme != "https" or not parts.hostname:
         raise SmokeFailed(f"{target.url!r} is not an https URL")
-    address = f"{parts.hostname}:{parts.port or 443}"
+    address, options = f"{parts.hostname}:{parts.port or 443}", list(OPTIONS)
+    if target.connect_to:
+        suffix, _, dialled = target.connect_to.partition("=")
+        suffix = suffix.removeprefix(".")
+        if not (suffix and dialled):
+            raise SmokeFailed(f"MESH_CONNECT_TO {target.connect_to!r} is not SUFFIX=HOST:PORT")
+        # Label by label, as mesh.settings matches it: `.run.app` is not the end of `evilrun.app`.
+        if parts.hostname == suffix or parts.hostname.endswith(f".{suffix}"):
+            name = (
+                ("grpc.ssl_target_name_override", parts.hostname),
+                ("grpc.default_authority", parts.hostname),
+            )
+            address, options = dialled, [*OPTIONS, *name]
     roots = target.ca_file.read_bytes() if target.ca_file else None
     credentials = grpc.composite_channel_credentials(
         grpc.ssl_channel_credentials(roots), grpc.access_token_call_credentials(target.token)
     )
-    with grpc.secure_channel(address, credentials, options=OPTIONS) as channel:
+    with grpc.secure_channel(address, credentials, options=options) as channel:
         service = next(name for name, kind in KINDS.items() if kind == target.kind)
         _health(channel, service)
         {"ping": _ping, "routeguide": _routeguide, "aggregator": _aggregator}[target.kind](channel, target)

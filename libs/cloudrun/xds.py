@@ -81,6 +81,17 @@ def bootstrap(cert: Path, key: Path, port: int, clusters: Path, routes: Path) ->
         "strip_any_host_port": True,
         # A stream is bounded by its route's timeout alone (a quiet RouteChat is no reason to end it).
         "stream_idle_timeout": "0s",
+        # The caller's deadline kept aside before the route is chosen (see CALLER_TIMEOUT).
+        "early_header_mutation_extensions": [
+            {
+                "name": "envoy.http.early_header_mutation.header_mutation",
+                "typed_config": {
+                    "@type": _TYPES
+                    + "extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    "mutations": [_set(CALLER_TIMEOUT, "%REQ(grpc-timeout)%")],
+                },
+            }
+        ],
         "rds": {"route_config_name": ROUTE_TABLE, "config_source": source(routes)},
         "local_reply_config": {
             "mappers": [
@@ -153,6 +164,22 @@ def cluster(revision: str, endpoints: Path, concurrency: int) -> Resource:
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _TYPES + "extensions.upstreams.http.v3.HttpProtocolOptions",
                 "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": concurrency}},
+                # Past the router (which read it back into grpc-timeout): the caller's copy goes no further.
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.header_mutation",
+                        "typed_config": {
+                            "@type": _TYPES + "extensions.filters.http.header_mutation.v3.HeaderMutation",
+                            "mutations": {"request_mutations": [{"remove": CALLER_TIMEOUT}]},
+                        },
+                    },
+                    {
+                        "name": "envoy.filters.http.upstream_codec",
+                        "typed_config": {
+                            "@type": _TYPES + "extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+                        },
+                    },
+                ],
             }
         },
         "circuit_breakers": {
@@ -208,9 +235,12 @@ def routes(hosts: Mapping[str, Mapping[str, int]], timeouts: Mapping[str, float]
             clusters = [{"name": revision, "weight": weight} for revision, weight in sorted(live.items())]
             action["weighted_clusters"] = {"clusters": clusters}
         action["retry_policy"] = {"retry_on": RETRY_ON, "num_retries": RETRIES}
-        virtual_hosts.append(
-            {"name": host, "domains": [host], "routes": [{"match": {"prefix": "/"}, "route": action}]}
-        )
+        route = {
+            "match": {"prefix": "/"},
+            "route": action,
+            "request_headers_to_add": [_set("grpc-timeout", f"%REQ({CALLER_TIMEOUT})%")["append"]],
+        }
+        virtual_hosts.append({"name": host, "domains": [host], "routes": [route]})
     return {"@type": ROUTES_TYPE, "name": ROUTE_TABLE, "virtual_hosts": virtual_hosts}
 
 
@@ -285,6 +315,23 @@ def _timeouts(seconds: float) -> Resource:
     # can only be reset (its caller sees INTERNAL).
     duration = f"{seconds:g}s"
     return {"timeout": duration, "max_stream_duration": {"max_stream_duration": duration}}
+
+
+# Envoy rewrites a gRPC call's `grpc-timeout` to the route's own timeout (the revision's timeoutSeconds) when it
+# picks the route, so the instance would see 3600 s left whatever its caller set. The caller's value is kept
+# aside before that (an early header mutation) and put back on the way to the instance (absent: Envoy's stays):
+# the instance sees the time its caller has left, as behind Cloud Run's front end, and passes it on to its own
+# calls. Envoy itself still bounds the call by the revision's timeout only: enforcing the caller's deadline too
+# would race the caller's own timer (an answered stream reset at that instant ends INTERNAL, not
+# DEADLINE_EXCEEDED).
+CALLER_TIMEOUT = "x-cloudrun-caller-grpc-timeout"
+
+
+def _set(header: str, value: str) -> Resource:
+    """A header mutation that sets `header` to `value` (none when the value is empty)."""
+    return {
+        "append": {"header": {"key": header, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+    }
 
 
 def _address(port: int) -> Resource:

@@ -1,4 +1,4 @@
-"""The local mesh: every service as its own process on loopback, wired as on Cloud Run."""
+"""The local mesh: the services' manifests deployed on the local Cloud Run (libs/cloudrun), with a demo."""
 
 import os
 

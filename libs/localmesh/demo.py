@@ -1,5 +1,7 @@
 """The demo the launcher runs once the mesh is up: a relayed ping, a Survey and a short Tour, each printed with
-its result and the trace of the request as a tree."""
+its result and the trace of the request as a tree. It calls as a caller outside Cloud Run does: over TLS to the
+front end, by the service's run.app name, with the developer's ID token (the outside callers' identity, which
+may call what services/invokers.yaml lets it: ping and the aggregator)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
-from localmesh import topology
 from localmesh.launcher import Mesh
 from localmesh.spans import StoreExporter
 from localmesh.trace_tree import render
 from mesh import tracing
 from ping import ping_pb2, ping_pb2_grpc
-from routeguide import route_guide_pb2, route_guide_pb2_grpc
+from routeguide import route_guide_pb2
+from services.routeguide.features import builtin_database
 
 Print = Callable[[str], None]
 CLIENT = "mesh-demo"
@@ -31,28 +33,41 @@ def point(latitude: float, longitude: float) -> route_guide_pb2.Point:
 WORLD = route_guide_pb2.Rectangle(lo=point(-90, -180), hi=point(90, 180))
 
 
+def front_channel(
+    mesh: Mesh,
+    service: str,
+    credentials: grpc.ChannelCredentials,
+    interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """A connection to `service` by its run.app name (TLS name and :authority), the socket to the front end."""
+    host = mesh.host(service)
+    options = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.ssl_target_name_override", host),
+        ("grpc.default_authority", f"{host}:443"),
+    ]
+    return grpc.aio.secure_channel(mesh.front, credentials, options=options, interceptors=interceptors)
+
+
 class DemoClient:
     """A caller of the mesh as a developer would be: TLS with the dev CA, the developer's ID token, traced."""
 
     def __init__(self, mesh: Mesh) -> None:
-        assert mesh.certs is not None
         self._mesh = mesh
         self.provider = TracerProvider(resource=Resource.create({"service.name": CLIENT}))
         self.provider.add_span_processor(SimpleSpanProcessor(StoreExporter(mesh.spans)))
         self._tracer = self.provider.get_tracer("localmesh.demo")
-        self._roots = mesh.certs.ca_cert.read_bytes()
+        self.roots = mesh.ca_file.read_bytes()
         self._channels: list[grpc.aio.Channel] = []
 
-    def channel(self, service: str) -> grpc.aio.Channel:
-        token = self._mesh.identity.mint(topology.DEVELOPER, topology.audience(service))
+    def channel(self, service: str, account: str | None = None) -> grpc.aio.Channel:
+        """As the developer, or as `account` (a test playing one of the service's callers)."""
+        token = self._mesh.identity.mint(account or self._mesh.developer, self._mesh.audience(service))
         credentials = grpc.composite_channel_credentials(
-            grpc.ssl_channel_credentials(self._roots), grpc.access_token_call_credentials(token)
+            grpc.ssl_channel_credentials(self.roots), grpc.access_token_call_credentials(token)
         )
-        channel = grpc.aio.secure_channel(
-            self._mesh.endpoints[service].address,
-            credentials,
-            interceptors=tracing.client_interceptors(self.provider),
-        )
+        interceptors = tracing.client_interceptors(self.provider)
+        channel = front_channel(self._mesh, service, credentials, interceptors)
         self._channels.append(channel)
         return channel
 
@@ -94,10 +109,13 @@ async def _relayed_ping(mesh: Mesh, client: DemoClient, say: Print) -> None:
 
 
 async def _survey(mesh: Mesh, client: DemoClient, say: Print) -> list[route_guide_pb2.Feature]:
-    """Surveys the whole world, walking a route past three known features; returns the features found."""
+    """Surveys the whole world, walking a route past three places of gRPC's canonical RouteGuide set (what
+    routeguide serves unless ROUTEGUIDE_DB says otherwise); returns the features found."""
     stub = aggregator_pb2_grpc.AggregatorStub(client.channel("aggregator"))
-    listed = [f async for f in route_guide_stub(client).ListFeatures(WORLD, timeout=10)]
-    route = [f.location for f in listed[:3]]
+    route = [
+        route_guide_pb2.Point(latitude=f.latitude, longitude=f.longitude)
+        for f in builtin_database().features[:3]
+    ]
     request = aggregator_pb2.SurveyRequest(message="survey", area=WORLD, route=route)
     with client.traced("demo: survey") as trace_id:
         reply = await stub.Survey(request, timeout=10)
@@ -111,10 +129,6 @@ async def _survey(mesh: Mesh, client: DemoClient, say: Print) -> list[route_guid
         say(f"   {call.method:<38} {code:<4} {call.latency.ToNanoseconds() / 1e6:7.1f} ms  {call.message}")
     await _show_trace(mesh, trace_id, {"aggregator", "ping", "routeguide"}, say)
     return list(reply.features)
-
-
-def route_guide_stub(client: DemoClient) -> route_guide_pb2_grpc.RouteGuideAsyncStub:
-    return route_guide_pb2_grpc.RouteGuideStub(client.channel("routeguide"))  # type: ignore[return-value]
 
 
 async def _tour(mesh: Mesh, client: DemoClient, places: list[route_guide_pb2.Point], say: Print) -> None:

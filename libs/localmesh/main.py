@@ -1,4 +1,5 @@
-"""`./pants run :mesh [-- --demo] [--only SERVICE ...] [--containers]`: the whole mesh on loopback, as on Cloud Run."""
+"""`./pants run :mesh [-- --demo] [--only SERVICE ...] [--containers] [--min-instances SERVICE=N]`: the mesh's
+manifests deployed on the local Cloud Run, behind its front end, as on Cloud Run."""
 
 from __future__ import annotations
 
@@ -10,14 +11,29 @@ import signal
 import sys
 from pathlib import Path
 
+from cloudrun.platform import CloudRunError, Row
 from engine import daemon
-from localmesh import calls, containers, demo, topology
-from localmesh.launcher import Mesh
-from localmesh.supervisor import StartError
+from localmesh import calls, demo
+from localmesh.launcher import ImageMissing, Mesh
+from localmesh.plan import PlanError, find_root, templates
+
+# Commands printed for the developer, by the service they call (only those the developer may invoke).
+EXAMPLES = {
+    "ping": "ping send --message hi --relay",
+    "aggregator": "aggregator survey --message hi --area 400000000,-750000000,420000000,-730000000",
+}
+TABLE_EVERY_S = 1.0
 
 
 def say(line: str) -> None:
     print(line, flush=True)
+
+
+def scaling(text: str) -> tuple[str, int]:
+    service, sep, count = text.partition("=")
+    if not sep or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not SERVICE=N")
+    return service, int(count)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -27,45 +43,54 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=[s.name for s in topology.SERVICES],
+        choices=sorted(templates(find_root())),
         default=[],
-        help="start only these services (and what they call)",
+        help="deploy only these services (and what they call)",
     )
     parser.add_argument(
         "--containers",
         action="store_true",
-        help="run each service in its own image (NAME:dev, from `./pants package ::`) on a container engine",
+        help="run each service from its image (NAME:dev, from `./pants package services/::`) on a container engine",
     )
+    for bound in ("min", "max"):
+        parser.add_argument(
+            f"--{bound}-instances",
+            type=scaling,
+            action="append",
+            default=[],
+            metavar="SERVICE=N",
+            help=f"the service's {bound}imum instances (its manifest's {bound}Scale otherwise; min defaults to 1)",
+        )
     parser.add_argument(
         "--state-dir",
         type=Path,
         default=Path(os.environ.get("MESH_STATE_DIR", ".mesh")),
-        help="where the development CA and certificates live (default .mesh/, gitignored)",
+        help="where the development CA and the CLI script live (default .mesh/, gitignored)",
     )
     return parser.parse_args(argv)
 
 
 def print_endpoints(mesh: Mesh) -> None:
-    assert mesh.certs is not None
-    say(
-        "\nThe mesh is up (TLS with the dev CA, ID tokens from the local identity emulator, traces to the launcher):"
-    )
-    for name, endpoint in mesh.endpoints.items():
-        say(f"  {name:<14} {endpoint.address:<16} audience {topology.audience(name)}")
+    say(f"\nThe mesh is up behind the front end at {mesh.front} (TLS with the dev CA for *.run.app names):")
+    for service in mesh.deployed:
+        say(f"  {service:<14} https://{mesh.host(service)}")
     say("\nCall it as the developer with the CLI, for example (in another terminal, while the mesh runs):")
-    examples = {
-        "ping": "ping send --message hi --relay",
-        "aggregator": "aggregator survey --message hi --area 400000000,-750000000,420000000,-730000000",
-        "routeguide": "routeguide get 409146138 -746188906",
-    }
-    for name, command in examples.items():
-        if name in mesh.endpoints:
-            flags = (
-                f"--server {mesh.endpoints[name].address} --ca {shlex.quote(str(mesh.certs.ca_cert))} "
-                f"--audience {topology.audience(name)}"
-            )
-            say(f"  {shlex.quote(str(mesh.cli))} {flags} {command}")
+    for service, command in EXAMPLES.items():
+        if service in mesh.deployed:
+            say(f"  {shlex.quote(str(mesh.cli))} --server {mesh.host(service)}:443 {command}")
     say("")
+
+
+def table(rows: list[Row]) -> list[str]:
+    """One line per revision: its share of the traffic, tags, instances and calls in flight."""
+    lines = [("SERVICE", "REVISION", "TRAFFIC", "INSTANCES", "IN FLIGHT")]
+    for row in rows:
+        tags = f" ({', '.join(row.tags)})" if row.tags else ""
+        lines.append(
+            (row.service, row.revision, f"{row.percent}%{tags}", str(row.instances), str(row.in_flight))
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
 
 
 async def print_calls(mesh: Mesh, title: str, *, running: bool = True) -> None:
@@ -83,74 +108,69 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    images = None
+    images, docker_env = None, None
     if args.containers:
         try:
-            images = container_images()
-        except ContainerError as err:
-            say(f"mesh: {err}")
+            engine = daemon.ensure(start=False)
+        except daemon.NoEngine as err:
+            say(f"mesh: {err}; start one: PYTHONPATH=build-support python3 -m engine ensure")
             return 1
-    mesh = Mesh(args.state_dir, only=args.only, echo=say, colour=sys.stdout.isatty(), images=images)
+        docker_env = engine.docker_env()
+        images = {folder: f"{folder}:dev" for folder, _ in templates(find_root()).values()}
+    mesh = Mesh(
+        args.state_dir,
+        only=args.only,
+        echo=say,
+        colour=sys.stdout.isatty(),
+        images=images,
+        docker_env=docker_env,
+    )
     status = 0
     try:
         await mesh.start()
+        assert mesh.run is not None
+        for bound in ("min", "max"):
+            for service, count in getattr(args, f"{bound}_instances"):
+                await asyncio.to_thread(mesh.run.set_scaling, service, **{f"{bound}_instances": count})
         print_endpoints(mesh)
-        full = {"aggregator", "ping", "routeguide", "ping-upstream"} <= set(mesh.endpoints)
+        full = set(EXAMPLES) <= set(mesh.deployed) and len(mesh.deployed) == len(templates(find_root()))
         if not args.no_demo and full:
             await demo.run(mesh, say)
         if not args.demo:
             if not args.no_demo and full:
                 await print_calls(mesh, "Calls served so far")
-            say("Serving until Ctrl-C.")
+            say("Serving until Ctrl-C; the revisions' instances and calls in flight, as they change:")
             await _wait(stop, mesh)
-    except StartError as err:
+    except (CloudRunError, PlanError, ImageMissing, ValueError) as err:
         say(f"mesh: {err}")
         status = 1
     finally:
         codes = await mesh.stop()
         if mesh.calls.calls():
-            # Each service flushed its last points on SIGTERM, before mesh.stop returned.
+            # Each instance flushed its last points on SIGTERM, before mesh.stop returned.
             await print_calls(mesh, "Calls served while the mesh ran", running=False)
         crashed = {name: code for name, code in codes.items() if code not in (0, None)}
         if crashed:
             say(f"mesh: stopped; exit codes {crashed}")
             status = status or 1
-        else:
-            say("mesh: every service stopped cleanly")
+        elif codes:
+            say("mesh: every instance stopped cleanly")
     return status
 
 
-class ContainerError(RuntimeError):
-    """No engine, or an image missing; the message says what to do."""
-
-
-def container_images() -> dict[str, str]:
-    """The engine's address for the docker CLI (build-support/engine: DOCKER_HOST, the default socket or the
-    private dockerd), and each role's image, which must exist."""
-    try:
-        engine = daemon.ensure(start=False)
-    except daemon.NoEngine as err:
-        raise ContainerError(f"{err}; start one: PYTHONPATH=build-support python3 -m engine ensure") from err
-    os.environ.update(engine.env())
-    images = containers.images()
-    missing = sorted(
-        {i for i in images.values() if engine.docker("image", "inspect", i, check=False).returncode}
-    )
-    if missing:
-        raise ContainerError(f"no image {', '.join(missing)}: build them with ./pants package ::")
-    return images
-
-
 async def _wait(stop: asyncio.Event, mesh: Mesh) -> None:
-    """Until Ctrl-C; a service that dies meanwhile is reported (the rest keep serving)."""
-    reported: set[str] = set()
+    """Until Ctrl-C, the live table (CloudRun.snapshot) printed again whenever it changes."""
+    assert mesh.run is not None
+    shown: list[Row] = []
     while not stop.is_set():
-        for name, process in mesh.processes.items():
-            if process.returncode is not None and name not in reported:
-                reported.add(name)
-                say(f"mesh: {name} exited with status {process.returncode}")
+        rows = await asyncio.to_thread(mesh.run.snapshot)
+        if rows != shown:
+            shown = rows
+            for line in table(rows):
+                say(f"  {line}")
+            say("")
         try:
-            await asyncio.wait_for(stop.wait(), 0.5)
+            await asyncio.wait_for(stop.wait(), TABLE_EVERY_S)
         except asyncio.TimeoutError:
             pass
 

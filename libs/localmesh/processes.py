@@ -1,6 +1,6 @@
 """Service processes of the local mesh: started, watched until they serve, logged with a prefix, stopped.
 
-Each child runs through localmesh.child, which sets PR_SET_PDEATHSIG, so it dies with the launcher even if the
+Each child runs through cloudrun.child, which sets PR_SET_PDEATHSIG, so it dies with the launcher even if the
 launcher is killed outright: no orphans. A child that exits before serving is reported with its own output
 (localmesh.supervisor.StartError).
 """
@@ -8,12 +8,12 @@ launcher is killed outright: no orphans. A child that exits before serving is re
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from localmesh import child
+from cloudrun.child import child_env, python_module
 from localmesh.supervisor import Supervised
+
+__all__ = ["ServiceProcess", "child_env", "python_module"]
 
 COLOURS = ["\033[36m", "\033[35m", "\033[33m", "\033[32m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
@@ -60,7 +60,7 @@ class ServiceProcess:
 
     def _show(self, line: str) -> None:
         assert self._echo is not None
-        self._echo(f"{self._prefix} {_readable(line)}")
+        self._echo(f"{self._prefix} {readable(line)}")
 
     async def stop(self, timeout: float = 12.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited within `timeout` (beyond the service's own grace)."""
@@ -76,7 +76,7 @@ class ServiceProcess:
             self._process.signal(signum)
 
 
-def _readable(line: str) -> str:
+def readable(line: str) -> str:
     try:
         entry = json.loads(line)
     except ValueError:
@@ -84,19 +84,3 @@ def _readable(line: str) -> str:
     if not isinstance(entry, dict):
         return line
     return f"{entry.get('severity', ''):<7} {entry.get('message', '')}"
-
-
-def python_module(module: str) -> list[str]:
-    """argv that runs `module` with this interpreter and this process's import path, tied to this process."""
-    return [sys.executable, "-m", child.__name__, str(os.getpid()), module]
-
-
-def child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OTEL_", "GCE_METADATA", "GRPC_PING", "AUTH_"))
-    }
-    # Absolute, so that what runs with it elsewhere (the mesh's CLI script, in another shell) imports the same.
-    base["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path if p)
-    return {**base, **extra}

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 from cloudbuild import gcloud
-from cloudbuild.cloudrun import CloudRun, Service
+from cloudbuild.cloudrun import CloudRun
 
 from deploy.invokers import ROLE, load_invokers, main
-from engine.daemon import Engine
 
 WHERE = ["--project=demo-project", "--region=europe-west1"]
 FILE = """
@@ -32,10 +31,10 @@ def sa(account: str) -> str:
 @pytest.fixture
 def cloud_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CloudRun]:
     """The stand-in, with ping, ping-upstream and routeguide deployed, behind a `gcloud` first on PATH."""
-    # No engine is reached: nothing here starts a revision.
-    stand_in = CloudRun(Engine("unix:///nonexistent.sock", False, False), tmp_path, "123456789012", print)
+    # No engine: the revisions run from source.
+    stand_in = CloudRun(tmp_path, "123456789012", print)
     for name in ("ping", "ping-upstream", "routeguide"):
-        stand_in.services[name] = Service(name, "europe-west1")
+        stand_in.bindings[name] = set()
     control = gcloud.serve(stand_in)
     client = gcloud.write_client(tmp_path / "bin", sys.executable, sys.path)
     monkeypatch.setenv("PATH", f"{client.parent}{os.pathsep}{os.environ['PATH']}")
@@ -48,7 +47,7 @@ def cloud_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cloud
 
 
 def invokers(cloud_run: CloudRun, service: str) -> set[str]:
-    return {member for member, role in cloud_run.services[service].bindings if role == ROLE}
+    return {member for member, role in cloud_run.bindings[service] if role == ROLE}
 
 
 def reconcile(tmp_path: Path, text: str, *args: str) -> int:
@@ -62,14 +61,14 @@ def test_a_caller_taken_out_of_the_file_and_members_bound_by_hand_are_revoked(
 ) -> None:
     # What the previous deploy applied, and two bindings made by hand since.
     assert reconcile(tmp_path, FILE) == 0
-    cloud_run.services["ping"].bindings |= {("user:someone@example.com", ROLE), ("allUsers", ROLE)}
-    cloud_run.services["ping"].bindings.add(("user:owner@example.com", "roles/run.developer"))
+    cloud_run.bindings["ping"] |= {("user:someone@example.com", ROLE), ("allUsers", ROLE)}
+    cloud_run.bindings["ping"].add(("user:owner@example.com", "roles/run.developer"))
     capsys.readouterr()
 
     # mesh-client no longer calls ping.
     assert reconcile(tmp_path, FILE.replace("[aggregator-sa, mesh-client]", "[aggregator-sa]")) == 0
     assert invokers(cloud_run, "ping") == {sa("aggregator-sa")}
-    assert ("user:owner@example.com", "roles/run.developer") in cloud_run.services["ping"].bindings
+    assert ("user:owner@example.com", "roles/run.developer") in cloud_run.bindings["ping"]
     assert invokers(cloud_run, "ping-upstream") == {sa("ping-sa")}
     assert capsys.readouterr().out.splitlines() == [
         "invokers: ping: remove allUsers",
@@ -89,7 +88,7 @@ def test_a_caller_taken_out_of_the_file_and_members_bound_by_hand_are_revoked(
 def test_the_plan_adds_what_is_missing_and_a_dry_run_changes_nothing(
     tmp_path: Path, cloud_run: CloudRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cloud_run.services["routeguide"].bindings.add(("user:someone@example.com", ROLE))
+    cloud_run.bindings["routeguide"].add(("user:someone@example.com", ROLE))
     assert reconcile(tmp_path, FILE, "--dry-run", "routeguide") == 0
     assert capsys.readouterr().out.splitlines() == [
         f"invokers: routeguide: add {sa('aggregator-sa')}",
@@ -104,7 +103,7 @@ def test_the_plan_adds_what_is_missing_and_a_dry_run_changes_nothing(
 def test_a_service_not_deployed_fails_with_gcloud_s_error(
     tmp_path: Path, cloud_run: CloudRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    del cloud_run.services["routeguide"]
+    del cloud_run.bindings["routeguide"]
     assert reconcile(tmp_path, FILE, "routeguide") == 1
     assert "Cannot find service [routeguide]" in capsys.readouterr().err
 

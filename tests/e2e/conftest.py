@@ -23,7 +23,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def mesh(state_dir: Path) -> AsyncIterator[Mesh]:
-    # The services' output goes to logging, so a failing test shows what the processes said.
+    # The instances' output goes to logging, so a failing test shows what the processes said.
     async with Mesh(state_dir, echo=log.info) as running:
         yield running
 

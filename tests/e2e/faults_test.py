@@ -1,10 +1,11 @@
 """The mesh under faults: deadlines and cancellation reach the downstream calls (a Survey's upload to a frozen
-routeguide ends by its deadline), a stopped routeguide leaves Survey a partial answer, and a restarted
-routeguide is found again by the aggregator's existing channels."""
+routeguide instance ends by its deadline), routeguide scaled to zero leaves Survey a partial answer, and the
+instance that call wakes is found by the aggregator's existing channel (to the front end), as on Cloud Run."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator
 
@@ -17,7 +18,7 @@ from localmesh.launcher import Mesh
 from routeguide import route_guide_pb2
 from services.aggregator.survey import MAX_ROUTE_POINTS
 from tests.e2e import calls
-from tests.e2e.calls import describe, features, wait_span
+from tests.e2e.calls import describe, features, instance_ports, pid_listening, wait_span
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -87,45 +88,65 @@ async def _survey(client: DemoClient, route: list[route_guide_pb2.Point]) -> agg
     return await stub.Survey(request, timeout=10)
 
 
-async def test_without_routeguide_survey_answers_in_part_and_heals_when_it_is_back(
+async def _instances(mesh: Mesh, service: str, count: int, within: float = 20.0) -> list[int]:
+    """The service's instances, once its autoscaler holds `count` of them (bounded in time)."""
+    assert mesh.run is not None
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        rows = [r for r in mesh.run.snapshot() if r.service == service and r.percent]
+        ports = instance_ports(mesh, service)  # those stopped (out of the front end first) have exited
+        if sum(r.instances for r in rows) == count == len(ports):
+            return ports
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{service} did not reach {count} instance(s): {mesh.run.snapshot()}")
+
+
+async def test_routeguide_scaled_to_zero_leaves_survey_a_partial_answer_and_the_call_wakes_it(
     mesh: Mesh, client: DemoClient
 ) -> None:
-    route = [f.location for f in (await features(client, WORLD))[:2]]
-    aggregator = mesh.processes["aggregator"]
-    await mesh.processes["routeguide"].stop()
+    assert mesh.run is not None
+    route = [f.location for f in (await features(mesh, client, WORLD))[:2]]
+    aggregator = instance_ports(mesh, "aggregator")
+    mesh.run.set_scaling("routeguide", min_instances=0)
+    try:
+        await _instances(mesh, "routeguide", 0)  # idle: out of the front end, then stopped
+        # The local front end cannot hold a call for a revision with no instance (Cloud Run's would, through
+        # the cold start): routeguide's calls fail UNAVAILABLE past the aggregator's retries; ping's succeeds.
+        partial = await _survey(client, route)
+        assert [c.code for c in partial.calls] == [0, UNAVAILABLE, UNAVAILABLE], partial.calls
+        assert partial.pong.message == "still there?"
+        assert not partial.features and not partial.HasField("route_summary")
 
-    partial = await _survey(client, route)
-    assert [c.code for c in partial.calls] == [0, UNAVAILABLE, UNAVAILABLE], partial.calls
-    assert partial.pong.message == "still there?"
-    assert not partial.features and not partial.HasField("route_summary")
-
-    await mesh.restart("routeguide")  # same port; the aggregator keeps running and keeps its channels
-    codes: list[int] = []
-    for _ in range(40):  # gRPC reconnects with backoff: bounded retries, about 10 s at most
-        healed = await _survey(client, route)
-        codes = [c.code for c in healed.calls]
-        if codes == [0, 0, 0]:
-            break
-        await asyncio.sleep(0.25)
-    assert codes == [0, 0, 0], healed.calls
-    assert healed.features and healed.route_summary.point_count == 2
-    assert aggregator.returncode is None and mesh.processes["aggregator"] is aggregator
+        codes: list[int] = []
+        for _ in range(40):  # the call woke an instance up; bounded: about 10 s of cold start at most
+            healed = await _survey(client, route)
+            codes = [c.code for c in healed.calls]
+            if codes == [0, 0, 0]:
+                break
+            await asyncio.sleep(0.25)
+        assert codes == [0, 0, 0], healed.calls
+        assert healed.features and healed.route_summary.point_count == 2
+    finally:
+        mesh.run.set_scaling("routeguide", min_instances=1)
+    # The aggregator's own instance served throughout: its channel (to the front end) found the new instance.
+    assert instance_ports(mesh, "aggregator") == aggregator
 
 
 async def test_a_survey_deadline_cancels_its_route_upload(mesh: Mesh, client: DemoClient) -> None:
-    # A route at the cap uploads in a fraction of a second; to routeguide frozen (SIGSTOP: its connection open,
-    # nothing answered) it cannot finish before the deadline.
+    # A route at the cap uploads in a fraction of a second; to routeguide's one instance frozen (SIGSTOP: the
+    # front end's connection to it open, nothing answered) it cannot finish before the deadline.
     route = [point(10 + i * 1e-5, 10) for i in range(MAX_ROUTE_POINTS)]
     request = aggregator_pb2.SurveyRequest(message="long walk", area=WORLD, route=route)
     stub = calls.aggregator(client.channel("aggregator"))
-    routeguide = mesh.processes["routeguide"]
+    (port,) = await _instances(mesh, "routeguide", 1)
+    routeguide = pid_listening(port)
     with client.traced("survey past its deadline") as trace_id:
-        routeguide.signal(signal.SIGSTOP)
+        os.kill(routeguide, signal.SIGSTOP)
         try:
             # The upload's deadline is the Survey's less the margin: the Survey answers with the rest in time.
             reply = await stub.Survey(request, timeout=1.0)
         finally:
-            routeguide.signal(signal.SIGCONT)
+            os.kill(routeguide, signal.SIGCONT)
     assert reply.pong.message == "long walk" and not reply.HasField("route_summary")
     # DEADLINE_EXCEEDED, or INTERNAL when the deadline lands while a point is being written: grpc.aio then
     # reports "Internal error from Core" before the call's status arrives (a client-side race of grpc.aio).

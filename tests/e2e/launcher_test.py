@@ -1,8 +1,8 @@
-"""The launcher as a person uses it: `python -m localmesh.main --demo`, and a service that cannot start."""
+"""The launcher as a person uses it: `python -m localmesh.main --demo`, the CLI commands it prints, its live
+table and scaling options, and a service that cannot start."""
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import re
@@ -14,13 +14,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cloudrun.platform import CloudRunError
 from localmesh import main
 from localmesh.launcher import Mesh
-from localmesh.supervisor import StartError
-from localmesh.topology import DEVELOPER
 from services.routeguide.features import builtin_database
 
 SERVICES = ("ping-upstream", "routeguide", "ping", "aggregator")
+LAUNCHER_WITHIN_S = 90  # the mesh up, the demo, the mesh down, on a busy 2-core machine
 
 
 def _launcher_env(state_dir: Path, **extra: str) -> dict[str, str]:
@@ -33,7 +33,7 @@ def _launcher_env(state_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def _children_of(launcher_pid: int) -> list[int]:
-    """Live service processes started by the launcher with this pid (localmesh.child names it in its argv)."""
+    """Live service processes started by the launcher with this pid (cloudrun.child names it in its argv)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -43,7 +43,7 @@ def _children_of(launcher_pid: int) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue  # it exited meanwhile
-        if b"localmesh.child" in argv and str(launcher_pid).encode() in argv and state != "Z":
+        if b"cloudrun.child" in argv and str(launcher_pid).encode() in argv and state != "Z":
             found.append(int(entry.name))
     return found
 
@@ -82,12 +82,11 @@ def test_the_demo_command_prints_the_services_the_results_and_the_trace_trees(tm
         stderr=subprocess.STDOUT,
         text=True,
     )
-    output, _ = launcher.communicate(timeout=60)
+    output, _ = launcher.communicate(timeout=LAUNCHER_WITHIN_S)
     assert launcher.returncode == 0, output
+    assert re.search(r"^The mesh is up behind the front end at 127\.0\.0\.1:\d+ ", output, re.M), output
     for name in SERVICES:
-        assert re.search(
-            rf"^  {name} +127\.0\.0\.1:\d+ +audience https://{name}\.mesh\.local$", output, re.M
-        ), output
+        assert re.search(rf"^  {name} +https://{name}-\d+\.europe-west1\.run\.app$", output, re.M), output
     assert "pong #1 'hello from the demo (relayed)'" in output
     assert re.search(r"== aggregator\.Survey -> pong 'survey', [1-9]\d* features", output), output
     assert re.search(r"== aggregator\.Tour -> 3 stops", output), output
@@ -112,41 +111,41 @@ def test_the_demo_command_prints_the_services_the_results_and_the_trace_trees(tm
             rf"^  {service} +{re.escape(method)} +{count} +- +\d+\.\d +\d+\.\d$", table, re.M
         ), table
     assert "grpc.health" not in table
-    assert "mesh: every service stopped cleanly" in output
+    assert "mesh: every instance stopped cleanly" in output
     assert (tmp_path / "certs" / "ca.crt").is_file()
     assert _children_of(launcher.pid) == []
 
 
 @pytest.mark.asyncio
 async def test_a_service_that_cannot_start_is_reported_with_its_own_output(tmp_path: Path) -> None:
-    mesh = Mesh(tmp_path)
-    broken = ("ROUTEGUIDE_DB", str(tmp_path / "nonexistent.json"))
-    mesh.specs = [dataclasses.replace(s, env=(broken,)) if s.name == "routeguide" else s for s in mesh.specs]
-    with pytest.raises(StartError) as error:
+    mesh = Mesh(tmp_path, env={"routeguide": {"ROUTEGUIDE_DB": str(tmp_path / "nonexistent.json")}})
+    with pytest.raises(CloudRunError) as error:
         async with mesh:
             pytest.fail("the mesh should not have started")
     message = str(error.value)
-    assert message.startswith("routeguide exited with status 2; its output:"), message
+    assert message.startswith("Revision 'routeguide-"), message  # Cloud Run's words for a failed probe
     assert "ROUTEGUIDE_DB" in message and "nonexistent.json" in message
-    # ping-upstream had started before routeguide failed; it was stopped, and nothing started after.
-    assert set(mesh.processes) == {"ping-upstream", "routeguide"}
-    assert all(process.returncode is not None for process in mesh.processes.values())
+    # Callees first: the pings had started before routeguide failed; the aggregator, which calls it, never did.
+    assert list(mesh.deployed) == ["ping-upstream", "ping"]
+    assert {service for service, _ in mesh.started} == {"ping-upstream", "ping"}
+    assert not any(instance.alive() for _, instance in mesh.started)
     assert _children_of(os.getpid()) == []
 
 
 @pytest.mark.asyncio
 async def test_the_mesh_listens_on_this_machine_only(tmp_path: Path) -> None:
-    # A service (its health and reflection take no token), the span receiver and the identity emulator: none
-    # may be reachable from the network the developer's machine is on.
+    # The front end, an instance (its health and reflection take no token), the span receiver and the identity
+    # emulator: none may be reachable from the network the developer's machine is on.
     async with Mesh(tmp_path, only=["ping-upstream"]) as mesh:
-        ports = {name: endpoint.port for name, endpoint in mesh.endpoints.items()}
-        ports["spans"] = int(
-            urlsplit(mesh.service_env(mesh.specs[0])["OTEL_EXPORTER_OTLP_ENDPOINT"]).port or 0
-        )
+        assert mesh.plan is not None
+        ports = {"front end": int(mesh.front.rsplit(":", 1)[1])}
+        ports.update({f"instance {i}": instance.port for i, (_, instance) in enumerate(mesh.started)})
+        endpoint = mesh.telemetry(mesh.plan.services[0].spec)["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        ports["spans"] = int(urlsplit(endpoint).port or 0)
         ports["certs"] = int(urlsplit(mesh.identity.certs_url).port or 0)
-        ports["metadata"] = int(mesh.identity.metadata_host(DEVELOPER).rsplit(":", 1)[1])
+        ports["metadata"] = int(mesh.identity.metadata_host(mesh.developer).rsplit(":", 1)[1])
         listening = {name: _listening_on(port) for name, port in ports.items()}
-    assert set(listening) == {"ping-upstream", "spans", "certs", "metadata"}
+    assert set(listening) == {"front end", "instance 0", "spans", "certs", "metadata"}
     for name, addresses in listening.items():
         assert addresses and all(address.is_loopback for address in addresses), (name, addresses)
 
@@ -161,9 +160,9 @@ def test_the_demo_command_reports_a_service_that_cannot_start_and_exits_1(tmp_pa
         stderr=subprocess.STDOUT,
         text=True,
     )
-    output, _ = launcher.communicate(timeout=60)
+    output, _ = launcher.communicate(timeout=LAUNCHER_WITHIN_S)
     assert launcher.returncode == 1, output
-    assert "mesh: routeguide exited with status 2; its output:" in output
+    assert re.search(r"^mesh: Revision 'routeguide-\S+' is not ready", output, re.M), output
     assert "ROUTEGUIDE_DB" in output
     assert "The mesh is up" not in output
     assert _children_of(launcher.pid) == []
@@ -185,26 +184,90 @@ def test_the_printed_cli_commands_answer_as_pasted_while_the_mesh_serves(tmp_pat
     try:
         for line in launcher.stdout:  # bounded: the launcher gives up on a service after 30 s
             output.append(line)
-            if line.startswith("Serving until Ctrl-C."):
+            if line.startswith("Serving until Ctrl-C"):
                 break
         printed = [line.strip() for line in output if line.startswith("  .mesh/cli ")]
-        assert len(printed) == 3, "".join(output)
+        assert len(printed) == 2, "".join(output)  # what the developer may call: ping and the aggregator
         # The script holds the developer's metadata secret: no other user may read it.
         assert (tmp_path / ".mesh" / "cli").stat().st_mode & 0o077 == 0
         shell = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PEX", "GCE_METADATA"))}
-        answers = {  # by the service the command calls: `... --audience AUD SERVICE RPC ...`
-            command.split(" --audience ")[1].split()[1]: subprocess.run(
-                ["bash", "-c", command], cwd=tmp_path, env=shell, capture_output=True, text=True, timeout=60
-            )
-            for command in printed
-        }
+        answers = (
+            {  # by the service the command calls: `.mesh/cli --server SERVICE-NUMBER.REGION.run.app:443 ...`
+                re.split(r"-\d+\.", command.split(" --server ")[1])[0]: subprocess.run(
+                    ["bash", "-c", command],
+                    cwd=tmp_path,
+                    env=shell,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                for command in printed
+            }
+        )
     finally:
         launcher.send_signal(signal.SIGINT)
         rest, _ = launcher.communicate(timeout=60)
+    assert set(answers) == {"ping", "aggregator"}, printed
     for answer in answers.values():
         assert answer.returncode == 0, answer.stderr
-    assert answers["routeguide"].stdout.startswith("Berkshire Valley Management Area Trail, Jefferson, NJ")
     assert re.match(r"pong \d+: 'hi \(relayed\)'", answers["ping"].stdout), answers["ping"].stdout
     assert re.search(r"^features: [1-9]\d* in the area", answers["aggregator"].stdout, re.M)
-    assert "mesh: every service stopped cleanly" in rest
+    assert "mesh: every instance stopped cleanly" in rest
     assert not (tmp_path / ".mesh" / "cli").exists()  # a stale script would point at a mesh that is gone
+
+
+def _rows(lines: list[str]) -> list[dict[str, str]]:
+    """The live table's rows (`  SERVICE  REVISION  TRAFFIC  INSTANCES  IN FLIGHT` and its lines)."""
+    rows = []
+    for line in lines:
+        cells = line.split()
+        if len(cells) >= 5 and cells[-2].isdigit() and cells[-1].isdigit() and cells[2].endswith("%"):
+            rows.append({"service": cells[0], "revision": cells[1], "instances": cells[-2]})
+    return rows
+
+
+def test_min_instances_shows_in_the_live_table_and_max_caps_it(tmp_path: Path) -> None:
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", main.__name__, "--no-demo", "--only", "ping", "--min-instances", "ping=2"],
+        env=_launcher_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert launcher.stdout is not None
+    seen: list[str] = []
+    try:
+        for line in launcher.stdout:  # bounded: the second instance starts within seconds, or the test fails
+            seen.append(line)
+            if any(r["service"] == "ping" and r["instances"] == "2" for r in _rows(seen[-6:])):
+                break
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        rest, _ = launcher.communicate(timeout=LAUNCHER_WITHIN_S)
+    rows = _rows(seen)
+    assert any(r["service"] == "ping" and r["instances"] == "2" for r in rows), "".join(seen)
+    # --only ping deploys what ping calls too, and nothing else.
+    assert {r["service"] for r in rows} == {"ping", "ping-upstream"}, "".join(seen)
+    assert "mesh: every instance stopped cleanly" in rest, rest
+    assert _children_of(launcher.pid) == []
+
+
+def test_scaling_an_unknown_service_stops_with_one_line(tmp_path: Path) -> None:
+    launcher = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            main.__name__,
+            "--demo",
+            "--only",
+            "ping-upstream",
+            "--max-instances",
+            "nope=1",
+        ],
+        env=_launcher_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCHER_WITHIN_S,
+    )
+    assert launcher.returncode == 1, launcher.stdout
+    assert "mesh: Cannot find service [nope]" in launcher.stdout, launcher.stdout

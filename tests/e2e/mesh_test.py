@@ -1,5 +1,6 @@
-"""The whole mesh, each service its own process: calls succeed over TLS with verified ID tokens, one trace covers
-a request across the four processes, and bad or unwelcome tokens are refused at the first hop."""
+"""The whole mesh on the local Cloud Run, called as a caller outside Cloud Run calls it (TLS to the front end, by
+run.app name): calls succeed with verified ID tokens, one trace covers a request across the four services, and
+bad or unwelcome tokens are refused at the first hop."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.v1 import aggregator_pb2
 from emulators.identity import SigningKey
-from localmesh import topology
 from localmesh.demo import CLIENT, WORLD, DemoClient, point
 from localmesh.launcher import Mesh
-from mesh.testing import NO_REUSEPORT
 from ping import ping_pb2
 from routeguide import route_guide_pb2
 from tests.e2e import calls
@@ -37,13 +37,42 @@ async def test_relayed_ping_goes_through_both_pings_with_tokens_from_the_metadat
     assert (reply.pong.index, reply.pong.message) == (1, "hello (relayed)")
     assert reply.pong.received_on.seconds > 0
     # ping got its token for ping-upstream from its own metadata server, through google-auth.
-    assert mesh.identity.identity_requests(topology.account("ping"), topology.audience("ping-upstream")) >= 1
+    assert mesh.identity.identity_requests(mesh.account("ping"), mesh.audience("ping-upstream")) >= 1
 
 
-async def test_the_services_speak_only_tls(mesh: Mesh) -> None:
-    async with grpc.aio.insecure_channel(
-        mesh.endpoints["aggregator"].address, options=NO_REUSEPORT
-    ) as channel:
+@pytest.mark.parametrize("service", ["aggregator", "ping", "ping-upstream", "routeguide"])
+async def test_every_service_answers_by_its_run_app_name_through_the_front_end(
+    mesh: Mesh, client: DemoClient, service: str
+) -> None:
+    # Health takes no token; the startup probe's service name is the service's own, so the answer is its.
+    probe = mesh.plan[service].spec.probe_service if mesh.plan else None
+    assert probe and mesh.host(service) == f"{service}-100000000001.europe-west1.run.app"
+    async with tls_channel(mesh, client, service) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=probe), timeout=10
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("service", ["ping-upstream", "routeguide"])
+async def test_the_developer_may_not_call_what_only_the_mesh_calls(
+    mesh: Mesh, client: DemoClient, service: str
+) -> None:
+    # services/invokers.yaml gives outside callers (mesh-client, the developer) ping and the aggregator only.
+    assert mesh.developer == "mesh-client@local-mesh.iam.gserviceaccount.com"
+    channel = client.channel(service)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        if service == "routeguide":
+            await calls.routeguide(channel).GetFeature(point(40.9, -74.6), timeout=10)
+        else:
+            await calls.ping(channel).Send(ping_pb2.Request(message="hi"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert mesh.developer in (error.value.details() or "")
+
+
+async def test_the_front_end_speaks_only_tls(mesh: Mesh) -> None:
+    options = [("grpc.so_reuseport", 0), ("grpc.default_authority", f"{mesh.host('aggregator')}:443")]
+    async with grpc.aio.insecure_channel(mesh.front, options=options) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await calls.aggregator(channel).Survey(aggregator_pb2.SurveyRequest(), timeout=5)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -51,7 +80,7 @@ async def test_the_services_speak_only_tls(mesh: Mesh) -> None:
 
 async def test_survey_gathers_ping_and_routeguide(mesh: Mesh, client: DemoClient) -> None:
     area = route_guide_pb2.Rectangle(lo=point(-90, -180), hi=point(90, 0))  # the western half
-    expected = await features(client, area)
+    expected = await features(mesh, client, area)
     route = [f.location for f in expected[:4]]
     assert len(route) == 4, "routeguide's dataset should have features in the western half"
     stub = calls.aggregator(client.channel("aggregator"))
@@ -66,7 +95,7 @@ async def test_survey_gathers_ping_and_routeguide(mesh: Mesh, client: DemoClient
 
 
 async def test_tour_streams_arrivals_and_returns_earlier_notes(mesh: Mesh, client: DemoClient) -> None:
-    first, second = [f for f in await features(client, WORLD) if f.name][:2]
+    first, second = [f for f in await features(mesh, client, WORLD) if f.name][:2]
     note = f"left here by {uuid.uuid4().hex}"  # RouteChat keeps notes for the life of the process
 
     async def stops() -> AsyncIterator[aggregator_pb2.TourStop]:
@@ -84,10 +113,10 @@ async def test_tour_streams_arrivals_and_returns_earlier_notes(mesh: Mesh, clien
     ]
 
 
-async def test_one_trace_links_every_span_of_a_survey_across_the_four_processes(
+async def test_one_trace_links_every_span_of_a_survey_across_the_four_services(
     mesh: Mesh, client: DemoClient
 ) -> None:
-    route = [f.location for f in (await features(client, WORLD))[:2]]
+    route = [f.location for f in (await features(mesh, client, WORLD))[:2]]
     stub = calls.aggregator(client.channel("aggregator"))
     started_ns = time.time_ns()
     with client.traced("survey") as trace_id:
@@ -115,17 +144,17 @@ async def test_one_trace_links_every_span_of_a_survey_across_the_four_processes(
 def _forged(mesh: Mesh, audience: str) -> str:
     # Claims the emulator's key id but is signed with another key.
     return mesh.identity.mint(
-        topology.DEVELOPER, audience, key=SigningKey.generate(), header={"kid": mesh.identity.signing_key.kid}
+        mesh.developer, audience, key=SigningKey.generate(), header={"kid": mesh.identity.signing_key.kid}
     )
 
 
 def _expired(mesh: Mesh, audience: str) -> str:
     now = int(time.time())
-    return mesh.identity.mint(topology.DEVELOPER, audience, iat=now - 7200, exp=now - 3600)
+    return mesh.identity.mint(mesh.developer, audience, iat=now - 7200, exp=now - 3600)
 
 
 def _for_another_service(mesh: Mesh, audience: str) -> str:
-    return mesh.identity.mint(topology.DEVELOPER, topology.audience("routeguide"))
+    return mesh.identity.mint(mesh.developer, mesh.audience("routeguide"))
 
 
 BAD_TOKENS = {
@@ -192,7 +221,7 @@ async def test_a_bad_token_is_unauthenticated_at_the_first_hop(
     mesh: Mesh, client: DemoClient, service: str, kind: str
 ) -> None:
     make, reason = BAD_TOKENS[kind]
-    token = make(mesh, topology.audience(service))
+    token = make(mesh, mesh.audience(service))
     error, trace_id = await _first_hop(mesh, client, service, bearer(token))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     details = error.details() or ""
@@ -206,8 +235,8 @@ async def test_a_caller_not_on_the_allow_list_is_permission_denied(
     mesh: Mesh, client: DemoClient, service: str
 ) -> None:
     # A valid token of the routeguide service's own account: routeguide calls neither of them.
-    token = mesh.identity.mint(topology.account("routeguide"), topology.audience(service))
+    token = mesh.identity.mint(mesh.account("routeguide"), mesh.audience(service))
     error, trace_id = await _first_hop(mesh, client, service, bearer(token))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert topology.account("routeguide") in (error.details() or "")
+    assert mesh.account("routeguide") in (error.details() or "")
     await _assert_stopped_at_first_hop(mesh, client, service, trace_id, grpc.StatusCode.PERMISSION_DENIED)

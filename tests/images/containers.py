@@ -1,6 +1,6 @@
 """Service containers run the way Cloud Run runs them, on the engine build-support/engine ensured.
 
-Cloud Run's contract: localmesh.containers.CLOUD_RUN_FLAGS (the same flags as the container mesh), and only PORT
+Cloud Run's contract: cloudrun.runners.CLOUD_RUN_FLAGS (the same flags as the container mesh), and only PORT
 (plus the service's own upstream settings) in the environment. The private engine has no bridge, so each
 container shares the host's network and gets a free port of its own.
 """
@@ -22,9 +22,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloudrun.runners import CLOUD_RUN_FLAGS
 from engine import daemon
 from engine.daemon import Engine
-from localmesh.containers import CLOUD_RUN_FLAGS
 from mesh.testing import NO_REUSEPORT
 
 BUILD_SCRIPT = Path("build-support/engine/build_image.sh")

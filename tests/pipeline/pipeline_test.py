@@ -6,8 +6,12 @@ one project (its registry and Cloud Run services kept between builds, as a real 
 2. a commit changing libs/ deploys all three services, the called before their callers, each new revision
    without traffic until its smoke test passed, and an invoker bound by hand meanwhile is revoked;
 3. a docs-only commit deploys nothing;
+   then a rollback (deploy/canary.py's, in a build of its own) puts ping's traffic back on `previous`;
 4. a commit whose routeguide answers wrongly (its built-in data changed) fails the build at routeguide's
    smoke test, and routeguide's traffic stays where it was.
+
+The revisions run from their images on the local Cloud Run (cloudrun.platform): behind its front end, by
+their run.app URLs, their traffic split by the front end in the canary's steps (_TRAFFIC_STEPS=10,50,100).
 
 The tests run in this order on one history (each build's starting point is the previous one's end). Verify
 is left out (`_VERIFY=none`): it runs `./pants lint check test` on what changed, which CI has just done on the
@@ -45,6 +49,22 @@ pytestmark = pytest.mark.timeout(900)
 REPLACE = "run services replace"
 INVOKER = "roles/run.invoker"
 TRAFFIC = "run services update-traffic"
+# A build of one step after the package: the canary's rollback of ping, as an operator runs it.
+ROLLBACK = """
+substitutions:
+  _REGISTRY: unused
+options:
+  substitutionOption: ALLOW_LOOSE
+steps:
+  - id: package
+    name: pants-builder
+    entrypoint: bash
+    args: [-ceu, ./pants --no-pantsd package build-support/deploy:canary]
+  - id: rollback
+    name: gcr.io/google.com/cloudsdktool/cloud-sdk:slim
+    entrypoint: python3
+    args: [dist/build-support.deploy/canary.pex, rollback, ping, --project=$PROJECT_ID, --region=europe-west1]
+"""
 
 
 @dataclass
@@ -87,7 +107,10 @@ class Outcome:
         return next(r for r in self.records if r["command"] == command and r.get("service") == service)
 
     def last(self, command: str, service: str) -> dict[str, Any]:
-        return [r for r in self.records if r["command"] == command and r.get("service") == service][-1]
+        return self.all(command, service)[-1]
+
+    def all(self, command: str, service: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["command"] == command and r.get("service") == service]
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +140,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
             daemon.stop()
 
 
-def build(project: Project, capsys: pytest.CaptureFixture[str], name: str) -> Outcome:
+def build(project: Project, capsys: pytest.CaptureFixture[str], name: str, *extra: str) -> Outcome:
     record = project.records / f"{name}.jsonl"
     began = time.monotonic()
     code = cloudbuild(["--root", str(project.repo), "--state", str(project.state), "--record", str(record),
-                       "--substitutions=_VERIFY=none"])  # fmt: skip
+                       "--substitutions=^;^_VERIFY=none;_TRAFFIC_STEPS=10,50,100", *extra])  # fmt: skip
     seconds = time.monotonic() - began
     captured = capsys.readouterr()
     print(f"pipeline {name}: exit {code} in {seconds:.0f} s")  # the figure for the report (-s shows it)
@@ -206,6 +229,15 @@ def test_a_libs_commit_deploys_all_three_the_called_first(
         {"revision": old, "percent": 0, "tag": "previous"},
         {"revision": new, "percent": 100, "tag": None},
     ]
+    # The canary's steps, each applied to the front end's split (set_service returns once Envoy routes by it);
+    # before the first, the new revision had answered the smoke test's calls (grpc.health, SendUpstream) while
+    # it had no traffic: through the front end, by its tag's URL alone.
+    steps = outcome.all(TRAFFIC, "ping")
+    assert [
+        {(r["revision"], r["percent"]) for r in step["traffic"] if r["percent"]} for step in steps[:3]
+    ] == [{(old, 90), (new, 10)}, {(old, 50), (new, 50)}, {(new, 100)}]
+    assert steps[0]["served"][new] >= 2, steps[0]
+    assert "Service URL: https://ping-123456789012.europe-west1.run.app" in outcome.output
     assert "invokers: ping: remove user:someone@example.com" in outcome.output
     assert ["user:someone@example.com", INVOKER] not in services_now(project)["ping"]["bindings"]
     assert before["ping"]["bindings"] == services_now(project)["ping"]["bindings"]
@@ -218,6 +250,26 @@ def test_a_docs_only_commit_deploys_nothing(project: Project, capsys: pytest.Cap
     assert outcome.code == 0, outcome.output[-3000:]
     assert outcome.replaced() == [] and "nothing to deploy" in outcome.output
     assert services_now(project) == before
+
+
+def test_a_rollback_puts_the_traffic_back_on_the_previous_revision(
+    project: Project, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = {(r["revision"], r["percent"], r["tag"]) for r in services_now(project)["ping"]["traffic"]}
+    previous = next(revision for revision, _, tag in before if tag == "previous")
+    current = next(revision for revision, percent, _ in before if percent == 100)
+    config = project.records / "rollback.yaml"
+    config.write_text(ROLLBACK)
+    outcome = build(project, capsys, "rollback", f"--config={config}")
+    assert outcome.code == 0, outcome.output[-3000:]
+    assert f"canary: ping: traffic back on {previous}; {current} is now tagged previous" in outcome.output
+    assert {(r["revision"], r["percent"], r["tag"]) for r in services_now(project)["ping"]["traffic"]} == {
+        (previous, 100, None),
+        (current, 0, "previous"),
+    }
+    # The front end routes by it: the revision put back is running and takes the service's traffic.
+    moved = outcome.last(TRAFFIC, "ping")
+    assert set(moved["served"]) == {previous, current}, moved
 
 
 def test_a_revision_failing_its_smoke_test_moves_no_traffic_and_fails_the_build(

@@ -13,7 +13,7 @@ The modules are private: what is used from outside is named here.
 """
 
 from mesh.client._chain import ClientChain
-from mesh.client._channels import MAX_MESSAGE_BYTES, Channels
+from mesh.client._channels import MAX_MESSAGE_BYTES, Channels, retry_service_config
 from mesh.client._downstream import reported
 from mesh.client._tokens import IdTokens, NoCredentialsError, audience_for
 
@@ -25,4 +25,5 @@ __all__ = [
     "NoCredentialsError",
     "audience_for",
     "reported",
+    "retry_service_config",
 ]

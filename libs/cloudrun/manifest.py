@@ -2,7 +2,10 @@
 API refuses one: the Knative kind, names Cloud Run allows, one container with an image reference, no PORT of
 its own, a gRPC or TCP startup probe on the container's port, and a traffic block whose percents add up.
 
-A manifest that passes becomes a RevisionSpec: what the stand-in needs to start the revision.
+A manifest that passes becomes a RevisionSpec: what the local Cloud Run needs to run the revision, with
+Cloud Run's defaults for what it leaves out (containerConcurrency 80, timeoutSeconds 300, maxScale 100) and one
+local default: minScale 1 (Cloud Run's is 0), so a deployed revision answers its first call without a cold
+start and a test sees its instance from the start.
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 IMAGE = re.compile(r"[a-z0-9.-]+(:\d+)?(/[a-z0-9._-]+)+(:[\w][\w.-]{0,127}|@sha256:[0-9a-f]{64})")
 RESERVED_ENV = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"}
 PORT_NAMES = {"h2c", "http1"}
+MIN_SCALE = "autoscaling.knative.dev/minScale"
+MAX_SCALE = "autoscaling.knative.dev/maxScale"
+DEFAULT_CONCURRENCY = 80  # Cloud Run's
+MAX_CONCURRENCY = 1000
+DEFAULT_TIMEOUT_S = 300  # Cloud Run's
+MAX_TIMEOUT_S = 3600
+DEFAULT_MIN_SCALE = 1  # local (Cloud Run's is 0): see above
+DEFAULT_MAX_SCALE = 100  # Cloud Run's
 
 
 class InvalidManifest(ValueError):
@@ -47,6 +58,16 @@ class RevisionSpec:
     probe_service: str | None  # the grpc startup probe's service ("" for the server as a whole)
     traffic: tuple[Traffic, ...]  # empty: 100% to the latest revision
     region: str | None  # the cloud.googleapis.com/location label
+    concurrency: int = DEFAULT_CONCURRENCY  # containerConcurrency: each instance's cap of calls in flight
+    timeout_s: int = DEFAULT_TIMEOUT_S  # timeoutSeconds: a call's (and a stream's) whole life
+    min_scale: int = DEFAULT_MIN_SCALE
+    max_scale: int = DEFAULT_MAX_SCALE
+
+    @property
+    def folder(self) -> str:
+        """The service folder the image is built from: its repository's last path segment (`.../ping@sha256:..`
+        -> `ping`, as `services/<folder>` is pushed)."""
+        return re.split(r"[:@]", self.image.rsplit("/", 1)[-1], maxsplit=1)[0]
 
 
 def parse(text: str) -> RevisionSpec:
@@ -64,7 +85,8 @@ def parse(text: str) -> RevisionSpec:
     if not SERVICE_NAME.fullmatch(name):
         errors.append(f"metadata.name {name!r} is not a valid service name (lowercase, digits, '-', <= 49)")
     template = _map(_map(document, "spec", errors), "template", errors)
-    revision = _map(template, "metadata", errors).get("name")
+    template_metadata = _map(template, "metadata", errors)
+    revision = template_metadata.get("name")
     if revision is not None and (
         not REVISION_NAME.fullmatch(str(revision)) or not str(revision).startswith(f"{name}-")
     ):
@@ -110,6 +132,13 @@ def parse(text: str) -> RevisionSpec:
     ):
         errors.append(f"serviceAccountName {account!r} is not a service account email")
     traffic = tuple(_traffic(document["spec"].get("traffic") or [], errors))
+    concurrency = _bounded(spec, "containerConcurrency", DEFAULT_CONCURRENCY, MAX_CONCURRENCY, errors)
+    timeout_s = _bounded(spec, "timeoutSeconds", DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, errors)
+    annotations = template_metadata.get("annotations") or {}
+    min_scale = _bounded(annotations, MIN_SCALE, DEFAULT_MIN_SCALE, MAX_CONCURRENCY, errors, low=0)
+    max_scale = _bounded(annotations, MAX_SCALE, DEFAULT_MAX_SCALE, MAX_CONCURRENCY, errors)
+    if min_scale > max_scale:
+        errors.append(f"{MIN_SCALE} {min_scale} is above {MAX_SCALE} {max_scale}")
     if errors:
         raise InvalidManifest("; ".join(errors))
     labels = metadata.get("labels") or {}
@@ -123,7 +152,28 @@ def parse(text: str) -> RevisionSpec:
         probe_service=probe_service,
         traffic=traffic,
         region=labels.get("cloud.googleapis.com/location"),
+        concurrency=concurrency,
+        timeout_s=timeout_s,
+        min_scale=min_scale,
+        max_scale=max_scale,
     )
+
+
+def _bounded(
+    parent: Mapping[str, Any], key: str, default: int, high: int, errors: list[str], *, low: int = 1
+) -> int:
+    """An integer field (annotations are strings: "10") within low..high; `default` when absent."""
+    raw = parent.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(str(raw))
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        errors.append(f"{key} {raw!r} must be an integer {low}-{high}")
+        return default
+    return value
 
 
 def _map(parent: Mapping[str, Any], key: str, errors: list[str]) -> Mapping[str, Any]:
