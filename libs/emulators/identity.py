@@ -298,7 +298,7 @@ class IdentityEmulator:
         self._keys: list[SigningKey] = [SigningKey.generate()]  # the last one signs
         self._accounts: dict[str, _Listener] = {}
         self._identity_hits: Counter[tuple[str, str]] = Counter()
-        self._certs_hits = 0
+        self._certs_hits: list[int] = []  # when each certs request came (time.time_ns)
         self._certs = _Listener(_CertsHandler, self)
         self._started = False
 
@@ -455,11 +455,16 @@ class IdentityEmulator:
     @property
     def certs_requests(self) -> int:
         with self._lock:
-            return self._certs_hits
+            return len(self._certs_hits)
+
+    def certs_requested_at(self) -> list[int]:
+        """When each certs request came, in time.time_ns: a test can tell which verification fetched them."""
+        with self._lock:
+            return list(self._certs_hits)
 
     def _count_certs(self) -> None:
         with self._lock:
-            self._certs_hits += 1
+            self._certs_hits.append(time.time_ns())
 
     def describe(self) -> dict[str, Any]:
         return {

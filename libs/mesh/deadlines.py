@@ -1,10 +1,10 @@
 """Deadline propagation: a downstream call made while serving a call gets the time the incoming call has left.
 
 gRPC does not propagate deadlines by itself in Python. The server side records the incoming deadline in a
-ContextVar for the duration of the call (`record`/`forget`, from mesh.server_chain); the client side
-(mesh.client's ClientChain) caps every outgoing call's timeout by it, less a margin for answering, or by a default
-when the incoming call set none, so a chain of calls can never outlive its caller, and each hop has time to
-say which downstream failed it.
+ContextVar for the duration of the call (`record`/`forget`, from mesh.server._chain); the client side
+(mesh.client's ClientChain) caps every outgoing call's timeout by it, less a margin for answering, or by a
+default when the incoming call set none, so a chain of calls can never outlive its caller, and each hop has
+time to say which downstream failed it.
 """
 
 from __future__ import annotations

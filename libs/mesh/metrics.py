@@ -1,9 +1,9 @@
 """RED metrics of every call, served and outgoing: OpenTelemetry's RPC semantic conventions on its SDK.
 
 Why these names and not gRPC's own (`grpc.server.call.duration`, from grpcio-observability): the chains in
-mesh.server_chain and mesh.client's ClientChain already know each call's method, outcome and duration, so recording
-there costs one histogram point a call, where the plugin would add a second interception layer inside gRPC's
-C core; and `rpc.server.duration` / `rpc.client.duration` are what OpenTelemetry's own gRPC instrumentation
+mesh.server._chain and mesh.client's ClientChain already know each call's method, outcome and duration, so
+recording there costs one histogram point a call, where the plugin would add a second interception layer
+inside gRPC's C core; and `rpc.server.duration` / `rpc.client.duration` are what OpenTelemetry's own gRPC instrumentation
 emits, so dashboards built for it read ours.
 
 - `rpc.server.duration`, `rpc.client.duration` (ms): one point per call, with `rpc.system`, `rpc.service`,
@@ -11,7 +11,7 @@ emits, so dashboards built for it read ours.
   of the histogram is the call rate, the points with a code other than 0 are the errors.
 - `rpc.server.requests_per_rpc`, `rpc.server.responses_per_rpc`: messages per served stream (streaming
   calls only).
-- Probes and tooling (health, reflection) are not recorded, as they are not traced (mesh.server_spans).
+- Probes and tooling (health, reflection) are not recorded, as they are not traced (mesh.server._spans).
 
 OTEL_METRICS_EXPORTER = none (default) | console | otlp | gcp_monitoring (Cloud Monitoring), comma-separated;
 OTEL_METRIC_EXPORT_INTERVAL (ms) and OTEL_EXPORTER_OTLP_* are read by the SDK and the exporter themselves.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from opentelemetry.metrics import Histogram, MeterProvider
@@ -29,7 +29,6 @@ from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
-from mesh.handler_kinds import Messages
 from mesh.probes import rpc_attributes
 from mesh.resources import resource_from_env
 from mesh.settings import ConfigError, Env, names
@@ -91,6 +90,13 @@ def provider_from_env(
     )
 
 
+class Counts(Protocol):
+    """The messages a streaming call received and sent (what the server's handler wrappers count)."""
+
+    received: int
+    sent: int
+
+
 class MethodMetrics:
     """What one method's calls record: made once per method, a cached attribute set per status code."""
 
@@ -107,7 +113,7 @@ class MethodMetrics:
         self._static = attributes  # the method's (mesh.probes.rpc_attributes)
         self._by_code: dict[int, dict[str, Any]] = {}
 
-    def record(self, started: float, code: grpc.StatusCode, messages: Messages | None = None) -> None:
+    def record(self, started: float, code: grpc.StatusCode, messages: Counts | None = None) -> None:
         """One call that began at `started` (time.perf_counter) and ended now with `code`; `messages` for a
         streaming call."""
         number = code.value[0]

@@ -1,8 +1,8 @@
 """The services that probes and tooling call rather than clients: gRPC health checking and reflection.
 
-Two rules are drawn from this one list: such calls get no span and no metrics (`rpc_attributes`, for
-mesh.server_spans, mesh.client and mesh.metrics), and, with ID-token verification on, the one method Cloud Run's probes call
-takes no token (mesh.identity.EXEMPT_METHODS, a narrower set: Watch and reflection still want one).
+Two rules are drawn from this one list: such calls get no span and no metrics (`rpc_attributes`, for both
+sides' spans and mesh.metrics), and, with ID-token verification on, the one method Cloud Run's probes call
+takes no token (mesh.server's EXEMPT_METHODS, a narrower set: Watch and reflection still want one).
 """
 
 from __future__ import annotations

@@ -11,9 +11,16 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator, default_getter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh.settings import ConfigError, Env, names
+
+# Both sides' spans keep the instrumentation scope of opentelemetry-instrumentation-grpc, so span queries
+# written for it keep working.
+SCOPE = "opentelemetry.instrumentation.grpc"
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.11.0"
 
 
 def _cloud_trace_propagator() -> TextMapPropagator:
@@ -71,3 +78,14 @@ def traceparent_decides(textmap: TextMapPropagator) -> bool:
         return False  # several formats, each overriding the one before: the last found wins
     first = formats[0]._propagators[0] if isinstance(formats[0], FirstTraceFormat) else formats[0]
     return type(first) is TraceContextTextMapPropagator
+
+
+def drops_unsampled_parents(provider: trace.TracerProvider, *, remote: bool) -> bool:
+    """Whether the provider's sampler drops every child of an unsampled parent (remote: from the caller;
+    else: local), as the standard parent-based samplers do; then such a child needs no sampler call."""
+    sampler = provider.sampler if isinstance(provider, TracerProvider) else None
+    if not isinstance(sampler, ParentBased):
+        return False
+    # ParentBased has no public accessor for its delegates.
+    delegate = sampler._remote_parent_not_sampled if remote else sampler._local_parent_not_sampled
+    return delegate is ALWAYS_OFF

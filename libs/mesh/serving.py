@@ -3,8 +3,8 @@
 `main("ping", factory)` reads the settings, configures logging and tracing, builds the service's servicers
 through `factory(runtime)`, serves them on $PORT of $BIND_HOST (every interface unless set; h2c, or TLS when
 TLS_CERT_FILE/TLS_KEY_FILE are set) with health and reflection, on the serving model their servicers are
-written for (a grpc.aio server for coroutines, a grpc.server's thread pool for functions: BENCHMARKS.md says
-which service uses which, and why), and on SIGTERM drains (mesh.drain): health NOT_SERVING at once, every call
+written for (mesh.server.AsyncioModel for coroutines, ThreadsModel for functions: BENCHMARKS.md says which
+service uses which, and why), and on SIGTERM drains (mesh.server's Drain): health NOT_SERVING at once, every call
 still served for the lame duck, then new calls refused with UNAVAILABLE, in-flight calls given the grace
 period, spans flushed, exit 0. SIGINT (a developer's Ctrl-C: no front end to warn) skips the lame duck. With
 WORKER_PROCESSES above 1 (default: the container's CPU quota), the process supervises that many such servers
@@ -14,17 +14,16 @@ on one port instead (mesh.workers).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -32,11 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from mesh import logs, metrics, propagation, tracing, workers
 from mesh.client import MAX_MESSAGE_BYTES, Channels, IdTokens
-from mesh.drain import Drain, Drained
-from mesh.handler_kinds import Threads
-from mesh.identity import TokenVerifier
-from mesh.quick_pool import QuickPool
-from mesh.server_chain import ServerChain
+from mesh.server import AsyncioModel, Drain, Drained, ServerChain, ServingModel, Threads, TokenVerifier
 from mesh.settings import (
     ALL_INTERFACES,
     AuthSettings,
@@ -74,13 +69,6 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-# The threads model's pool for the methods marked never_waits (mesh.handler_kinds): a few threads, each taking
-# the next call from the queue while it is busy, cost less CPU per call than many idle threads each woken for
-# one (BENCHMARKS.md, "Serving model"). More threads would not add CPU: the interpreter runs one at a time.
-# A call waiting for its request is not one of them (mesh.quick_pool).
-QUICK_THREADS = 4
-
-
 # Pings that come too early (see keepalive_policy) a connection may send before it is told GOAWAY
 # ENHANCE_YOUR_CALM "too_many_pings": gRPC's default, stated because the bound on a PING flood rests on it (0
 # would mean no bound). gRPC forgives the strikes whenever the server sends headers, data or a window update,
@@ -91,8 +79,8 @@ MAX_PING_STRIKES = 2
 
 
 def keepalive_policy(keepalive: Keepalive) -> list[tuple[str, int]]:
-    """What the server accepts from its callers' keepalive (mesh.channels.connection_options): pings on idle
-    connections, and pings twice as often as they are sent (every 10 s at least, for callers outside the
+    """What the server accepts from its callers' keepalive (mesh.client's connection options): pings on
+    idle connections, and pings twice as often as they are sent (every 10 s at least, for callers outside the
     mesh), so that no caller with the same settings collects the ping strikes that end in GOAWAY
     "too_many_pings"; a caller that pings faster is told so at its third early ping."""
     interval = min(10.0, keepalive.time / 2)
@@ -103,11 +91,8 @@ def keepalive_policy(keepalive: Keepalive) -> list[tuple[str, int]]:
     ]
 
 
-# How a servicer is written, and so how it is served: coroutines and async generators on a grpc.aio server
-# ("asyncio"), or functions and generators on a grpc.server, each call on a thread of its pool ("threads").
-Model = Literal["asyncio", "threads"]
-ASYNCIO: Model = "asyncio"
-THREADS: Model = "threads"
+# How a servicer is written, and so how it is served (mesh.server's AsyncioModel or ThreadsModel).
+Model = type[ServingModel]
 
 
 @dataclass(frozen=True)
@@ -121,7 +106,7 @@ class Service:
     servicer: Any
     add_to_server: Callable[[Any, Any], None]
     max_request_bytes: int = MAX_MESSAGE_BYTES
-    model: Model = ASYNCIO
+    model: Model = AsyncioModel
 
 
 class Runtime:
@@ -136,10 +121,7 @@ class Runtime:
         id_tokens: IdTokens | None,
         meters: MeterProvider | None = None,
     ) -> None:
-        self.name = name
-        self.env = env
-        self.provider = provider
-        self.meters = meters
+        self.name, self.env, self.provider, self.meters = name, env, provider, meters
         self._id_tokens = id_tokens
         self._channels = Channels(id_tokens, provider, calls=calls, meters=meters)
 
@@ -168,45 +150,29 @@ ServiceFactory = Callable[[Runtime], Sequence[Service]]
 
 
 class RunningServer:
-    def __init__(self, server: Any, port: int, health_servicer: Any, drain: Drain | None = None) -> None:
-        self.server = server  # a grpc.aio.Server, or a grpc.Server (the threads model)
+    def __init__(
+        self, server: Any, port: int, health_servicer: Any, model: ServingModel, drain: Drain | None = None
+    ) -> None:
+        self.server = server  # made by `model`
         self.port = port
         self.health = health_servicer
-        self.drain = drain  # the chain's (mesh.drain), when the server has one
+        self.model = model
+        self.drain = drain  # the chain's (mesh.server.Drain), when the server has one
 
     async def not_serving(self) -> None:
         """Every service NOT_SERVING: probes and load balancers stop sending."""
-        if isinstance(self.server, grpc.aio.Server):
-            await self.health.enter_graceful_shutdown()
-        else:
-            self.health.enter_graceful_shutdown()
+        await self.model.not_serving(self.health)
 
     async def stop(self, grace: float, lame_duck: float = 0.0) -> Drained | None:
         """NOT_SERVING first, every call still served for `lame_duck` seconds, then in-flight calls drained
-        within `grace` seconds (mesh.drain); what the drain did (None without a chain to count calls)."""
+        within `grace` seconds (mesh.server.Drain); what the drain did (None without a chain to count calls).
+        """
         await self.not_serving()
         await asyncio.sleep(lame_duck)
         if self.drain is None:
-            await stop_server(self.server, grace)
+            await self.model.stop(self.server, grace)
             return None
-        return await self.drain.run(lambda seconds: stop_server(self.server, seconds), grace)
-
-
-async def start_server(server: Any) -> None:
-    """Starts a grpc.aio.Server or a grpc.Server (the threads model)."""
-    if isinstance(server, grpc.aio.Server):
-        await server.start()
-    else:
-        server.start()
-
-
-async def stop_server(server: Any, grace: float | None) -> None:
-    """Stops a grpc.aio.Server or a grpc.Server, its calls given `grace` seconds to end (None: none)."""
-    if isinstance(server, grpc.aio.Server):
-        await server.stop(grace)
-    else:
-        # The calls draining may still await on this loop (Threads.run): wait off it.
-        await asyncio.to_thread(server.stop(grace).wait)
+        return await self.drain.run(lambda seconds: self.model.stop(self.server, seconds), grace)
 
 
 def _bind(server: Any, settings: ServerSettings) -> int:
@@ -244,33 +210,20 @@ async def start(
         "grpc.max_receive_message_length": max_request,
     }
     server_options = [*options.items(), *keepalive_policy(keepalive)]
-    threads = _model(services) == THREADS
-    server: Any
-    quick = None
-    if threads:
-        pool = concurrent.futures.ThreadPoolExecutor(settings.server_threads, thread_name_prefix="call")
-        quick = QuickPool(QUICK_THREADS)
-        server = grpc.server(
-            pool, options=server_options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs
-        )
-        health_servicer: Any = health.HealthServicer()
-    else:
-        server = grpc.aio.server(options=server_options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-        health_servicer = health.aio.HealthServicer()
+    model = _model(services)(settings.server_threads)
+    server = model.server(server_options, settings.max_concurrent_rpcs)
+    health_servicer = model.health()
     if chain is not None:
-        server = chain.wrapping(server, quick)
+        server = chain.wrapping(server, model)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
         service.add_to_server(service.servicer, server)
     names = [s.name for s in services]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = _bind(server, settings)
-    await start_server(server)
-    for name in ["", *names]:
-        marked = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if not threads:
-            await marked  # grpc.aio's health servicer sets it in a coroutine
-    return RunningServer(server, port, health_servicer, None if chain is None else chain.drain)
+    await model.start(server)
+    await model.serving(health_servicer, names)
+    return RunningServer(server, port, health_servicer, model, None if chain is None else chain.drain)
 
 
 def _model(services: Sequence[Service]) -> Model:
@@ -278,7 +231,7 @@ def _model(services: Sequence[Service]) -> Model:
     models = {s.model for s in services}
     if len(models) > 1:
         raise ValueError(f"one server cannot serve both models: {', '.join(s.name for s in services)}")
-    return models.pop() if models else ASYNCIO
+    return models.pop() if models else AsyncioModel
 
 
 def server_chain(

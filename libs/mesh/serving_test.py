@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from emulators.dev_ca import ensure_dev_certs
-from mesh.serving import ServiceFactory
+from mesh import ServiceFactory
 from mesh.testing import NO_REUSEPORT, running
 from ping import ping_pb2, ping_pb2_grpc
 from services.ping.main import build as build_ping
@@ -88,12 +88,19 @@ async def test_health_watch_streams_the_status_and_turns_not_serving_on_stop() -
     assert second.status == NOT_SERVING
 
 
-async def test_reflection_lists_the_services() -> None:
-    async with running("routeguide", build_routeguide) as server:
+async def reflected(
+    name: str, build: ServiceFactory, request: reflection_pb2.ServerReflectionRequest
+) -> list[reflection_pb2.ServerReflectionResponse]:
+    """The replies of service `name`'s reflection to `request`."""
+    async with running(name, build) as server:
         async with plaintext(server.port) as channel:
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            request = reflection_pb2.ServerReflectionRequest(list_services="")
-            replies = [reply async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5)]
+            return [reply async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5)]
+
+
+async def test_reflection_lists_the_services() -> None:
+    listing = reflection_pb2.ServerReflectionRequest(list_services="")
+    replies = await reflected("routeguide", build_routeguide, listing)
     assert len(replies) == 1
     names = {service.name for service in replies[0].list_services_response.service}
     assert names == {
@@ -104,11 +111,8 @@ async def test_reflection_lists_the_services() -> None:
 
 
 async def test_reflection_describes_a_service_by_symbol() -> None:
-    async with running("ping", build_ping) as server:
-        async with plaintext(server.port) as channel:
-            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="ping.PingService")
-            replies = [reply async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5)]
+    by_symbol = reflection_pb2.ServerReflectionRequest(file_containing_symbol="ping.PingService")
+    replies = await reflected("ping", build_ping, by_symbol)
     assert len(replies) == 1
     assert replies[0].file_descriptor_response.file_descriptor_proto  # the descriptor of ping.proto
 

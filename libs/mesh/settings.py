@@ -10,9 +10,10 @@ grpc-ping sample).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 Env = Mapping[str, str]
@@ -44,30 +45,28 @@ def names(env: Env, name: str, default: str) -> list[str]:
 
 
 def integer(env: Env, name: str, default: int, *, low: int, high: int) -> int:
-    raw = text(env, name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise ConfigError(f"{name}={raw!r} is not valid; set {name} to an integer from {low} to {high}")
-    return value
+    return _bounded(env, name, default, int, low, high, "an integer")
 
 
 def seconds(env: Env, name: str, default: float, *, low: float = 0.0, high: float = 3600.0) -> float:
+    return _bounded(env, name, default, float, low, high, "a number of seconds")
+
+
+Number = TypeVar("Number", int, float)
+
+
+def _bounded(
+    env: Env, name: str, default: Number, parse: Callable[[str], Number], low: Number, high: Number, what: str
+) -> Number:
     raw = text(env, name)
     if raw is None:
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise ConfigError(
-            f"{name}={raw!r} is not valid; set {name} to a number of seconds from {low:g} to {high:g}"
-        )
+        raise ConfigError(f"{name}={raw!r} is not valid; set {name} to {what} from {low:g} to {high:g}")
     return value
 
 
@@ -204,7 +203,7 @@ class ServerSettings:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # After SIGTERM: NOT_SERVING while still serving for `lame_duck_seconds` (health-checking front ends move
-    # away), then in-flight calls get `grace_seconds` (mesh.drain). Cloud Run sends SIGKILL 10 s after SIGTERM:
+    # away), then in-flight calls get `grace_seconds` (mesh.server._drain). Cloud Run sends SIGKILL 10 s after SIGTERM:
     # both together stay within SHUTDOWN_SECONDS, leaving time to flush spans and metrics.
     lame_duck_seconds: float = 1.5
     grace_seconds: float = 7.0

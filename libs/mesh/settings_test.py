@@ -154,61 +154,81 @@ def tls_files(tmp_path: Path) -> dict[str, str]:
     }
 
 
+def wrong(
+    read: Callable[[dict[str, str]], Any], *cases: str
+) -> list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]]:
+    """Each case read by `read`: "VAR=value&OTHER=value" (the environment), whose error names its last
+    variable, or the one after " -> "."""
+    made = []
+    for case in cases:
+        assignments, _, named = case.partition(" -> ")
+        env = dict(pair.split("=", 1) for pair in assignments.split("&"))
+        made.append((read, env, named or list(env)[-1]))
+    return made
+
+
 WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
-    (server, {"PORT": "http"}, "PORT"),
-    (server, {"PORT": "70000"}, "PORT"),
-    (server, {"PORT": "-1"}, "PORT"),
-    (server, {"SHUTDOWN_GRACE_SECONDS": "30"}, "SHUTDOWN_GRACE_SECONDS"),
-    (server, {"SHUTDOWN_GRACE_SECONDS": "soon"}, "SHUTDOWN_GRACE_SECONDS"),
-    (server, {"SHUTDOWN_LAME_DUCK_SECONDS": "-1"}, "SHUTDOWN_LAME_DUCK_SECONDS"),
-    # Each within bounds, but together past Cloud Run's SIGKILL.
-    (
+    *wrong(
         server,
-        {"SHUTDOWN_GRACE_SECONDS": "8", "SHUTDOWN_LAME_DUCK_SECONDS": "2"},
-        "SHUTDOWN_LAME_DUCK_SECONDS",
+        "PORT=http",
+        "PORT=70000",
+        "PORT=-1",
+        "SHUTDOWN_GRACE_SECONDS=30",
+        "SHUTDOWN_GRACE_SECONDS=soon",
+        "SHUTDOWN_LAME_DUCK_SECONDS=-1",
+        # Each within bounds, but together past Cloud Run's SIGKILL.
+        "SHUTDOWN_GRACE_SECONDS=8&SHUTDOWN_LAME_DUCK_SECONDS=2",
+        "MAX_CONCURRENT_RPCS=0",
+        "SERVER_THREADS=none",
+        "TLS_CERT_FILE=/no/such/cert.pem&TLS_KEY_FILE=/no/such/key.pem -> TLS_CERT_FILE",
+        # An address to listen on, not a name: a host name could resolve to an interface of the network.
+        "BIND_HOST=localhost",
+        "BIND_HOST=127.0.0.1:8080",
+        "BIND_HOST=my-laptop",
     ),
-    (server, {"MAX_CONCURRENT_RPCS": "0"}, "MAX_CONCURRENT_RPCS"),
-    (server, {"SERVER_THREADS": "none"}, "SERVER_THREADS"),
-    (server, {"TLS_CERT_FILE": "/no/such/cert.pem", "TLS_KEY_FILE": "/no/such/key.pem"}, "TLS_CERT_FILE"),
-    # An address to listen on, not a name: a host name could resolve to an interface of the network.
-    (server, {"BIND_HOST": "localhost"}, "BIND_HOST"),
-    (server, {"BIND_HOST": "127.0.0.1:8080"}, "BIND_HOST"),
-    (server, {"BIND_HOST": "my-laptop"}, "BIND_HOST"),
-    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": "alice"}, "AUTH_ALLOWED_CALLERS"),
-    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ALLOWED_CALLERS": " , "}, "AUTH_ALLOWED_CALLERS"),
-    (auth, {"AUTH_ALLOWED_CALLERS": "a@x.com"}, "AUTH_AUDIENCE"),  # an allow-list that nothing would enforce
-    # Off Cloud Run an audience wants an allow-list, or AUTH_ANY_CALLER=true; no IAM there to stand in for it.
-    (auth, {"AUTH_AUDIENCE": "https://ping"}, "AUTH_ALLOWED_CALLERS"),
-    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_IAM_ONLY": "true"}, "AUTH_ALLOWED_CALLERS"),
-    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ANY_CALLER": "false"}, "AUTH_ALLOWED_CALLERS"),
-    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_ANY_CALLER": "everyone"}, "AUTH_ANY_CALLER"),
-    (
+    *wrong(
         auth,
-        {"AUTH_AUDIENCE": "https://p", "AUTH_ALLOWED_CALLERS": "a@x.com", "AUTH_ANY_CALLER": "1"},
-        "AUTH_ANY_CALLER",
+        "AUTH_AUDIENCE=https://ping&AUTH_ALLOWED_CALLERS=alice",
+        "AUTH_AUDIENCE=https://ping&AUTH_ALLOWED_CALLERS= , ",
+        # An allow-list that nothing would enforce.
+        "AUTH_ALLOWED_CALLERS=a@x.com -> AUTH_AUDIENCE",
+        # Off Cloud Run an audience wants an allow-list, or AUTH_ANY_CALLER=true; no IAM there to stand in
+        # for it.
+        "AUTH_AUDIENCE=https://ping -> AUTH_ALLOWED_CALLERS",
+        "AUTH_AUDIENCE=https://ping&AUTH_IAM_ONLY=true -> AUTH_ALLOWED_CALLERS",
+        "AUTH_AUDIENCE=https://ping&AUTH_ANY_CALLER=false -> AUTH_ALLOWED_CALLERS",
+        "AUTH_AUDIENCE=https://ping&AUTH_ANY_CALLER=everyone",
+        "AUTH_AUDIENCE=https://p&AUTH_ALLOWED_CALLERS=a@x.com&AUTH_ANY_CALLER=1",
+        "AUTH_AUDIENCE=https://ping&AUTH_CERTS_URL=ftp://certs",
+        # Keys over plain http could be swapped by anyone on the path: http only to a loopback emulator.
+        "AUTH_AUDIENCE=https://ping&AUTH_CERTS_URL=http://certs.example/v1",
+        "AUTH_AUDIENCE=https://ping&AUTH_CERTS_URL=http://127.0.0.1.nip.io/",
+        "AUTH_AUDIENCE=https://ping&AUTH_CERTS_URL=https:///certs",
+        # On Cloud Run (K_SERVICE set) a missing verification setting stops start-up, unless AUTH_IAM_ONLY
+        # says so.
+        "K_SERVICE=ping -> AUTH_AUDIENCE",
+        "K_SERVICE=ping&AUTH_IAM_ONLY=false -> AUTH_AUDIENCE",
+        "K_SERVICE=ping&AUTH_AUDIENCE=https://ping -> AUTH_ALLOWED_CALLERS",
+        "K_SERVICE=ping&AUTH_IAM_ONLY=sure",
     ),
-    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "ftp://certs"}, "AUTH_CERTS_URL"),
-    # Keys over plain http could be swapped by anyone on the path: http only to a loopback emulator.
-    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "http://certs.example/v1"}, "AUTH_CERTS_URL"),
-    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "http://127.0.0.1.nip.io/"}, "AUTH_CERTS_URL"),
-    (auth, {"AUTH_AUDIENCE": "https://ping", "AUTH_CERTS_URL": "https:///certs"}, "AUTH_CERTS_URL"),
-    # On Cloud Run (K_SERVICE set) a missing verification setting stops start-up, unless AUTH_IAM_ONLY says so.
-    (auth, {"K_SERVICE": "ping"}, "AUTH_AUDIENCE"),
-    (auth, {"K_SERVICE": "ping", "AUTH_IAM_ONLY": "false"}, "AUTH_AUDIENCE"),
-    (auth, {"K_SERVICE": "ping", "AUTH_AUDIENCE": "https://ping"}, "AUTH_ALLOWED_CALLERS"),
-    (auth, {"K_SERVICE": "ping", "AUTH_IAM_ONLY": "sure"}, "AUTH_IAM_ONLY"),
-    (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "0"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
-    (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "5m"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
-    (calls, {"DOWNSTREAM_TIMEOUT_SECONDS": "7200"}, "DOWNSTREAM_TIMEOUT_SECONDS"),
-    (calls, {"DOWNSTREAM_DEADLINE_MARGIN_SECONDS": "-1"}, "DOWNSTREAM_DEADLINE_MARGIN_SECONDS"),
-    (calls, {"DOWNSTREAM_CONNECT_TIMEOUT_SECONDS": "0"}, "DOWNSTREAM_CONNECT_TIMEOUT_SECONDS"),
-    (calls, {"KEEPALIVE_TIME_SECONDS": "0.1"}, "KEEPALIVE_TIME_SECONDS"),
-    (calls, {"KEEPALIVE_TIMEOUT_SECONDS": "soon"}, "KEEPALIVE_TIMEOUT_SECONDS"),
-    (upstream, {"GRPC_PING_HOST": "ping.a.run.app"}, "GRPC_PING_HOST"),
-    (upstream, {"GRPC_PING_HOST": "ping.a.run.app:https"}, "GRPC_PING_HOST"),
-    (upstream, {"GRPC_PING_HOST": "ping:443", "GRPC_PING_INSECURE": "maybe"}, "GRPC_PING_INSECURE"),
-    (upstream, {"GRPC_PING_HOST": "ping:443", "GRPC_PING_UNAUTHENTICATED": "2"}, "GRPC_PING_UNAUTHENTICATED"),
-    (upstream, {"GRPC_PING_HOST": "ping:443", "TLS_CA_FILE": "/no/such/ca.pem"}, "TLS_CA_FILE"),
+    *wrong(
+        calls,
+        "DOWNSTREAM_TIMEOUT_SECONDS=0",
+        "DOWNSTREAM_TIMEOUT_SECONDS=5m",
+        "DOWNSTREAM_TIMEOUT_SECONDS=7200",
+        "DOWNSTREAM_DEADLINE_MARGIN_SECONDS=-1",
+        "DOWNSTREAM_CONNECT_TIMEOUT_SECONDS=0",
+        "KEEPALIVE_TIME_SECONDS=0.1",
+        "KEEPALIVE_TIMEOUT_SECONDS=soon",
+    ),
+    *wrong(
+        upstream,
+        "GRPC_PING_HOST=ping.a.run.app",
+        "GRPC_PING_HOST=ping.a.run.app:https",
+        "GRPC_PING_HOST=ping:443&GRPC_PING_INSECURE=maybe",
+        "GRPC_PING_HOST=ping:443&GRPC_PING_UNAUTHENTICATED=2",
+        "GRPC_PING_HOST=ping:443&TLS_CA_FILE=/no/such/ca.pem",
+    ),
     # A local resolver: SUFFIX=HOST:PORT, one entry, HOST on this machine (it receives the mesh's ID tokens).
     *[
         (upstream, {"GRPC_PING_HOST": "p-1.r.run.app:443", "MESH_CONNECT_TO": value}, "MESH_CONNECT_TO")
@@ -227,7 +247,10 @@ WRONG: list[tuple[Callable[[dict[str, str]], Any], dict[str, str], str]] = [
             ".run.app=0.0.0.0:8443",
         )
     ],
-    (log_level, {"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    *wrong(
+        log_level,
+        "LOG_LEVEL=loud",
+    ),
 ]
 
 

@@ -1,4 +1,4 @@
-"""SIGTERM on real service processes (mesh.drain): health turns NOT_SERVING while calls are still served for the
+"""SIGTERM on real service processes (mesh.server._drain): health turns NOT_SERVING while calls are still served for the
 lame duck, then new calls are refused; in-flight calls complete (or, past the grace period, are cut and
 counted); no call ends CANCELLED on either serving model; buffered spans are flushed, and the process exits 0.
 """

@@ -4,7 +4,6 @@ loopback server for servicers under test (`loopback`), and `eventually` for what
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import inspect
 import time
@@ -17,7 +16,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from mesh import metrics, propagation, serving, tracing
-from mesh.server_chain import ServerChain
+from mesh.server import AsyncioModel, ServerChain, ServingModel
 
 # Tests bind port 0 and must never share a port with another test's server (SO_REUSEPORT would let them).
 NO_REUSEPORT: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
@@ -28,8 +27,9 @@ Found = TypeVar("Found")
 
 
 class Loopback(NamedTuple):
-    server: Any  # a grpc.aio.Server, or a grpc.Server (the threads model)
+    server: Any  # made by `model`
     address: str  # host:port, on 127.0.0.1
+    model: ServingModel
 
     @property
     def port(self) -> int:
@@ -44,8 +44,8 @@ class Loopback(NamedTuple):
         )
 
     async def stop(self) -> None:
-        """Stopped at once (no grace), either model."""
-        await serving.stop_server(self.server, None)
+        """Stopped at once (no grace)."""
+        await self.model.stop(self.server, None)
 
 
 async def start_loopback(
@@ -53,27 +53,22 @@ async def start_loopback(
     chain: ServerChain | None = None,
     credentials: grpc.ServerCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
-    threads: bool = False,
+    model: type[ServingModel] = AsyncioModel,
 ) -> Loopback:
-    """A started server on a free loopback port with the services `adds` add (through `chain`, when given),
-    plaintext unless `credentials` are given; a grpc.server (the threads model) with `threads`, else a
-    grpc.aio one. The caller stops it; `loopback` does so itself."""
-    server: Any
-    if threads:
-        pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="loopback")
-        server = grpc.server(pool, options=[*NO_REUSEPORT, *options])
-    else:
-        server = grpc.aio.server(options=[*NO_REUSEPORT, *options])
+    """A started server of `model` on a free loopback port with the services `adds` add (through `chain`, when
+    given), plaintext unless `credentials` are given. The caller stops it; `loopback` does so itself."""
+    made = model()
+    server = made.server([*NO_REUSEPORT, *options])
     if chain is not None:
-        server = chain.wrapping(server)
+        server = chain.wrapping(server, made)
     for add in adds:
         add(server)
     if credentials is None:
         port = server.add_insecure_port(f"{LOOPBACK}:0")
     else:
         port = server.add_secure_port(f"{LOOPBACK}:0", credentials)
-    await serving.start_server(server)
-    return Loopback(server, f"{LOOPBACK}:{port}")
+    await made.start(server)
+    return Loopback(server, f"{LOOPBACK}:{port}", made)
 
 
 @contextlib.asynccontextmanager
@@ -82,12 +77,10 @@ async def loopback(
     chain: ServerChain | None = None,
     credentials: grpc.ServerCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
-    threads: bool = False,
+    model: type[ServingModel] = AsyncioModel,
 ) -> AsyncIterator[Loopback]:
     """`start_loopback` for the block, the server stopped (no grace) when it ends."""
-    started = await start_loopback(
-        *adds, chain=chain, credentials=credentials, options=options, threads=threads
-    )
+    started = await start_loopback(*adds, chain=chain, credentials=credentials, options=options, model=model)
     try:
         yield started
     finally:

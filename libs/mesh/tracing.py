@@ -1,6 +1,6 @@
 """The tracer provider from the standard OTEL_* variables, and trace context for a client that is not a service.
 
-The spans themselves are made by mesh.server_spans and mesh.client, inside the server and client chains.
+The spans themselves are made by mesh.server._spans and mesh.client, inside the server and client chains.
 
 OTEL_SERVICE_NAME (default: the Cloud Run service name), OTEL_TRACES_SAMPLER[_ARG] (read by the SDK itself),
 OTEL_TRACES_EXPORTER = none (default) | console | otlp | gcp_trace, OTEL_PROPAGATORS = tracecontext,baggage

@@ -72,33 +72,29 @@ async def test_health_checks_and_reflection_make_no_spans() -> None:
     assert [s.name for s in spans.get_finished_spans()] == [SEND]
 
 
-async def test_gcp_trace_propagator_joins_cloud_runs_trace_header() -> None:
-    trace_id, parent_span = "0af7651916cd43dd8448eb211c80319c", 12345
+async def served_span(propagators: str, cloud_trace_context: str) -> ReadableSpan:
+    """The SERVER span of a Send with Cloud Run's trace header, served with OTEL_PROPAGATORS=`propagators`."""
     spans = InMemorySpanExporter()
-    env = {"OTEL_PROPAGATORS": "tracecontext,gcp_trace"}
-    async with running("ping", build_ping, env, exporters=[spans]) as server:
+    async with running("ping", build_ping, {"OTEL_PROPAGATORS": propagators}, exporters=[spans]) as server:
         async with plaintext(server.port) as channel:
             await ping(channel).Send(
                 ping_pb2.Request(message="from cloud run"),
-                metadata=(("x-cloud-trace-context", f"{trace_id}/{parent_span};o=1"),),
+                metadata=(("x-cloud-trace-context", cloud_trace_context),),
                 timeout=5,
             )
-    span = only(spans.get_finished_spans(), SEND, SpanKind.SERVER)
+    return only(spans.get_finished_spans(), SEND, SpanKind.SERVER)
+
+
+async def test_gcp_trace_propagator_joins_cloud_runs_trace_header() -> None:
+    trace_id, parent_span = "0af7651916cd43dd8448eb211c80319c", 12345
+    span = await served_span("tracecontext,gcp_trace", f"{trace_id}/{parent_span};o=1")
     assert span.context.trace_id == int(trace_id, 16)
     assert span.parent is not None and span.parent.span_id == parent_span
 
 
 async def test_without_gcp_trace_the_cloud_trace_header_is_ignored() -> None:
     trace_id = "0af7651916cd43dd8448eb211c80319c"
-    spans = InMemorySpanExporter()
-    async with running("ping", build_ping, {"OTEL_PROPAGATORS": "tracecontext"}, exporters=[spans]) as server:
-        async with plaintext(server.port) as channel:
-            await ping(channel).Send(
-                ping_pb2.Request(message="x"),
-                metadata=(("x-cloud-trace-context", f"{trace_id}/1;o=1"),),
-                timeout=5,
-            )
-    span = only(spans.get_finished_spans(), SEND, SpanKind.SERVER)
+    span = await served_span("tracecontext", f"{trace_id}/1;o=1")
     assert span.context.trace_id != int(trace_id, 16)
     assert span.parent is None
 

@@ -4,7 +4,7 @@ A grpc.server call reads its request on the thread that runs it, blocked until t
 long as the caller likes: a sync ServicerContext's `cancel()` ends the call and wakes that read (it raises
 grpc.RpcError, and the client sees CANCELLED). One shared thread does it for every such call, instead of a
 timer thread per call: it sleeps until the earliest deadline (`bound`), and, while a quick pool's threads are
-reading (mesh.quick_pool), wakes every TICK_SECONDS to look at them (`tick`). Idle, it costs a sleeping
+reading (mesh.server._quick_pool), wakes every TICK_SECONDS to look at them (`tick`). Idle, it costs a sleeping
 thread.
 """
 
@@ -17,7 +17,7 @@ import time
 from typing import Any, Protocol
 
 # How often the watchdog looks at the quick pools while their threads read: a read still waiting after a tick
-# or two is taken for a stalled one (mesh.quick_pool.STALLED_READ_SECONDS). Each tick takes the interpreter
+# or two is taken for a stalled one (mesh.server._quick_pool.STALLED_READ_SECONDS). Each tick takes the interpreter
 # from a busy thread: 50 a second cost no CPU per call that interleaved A/B rounds could tell from noise.
 TICK_SECONDS = 0.020
 
@@ -46,7 +46,7 @@ class Watchdog:
         self._order = itertools.count()  # ties in the heap never compare two Bounds
         self._ticked: list[Ticked] = []
         self._thread: threading.Thread | None = None
-        # Read without the lock on the readers' path (mesh.quick_pool): set before they need a tick.
+        # Read without the lock on the readers' path (mesh.server._quick_pool): set before they need a tick.
         self.ticking = False
 
     def bound(self, context: Any, seconds: float) -> Bound:

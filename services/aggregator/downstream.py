@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from aggregator.v1 import aggregator_pb2
-from mesh.client import reported
+from mesh import reported
 
 T = TypeVar("T")
 

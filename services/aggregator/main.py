@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aggregator.v1 import aggregator_pb2_grpc
-from mesh import serving
-from mesh.settings import ConfigError, Upstream
+from mesh import ConfigError, Runtime, Service, Upstream, main
 from ping import ping_pb2_grpc
 from routeguide import route_guide_pb2_grpc
 from services.aggregator.servicer import AggregatorServicer
@@ -16,7 +15,7 @@ from services.aggregator.survey import MAX_REQUEST_BYTES
 SERVICE_NAME = "aggregator.v1.Aggregator"
 
 
-def _upstream(runtime: serving.Runtime, variable: str) -> Upstream:
+def _upstream(runtime: Runtime, variable: str) -> Upstream:
     upstream = Upstream.from_env(
         runtime.env,
         variable,
@@ -30,7 +29,7 @@ def _upstream(runtime: serving.Runtime, variable: str) -> Upstream:
     return upstream
 
 
-def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
+def build(runtime: Runtime) -> Sequence[Service]:
     ping = runtime.channel(_upstream(runtime, "PING_ADDR"), idempotent=["ping.PingService/Send"])
     routes = runtime.channel(
         _upstream(runtime, "ROUTEGUIDE_ADDR"),
@@ -42,8 +41,8 @@ def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
     )
     add = aggregator_pb2_grpc.add_AggregatorServicer_to_server
     # A Survey at its limits (survey.py says how it is counted), not gRPC's default 4 MiB.
-    return [serving.Service(SERVICE_NAME, servicer, add, max_request_bytes=MAX_REQUEST_BYTES)]
+    return [Service(SERVICE_NAME, servicer, add, max_request_bytes=MAX_REQUEST_BYTES)]
 
 
 if __name__ == "__main__":
-    serving.main("aggregator", build)
+    main("aggregator", build)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
-from mesh.client import reported
+from mesh import reported
 from ping import ping_pb2_grpc
 from routeguide import route_guide_pb2_grpc
 from services.aggregator.survey import Survey, all_failed, too_long

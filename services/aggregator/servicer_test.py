@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from aggregator.v1 import aggregator_pb2, aggregator_pb2_grpc
-from mesh import serving
+from mesh import Runtime, Service
 from mesh.testing import NO_REUSEPORT, running
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 from services.aggregator.main import build as build_aggregator
@@ -197,13 +197,9 @@ class StallingRouteGuide(RouteGuideServicer):
 STALL = route_guide_pb2.Point(latitude=1, longitude=1)
 
 
-def build_stalling(runtime: serving.Runtime) -> Sequence[serving.Service]:
+def build_stalling(runtime: Runtime) -> Sequence[Service]:
     servicer = StallingRouteGuide(load_database(None))
-    return [
-        serving.Service(
-            "routeguide.RouteGuide", servicer, route_guide_pb2_grpc.add_RouteGuideServicer_to_server
-        )
-    ]
+    return [Service("routeguide.RouteGuide", servicer, route_guide_pb2_grpc.add_RouteGuideServicer_to_server)]
 
 
 async def test_a_tour_reports_a_stop_whose_lookup_hung_and_goes_on() -> None:

@@ -39,7 +39,7 @@ class Tour:
 
         async def outgoing_notes() -> AsyncIterator[route_guide_pb2.RouteNote]:
             # The chat's verdict first (mesh servers send its headers on admission): a note written while
-            # routeguide refuses the chat could turn the refusal into INTERNAL (mesh.aio_handlers._admitted).
+            # routeguide refuses the chat could turn the refusal into INTERNAL (mesh.server._calls.ADMITTED).
             await chat.initial_metadata()
             while (note := await notes.get()) is not _DONE:
                 yield note  # type: ignore[misc]

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mesh.serving import RunningServer
+from mesh import RunningServer
 from mesh.testing import running
 from services.aggregator.main import build as build_aggregator
 from services.cli.testing import cli

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from mesh.client import Channels, IdTokens, audience_for
-from mesh.settings import ConnectTo, Env, Upstream
+from mesh import Channels, ConnectTo, Env, IdTokens, Upstream, audience_for
 
 # Read-only calls, safe to retry on UNAVAILABLE (the shared channel's retry policy).
 IDEMPOTENT = [

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from mesh.client import NoCredentialsError
-from mesh.settings import ConfigError
+from mesh import ConfigError, NoCredentialsError
 from services.cli import aggregator_commands, arguments, connection, ping_commands, routeguide_commands
 from services.cli.command import Command
 from services.cli.output import Printer, error_line

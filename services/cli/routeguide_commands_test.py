@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mesh.serving import RunningServer
+from mesh import RunningServer
 from mesh.testing import running
 from services.cli.testing import cli
 from services.routeguide.main import build

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mesh import serving
-from mesh.settings import Upstream
+from mesh import Runtime, Service, ThreadsModel, Upstream, main
 from ping import ping_pb2_grpc
 from services.ping.servicer import PingServicer
 
 SERVICE_NAME = "ping.PingService"
 MAX_REQUEST = 64 * 1024  # a Request is one message string: a ping, not a payload
 # BENCHMARKS.md, "Serving model": per core, ping is faster on grpc.server's threads than on grpc.aio.
-MODEL = serving.THREADS
+MODEL = ThreadsModel
 
 
-def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
+def build(runtime: Runtime) -> Sequence[Service]:
     # The grpc-ping sample's variables: upstream host:port, plaintext upstream, no ID token.
     upstream = Upstream.from_env(
         runtime.env,
@@ -30,7 +29,7 @@ def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
         stub = ping_pb2_grpc.PingServiceStub(channel)
     servicer = PingServicer(stub, upstream.address if upstream else "", runtime.threads())  # type: ignore[arg-type]
     return [
-        serving.Service(
+        Service(
             SERVICE_NAME,
             servicer,
             ping_pb2_grpc.add_PingServiceServicer_to_server,
@@ -41,4 +40,4 @@ def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
 
 
 if __name__ == "__main__":
-    serving.main("ping", build)
+    main("ping", build)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mesh.client import reported
-from mesh.handler_kinds import Threads, never_waits
+from mesh import Threads, never_waits, reported
 from ping import ping_pb2, ping_pb2_grpc
 
 NO_UPSTREAM = "no upstream configured: set GRPC_PING_HOST to the upstream's host:port to use SendUpstream"
@@ -20,8 +19,8 @@ def pong(request: ping_pb2.Request) -> ping_pb2.Response:
 
 
 class PingServicer(ping_pb2_grpc.PingServiceServicer):
-    """Written for the threads model (mesh.serving.THREADS: BENCHMARKS.md, "Serving model"); the upstream is a
-    grpc.aio stub on the process's channels, called through `threads` (mesh.handler_kinds.Threads)."""
+    """Written for the threads model (mesh.ThreadsModel: BENCHMARKS.md, "Serving model"); the upstream is a
+    grpc.aio stub on the process's channels, called through `threads` (mesh.Threads)."""
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ import time
 import grpc
 import pytest
 
-from mesh.settings import ConfigError
+from mesh import ConfigError
 from mesh.testing import NO_REUSEPORT, running
 from ping import ping_pb2, ping_pb2_grpc
 from services.ping.main import build

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mesh import serving
-from mesh.settings import ConfigError, text
+from mesh import ConfigError, Runtime, Service, main, text
 from routeguide import route_guide_pb2_grpc
 from services.routeguide.features import FeatureDatabaseError, load_database
 from services.routeguide.servicer import RouteGuideServicer
@@ -16,7 +15,7 @@ SERVICE_NAME = "routeguide.RouteGuide"
 MAX_REQUEST = 64 * 1024
 
 
-def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
+def build(runtime: Runtime) -> Sequence[Service]:
     try:
         database = load_database(text(runtime.env, "ROUTEGUIDE_DB"))
     except FeatureDatabaseError as err:
@@ -25,8 +24,8 @@ def build(runtime: serving.Runtime) -> Sequence[serving.Service]:
         ) from err
     servicer = RouteGuideServicer(database)
     add = route_guide_pb2_grpc.add_RouteGuideServicer_to_server
-    return [serving.Service(SERVICE_NAME, servicer, add, max_request_bytes=MAX_REQUEST)]
+    return [Service(SERVICE_NAME, servicer, add, max_request_bytes=MAX_REQUEST)]
 
 
 if __name__ == "__main__":
-    serving.main("routeguide", build)
+    main("routeguide", build)

@@ -22,7 +22,8 @@ Context = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
 
 class RouteGuideServicer(route_guide_pb2_grpc.RouteGuideServicer):
     """Streaming handlers are async generators (not context.write): the mesh's handler wrapper counts what
-    they yield for the per-stream message metrics (mesh.handlers), and cannot see what context.write sends."""
+    they yield for the per-stream message metrics (mesh.server._asyncio), and cannot see what context.write sends.
+    """
 
     def __init__(
         self,

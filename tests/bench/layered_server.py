@@ -2,7 +2,7 @@
 
 `python -m tests.bench.layered_server LAYER` serves PingService on 127.0.0.1 with every layer up to LAYER
 (see LAYERS) and prints {"event": "serving", "port": N}. It is assembled from the same pieces as the
-service process (mesh.serving.start, mesh.server_chain.ServerChain), configured from the same variables.
+service process (mesh.serving.start, mesh.server.ServerChain), configured from the same variables.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
 
 from mesh import propagation, serving
-from mesh.server_chain import ServerChain
+from mesh.server import ServerChain
 from mesh.settings import AuthSettings, ServerSettings
 from ping import ping_pb2_grpc
 from services.ping.main import MODEL

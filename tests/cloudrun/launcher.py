@@ -77,9 +77,9 @@ class InProcess:
     def kill(self) -> None:
         assert self._server is not None
         self._killed = True
-        asyncio.run_coroutine_threadsafe(serving.stop_server(self._server.server, None), self._loop).result(
-            STOP_WITHIN_S
-        )
+        asyncio.run_coroutine_threadsafe(
+            self._server.model.stop(self._server.server, None), self._loop
+        ).result(STOP_WITHIN_S)
 
     def alive(self) -> bool:
         return not self._killed and not self._task.done()

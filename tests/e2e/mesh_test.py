@@ -192,7 +192,8 @@ async def _assert_stopped_at_first_hop(
     mesh: Mesh, client: DemoClient, service: str, trace_id: str, code: grpc.StatusCode
 ) -> None:
     """The caller's span records the refusal, and the refused call records no span of its own anywhere, whatever
-    the caller's trace context asked for (mesh.server_chain: the span starts once a call is admitted)."""
+    the caller's trace context asked for (mesh.server.ServerChain: the span starts once a call is admitted).
+    """
     spans = await mesh.spans.wait_for(trace_id, services={CLIENT}, timeout=5)
     assert [s.status for s in spans if s.kind == "client"] == [code.name], describe(spans)
     # A service exports its spans in the order they end: once an admitted call's span that ended later is here,

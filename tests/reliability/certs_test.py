@@ -16,7 +16,7 @@ import pytest
 
 from emulators.identity import IdentityEmulator
 from localmesh.supervisor import StartError
-from mesh.identity import AuthError, TokenVerifier
+from mesh.server import AuthError, TokenVerifier
 from routeguide.route_guide_pb2 import Point, RouteNote
 from tests.reliability import calls
 from tests.reliability.figures import report

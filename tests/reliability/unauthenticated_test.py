@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from emulators.identity import IdentityEmulator
-from mesh.exempt_gate import EXEMPT_CONCURRENCY
+from mesh.server import EXEMPT_CONCURRENCY
 from tests.reliability import calls, h2c
 from tests.reliability.identity_attacks_test import ALICE, AUDIENCE, HERE, bearer, verifying
 from tests.reliability.processes import Service

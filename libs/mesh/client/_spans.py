@@ -19,7 +19,7 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from mesh.probes import rpc_attributes
-from mesh.server_spans import SCHEMA_URL, SCOPE, drops_unsampled_parents
+from mesh.propagation import SCHEMA_URL, SCOPE, drops_unsampled_parents
 
 
 class _Injected(NamedTuple):

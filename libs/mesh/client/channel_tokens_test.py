@@ -18,8 +18,7 @@ import pytest
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
 from mesh.client.tokens_test import run_client
-from mesh.identity import TokenVerifier, current_caller
-from mesh.server_chain import ServerChain
+from mesh.server import ServerChain, TokenVerifier, current_caller
 from mesh.testing import loopback
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
 

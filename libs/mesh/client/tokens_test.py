@@ -21,8 +21,7 @@ import pytest
 from emulators.dev_ca import DevCerts, ensure_dev_certs
 from emulators.identity import IdentityEmulator
 from mesh.client import audience_for
-from mesh.identity import TokenVerifier, current_caller
-from mesh.server_chain import ServerChain
+from mesh.server import ServerChain, TokenVerifier, current_caller
 from mesh.testing import start_loopback
 from ping import ping_pb2, ping_pb2_grpc
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from mesh.handler_kinds import After, Enter, Refusal, Threads
+from mesh.server._calls import After, Enter, Refusal
 
 # No new call for this long: gRPC's pending queue is empty and the callers are waiting on held calls (or gone).
 QUIET_SECONDS = 0.1
@@ -55,31 +55,28 @@ class _Refused:
 
 class _Held:
     """What `enter` leaves for `after` for a call that came while closing, and what it settles before its
-    handler: a wait for the GOAWAY (bounded, in case the drain never gets there), then the refusal."""
+    handler (mesh.server._calls.Pending, on the process's event loop whatever the serving model): a wait for
+    the GOAWAY (bounded, in case the drain never gets there), then the refusal."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
-        self.released = threading.Event()  # the threads model's calls wait on this
-        self.released_here: asyncio.Event | None = None  # grpc.aio's, made on the loop by `close`
+        self.released: asyncio.Event | None = None  # made on the loop by Drain.close, before a call is held
 
     @property
     def pending(self) -> _Held:
         return self
 
-    async def wait(self, context: grpc.aio.ServicerContext) -> None:
-        if self.released_here is not None:
+    async def check(self) -> None:
+        if self.released is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.released_here.wait(), self.limit)
-        await REFUSED.wait(context)
+                await asyncio.wait_for(self.released.wait(), self.limit)
 
-    def block(self, context: grpc.ServicerContext, threads: Threads) -> None:
-        self.released.wait(self.limit)
-        REFUSED.block(context, threads)
+    def settle(self, checked: None) -> Refusal:
+        return REFUSED
 
     def release(self) -> None:
-        self.released.set()
-        if self.released_here is not None:
-            self.released_here.set()
+        if self.released is not None:
+            self.released.set()
 
 
 _REFUSED = _Refused()
@@ -102,7 +99,7 @@ class Drain:
     """The calls of one server in flight, counted from any thread; once closed, new calls are held, then
     refused (see the module).
 
-    `around` wraps a chain's `enter`/`after` (mesh.server_chain): one lock and two counts per call."""
+    `around` wraps a chain's `enter`/`after` (mesh.server._chain): one lock and two counts per call."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -133,7 +130,7 @@ class Drain:
 
     def close(self) -> int:
         """From now on new calls are held (on this loop, for grpc.aio); the calls in flight now."""
-        self._held.released_here = asyncio.Event()
+        self._held.released = asyncio.Event()
         with self._lock:
             self._closing = self._held
             return self.in_flight

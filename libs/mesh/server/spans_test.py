@@ -20,8 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mesh import propagation, tracing
-from mesh.handler_kinds import Threads
-from mesh.server_chain import ServerChain
+from mesh.server import AsyncioModel, ServerChain, Threads, ThreadsModel
 from mesh.testing import NO_REUSEPORT, Loopback, start_loopback
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2, route_guide_pb2_grpc
@@ -49,8 +48,8 @@ def tracecontext() -> Iterator[None]:
 
 async def serve(traced: TracerProvider, servicer: object, add: Callable[[Any, Any], object]) -> Loopback:
     """`servicer` behind the chain, on its model's server (PingServicer: threads; RouteGuide: grpc.aio)."""
-    threads = isinstance(servicer, PingServicer)
-    return await start_loopback(functools.partial(add, servicer), chain=ServerChain(traced), threads=threads)
+    model = ThreadsModel if isinstance(servicer, PingServicer) else AsyncioModel
+    return await start_loopback(functools.partial(add, servicer), chain=ServerChain(traced), model=model)
 
 
 def relaying(stub: object, name: str) -> PingServicer:

@@ -1,7 +1,7 @@
 """The exempt gate: how calls that take no token (health Check, which Cloud Run's probes call) get in, on
 either serving model.
 
-Such a call is admitted from its headers like any other (mesh.server_chain), then waits for its request: at
+Such a call is admitted from its headers like any other (mesh.server._chain), then waits for its request: at
 most EXEMPT_READ_SECONDS, and before EXEMPT_CONCURRENCY newer such calls wait for theirs (the oldest is ended
 to make room). Only once its (tiny, capped) request has arrived does it take one of EXEMPT_CONCURRENCY slots,
 held until it ends; past them it is refused at once. A caller that holds its requests back therefore holds no
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import grpc
 
-from mesh.handler_kinds import Refusal
+from mesh.server._calls import Refusal
 
 # Calls that take no token, in flight at once: enough for Cloud Run's probes (one a second at most), too few
 # to take the server's MAX_CONCURRENT_RPCS from the calls it authenticates. A call takes its slot once its
@@ -68,7 +68,7 @@ class Gate:
 
 
 class Arrival:
-    """An exempt call's way through the gate (mesh.handler_kinds.Arrival): its request within `seconds` (and
+    """An exempt call's way through the gate (mesh.server._calls.Arrival): its request within `seconds` (and
     before `limit` newer calls wait for theirs), then a slot, held until the call ends."""
 
     __slots__ = ("_gate", "seconds", "_inside")

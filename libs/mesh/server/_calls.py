@@ -1,90 +1,51 @@
-"""What the handler wrappers of both serving models share (mesh.handlers picks the model's wrapper): the
-four handler kinds, the per-call types `enter` and `after` exchange, what a call settles before its handler
-(Pending, Refusal), and the tolerant request parse.
-
-The models: grpc.aio (mesh.aio_handlers: the handler is a coroutine or an async generator, every call its own
-task) and threads (mesh.thread_handlers: grpc.server; the handler is a function or a generator, every call on
-a thread of the server's pool, in a fresh contextvars.Context, as a task would be).
+"""What a call is, for both serving models (mesh.server._asyncio, mesh.server._threads): the four handler
+kinds, what `enter` and `after` exchange around the handler, what a call settles before its handler (a
+Refusal, or a Pending check that needs a coroutine), and the tolerant request parse.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 
-from mesh.quick_pool import QuickPool
-
-Result = TypeVar("Result")
-
-
-@dataclass(frozen=True)
-class Threads:
-    """The threads serving model: calls run on grpc.server's pool; what must be awaited on their behalf (a new
-    token's verification, a downstream call on the process's channels) runs on `loop`, the process's event
-    loop, so one client chain serves both models. The methods marked `never_waits` run on `quick`, a pool of a
-    few threads, when one is given (BENCHMARKS.md, "Serving model": a call handed to one of many idle threads
-    costs more CPU than one taken from the queue by a busy thread; mesh.quick_pool: a call waiting for its
-    request does not hold one of them)."""
-
-    loop: asyncio.AbstractEventLoop
-    quick: QuickPool | None = None
-
-    def run(self, coroutine: Coroutine[Any, Any, Result], context: grpc.ServicerContext) -> Result:
-        """`coroutine`'s result, awaited on the loop in a copy of the calling thread's context (the call's
-        deadline, span and caller: asyncio copies it), and cancelled when the call ends first (the client
-        went away, or its deadline passed)."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        if not context.add_callback(future.cancel):
-            future.cancel()  # the call has already ended
-        return future.result()
-
-
-Method = TypeVar("Method", bound=Callable[..., Any])
-_NEVER_WAITS = "mesh_never_waits"
-
-
-def never_waits(method: Method) -> Method:
-    """Marks a servicer method of the threads model that answers from its request and CPU alone (no downstream
-    call, no lock held for long, no stream): the server runs it on its few quick threads (Threads.quick)."""
-    setattr(method, _NEVER_WAITS, True)
-    return method
-
-
-def waits(behavior: Callable[..., Any]) -> bool:
-    """Whether a handler's behavior may wait (anything not marked `never_waits`)."""
-    return not getattr(behavior, _NEVER_WAITS, False)
-
-
-class Pending(Protocol):
-    """What a call must settle before its handler runs (its caller's verification, or its refusal), on either
-    model: awaited in the call's task (`wait`), or from the call's thread (`block`)."""
-
-    async def wait(self, context: grpc.aio.ServicerContext) -> None: ...
-
-    def block(self, context: grpc.ServicerContext, threads: Threads) -> None: ...
+# A call's metadata as gRPC hands it over (grpc.aio and grpc.server alike): keys are text; a "-bin" key's
+# value is bytes.
+Metadata = Iterable[tuple[str, str | bytes]]
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """The call ends before its handler, with `code` and `message`."""
+    """The call ends before its handler, with `code` and `message` (the serving model aborts it)."""
 
     code: grpc.StatusCode
     message: str
 
-    async def wait(self, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(self.code, self.message)
 
-    def block(self, context: grpc.ServicerContext, threads: Threads) -> None:
-        context.abort(self.code, self.message)
+# A client that streams its requests is sent the response headers (these) as soon as its call is admitted, on
+# either model, so that it can wait for the verdict before it writes: a message written while the server
+# refuses the call can turn the refusal into gRPC core's INTERNAL "Internal error from Core" on the client (a
+# grpc.aio race).
+ADMITTED: tuple[tuple[str, str], ...] = ()
+
+
+class Pending(Protocol):
+    """An admission check that the call's headers alone could not finish (a token not seen before): `check()`
+    is the coroutine to await (the serving model awaits it in the call's task, or runs it on the process's
+    event loop for a call on a thread); `settle(checked)` then runs in the call's own context with what
+    `check` returned, makes the admission visible to the handler (the caller, the span), and says whether the
+    call is refused."""
+
+    def check(self) -> Coroutine[Any, Any, Any]: ...
+
+    def settle(self, checked: Any) -> Refusal | None: ...
 
 
 class Arrival(Protocol):
     """How long a call may wait for its first request message, and what it must do once it has arrived (an
-    exempt call: its request within a second, then a slot of the exempt gate, mesh.server_chain)."""
+    exempt call: its request within a second, then a slot of the exempt gate, mesh.server._exempt_gate)."""
 
     @property
     def seconds(self) -> float: ...
@@ -104,11 +65,11 @@ class Arrival(Protocol):
 
 class Entered(Protocol):
     """What `enter` leaves for `after`; `pending`: what the call must settle before its handler runs, None in
-    the common case, so that case costs no coroutine; `arrival`: what it must do once its first request message
-    has arrived, None in the common case."""
+    the common case, so that case costs no coroutine (nor does a Refusal); `arrival`: what it must do once its
+    first request message has arrived, None in the common case."""
 
     @property
-    def pending(self) -> Pending | None: ...
+    def pending(self) -> Pending | Refusal | None: ...
 
     @property
     def arrival(self) -> Arrival | None: ...

@@ -4,7 +4,7 @@
 Cache-Control max-age, refetched once on an unknown key id), its audience, issuer and times, then the
 caller's email against an optional allow-list. Verified tokens are cached until they expire, so a caller
 that reuses its token (as mesh.client's IdTokens does) pays a dict lookup per call, not an RSA verification.
-mesh.server_chain applies it (`admitter`) to every RPC of a server except the exempt methods.
+mesh.server._chain applies it (`admitter`) to every RPC of a server except the exempt methods.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from mesh.handler_kinds import Pending, Refusal, Threads
-from mesh.issuer_keys import IssuerKeys, b64decode
 from mesh.probes import HEALTH
+from mesh.server._calls import Metadata, Pending, Refusal
+from mesh.server._issuer_keys import IssuerKeys, b64decode
 from mesh.settings import GOOGLE_CERTS_URL, GOOGLE_ISSUERS
 
 # With verification on, only what probes call takes no token: Cloud Run's gRPC startup and liveness probes
@@ -34,7 +34,7 @@ from mesh.settings import GOOGLE_CERTS_URL, GOOGLE_ISSUERS
 EXEMPT_METHODS = (f"/{HEALTH}/Check",)
 MAX_TOKEN_BYTES = 8192
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("mesh.identity")  # the name operators filter on, as before the move
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +260,7 @@ _MISSING = "missing credentials: send 'authorization: Bearer <ID token>' (or 'x-
 _CREDENTIAL_HEADERS = ("x-serverless-authorization", "authorization")
 
 
-def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+def bearer_token(metadata: Metadata | None) -> str:
     """The token from x-serverless-authorization (Cloud Run leaves `authorization` to the app) or authorization.
 
     A header sent more than once is refused: which copy counts would otherwise depend on who reads it (a proxy
@@ -280,7 +280,7 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 
 
 # Admits a call from its context and metadata: None when done at once, else what the call settles first.
-Admit = Callable[[Any, Iterable[tuple[str, str | bytes]]], Pending | None]
+Admit = Callable[[Any, Metadata], Pending | Refusal | None]
 
 
 def admitter(verifier: TokenVerifier, method: str) -> Admit:
@@ -291,7 +291,7 @@ def admitter(verifier: TokenVerifier, method: str) -> Admit:
     token verified before is admitted at once; a new one is what the call settles before its handler.
     """
 
-    def admit(context: Any, metadata: Iterable[tuple[str, str | bytes]]) -> Pending | None:
+    def admit(context: Any, metadata: Metadata) -> Pending | Refusal | None:
         try:
             token = bearer_token(metadata)
             caller = verifier.known(token)
@@ -307,28 +307,24 @@ def admitter(verifier: TokenVerifier, method: str) -> Admit:
 
 @dataclass(frozen=True, slots=True)
 class _NewToken:
-    """A token not verified before: verified (on the process's event loop, for the threads model) before the
-    call's handler runs."""
+    """A token not verified before: verified (awaited by the call, or on the process's event loop for a call
+    on a thread: the serving model decides) before the call's handler runs."""
 
     verifier: TokenVerifier
     token: str
     method: str
 
-    async def wait(self, context: grpc.aio.ServicerContext) -> None:
+    async def check(self) -> Caller | AuthError:
         try:
-            caller = await self.verifier.verify(self.token)
+            return await self.verifier.verify(self.token)
         except AuthError as error:
-            await _refusal(self.method, error).wait(context)
-            return
-        _current_caller.set(caller)
+            return error
 
-    def block(self, context: grpc.ServicerContext, threads: Threads) -> None:
-        try:
-            caller = threads.run(self.verifier.verify(self.token), context)
-        except AuthError as error:
-            _refusal(self.method, error).block(context, threads)
-            return
-        _current_caller.set(caller)
+    def settle(self, checked: Caller | AuthError) -> Refusal | None:
+        if isinstance(checked, AuthError):
+            return _refusal(self.method, checked)
+        _current_caller.set(checked)
+        return None
 
 
 def _refusal(method: str, error: AuthError) -> Refusal:

@@ -5,7 +5,7 @@ The same spans, attributes and propagation as opentelemetry-instrumentation-grpc
 the server-fault codes), at a fraction of its per-call cost. Where its cost goes: a filter that runs
 typing-Protocol isinstance checks on every call, a wrapt proxy around every ServicerContext, the attribute dict (peer address parsing, metadata copied twice) built before the sampler
 drops the span, and a new wrapped handler per call. Here the per-method work (filter, names, static
-attributes) is done once, and mesh.server_chain runs it inside its one wrapper per method; a call extracts
+attributes) is done once, and mesh.server._chain runs it inside its one wrapper per method; a call extracts
 the caller's context, asks the sampler, and only a recorded span gets the per-call attributes and its
 status (read back from the ServicerContext).
 """
@@ -13,7 +13,7 @@ status (read back from the ServicerContext).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 from urllib.parse import unquote
 
@@ -21,19 +21,15 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from mesh.probes import PROBE_SERVICES
-from mesh.propagation import traceparent_decides
+from mesh.probes import PROBE_SERVICES, rpc_attributes
+from mesh.propagation import SCHEMA_URL, SCOPE, drops_unsampled_parents, traceparent_decides
+from mesh.server._calls import Metadata
 
 # Probes and tooling, not requests: no span (the default; tests may trace them).
 UNTRACED_SERVICES = PROBE_SERVICES
-# Keep the instrumentation scope of opentelemetry-instrumentation-grpc, so span queries keep working.
-SCOPE = "opentelemetry.instrumentation.grpc"
-SCHEMA_URL = "https://opentelemetry.io/schemas/1.11.0"
 # The codes that are the server's fault (as the OpenTelemetry instrumentation marks them).
 _SERVER_FAULTS = frozenset(
     {
@@ -45,17 +41,6 @@ _SERVER_FAULTS = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
-
-
-def drops_unsampled_parents(provider: trace.TracerProvider, *, remote: bool) -> bool:
-    """Whether the provider's sampler drops every child of an unsampled parent (remote: from the caller;
-    else: local), as the standard parent-based samplers do; then such a child needs no sampler call."""
-    sampler = provider.sampler if isinstance(provider, TracerProvider) else None
-    if not isinstance(sampler, ParentBased):
-        return False
-    # ParentBased has no public accessor for its delegates.
-    delegate = sampler._remote_parent_not_sampled if remote else sampler._local_parent_not_sampled
-    return delegate is ALWAYS_OFF
 
 
 _UNSAMPLED = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.RANDOM_TRACE_ID))
@@ -81,9 +66,6 @@ def _unsampled_traceparent(metadata: Metadata) -> tuple[int, int] | None:
     if flags & TraceFlags.SAMPLED or not trace_id or not span_id:
         return None
     return trace_id, flags
-
-
-Metadata = Sequence[tuple[str, Any]]
 
 
 class OpenSpan(NamedTuple):
@@ -120,15 +102,10 @@ class ServerSpans:
     def starter(self, method: str) -> Start | None:
         """What opens a call's span from its context and metadata and makes it current (what `end_span`
         closes); None for an untraced method."""
-        if method[1:].startswith(self._untraced):
+        named = rpc_attributes(method, self._untraced)
+        if named is None:
             return None
-        service, _, name = method[1:].partition("/")
-        attributes = {
-            "rpc.system": "grpc",
-            "rpc.grpc.status_code": grpc.StatusCode.OK.value[0],
-            "rpc.method": name,
-            "rpc.service": service,
-        }
+        attributes = {**named, "rpc.grpc.status_code": grpc.StatusCode.OK.value[0]}
         tracer, ids = self._tracer, self._ids
 
         def unsampled_child(trace_id: int, flags: int, state: TraceState, parent: Context) -> OpenSpan:
@@ -162,12 +139,16 @@ class ServerSpans:
         return start
 
 
-def end_span(opened: OpenSpan, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-    """Close what a starter opened: status (for a recorded span), the context detached, the span ended."""
+def end_span(
+    opened: OpenSpan, context: grpc.aio.ServicerContext, error: BaseException | None
+) -> grpc.StatusCode | None:
+    """Close what a starter opened: status (for a recorded span), the context detached, the span ended; the
+    call's outcome when a recorded span had to read it (None for an unrecorded span)."""
     span, attached = opened.span, opened.attached
+    code = None
     try:
         if span.is_recording():
-            _record_outcome(span, context, error)
+            code = _record_outcome(span, context, error)
     finally:
         span.end()
         try:
@@ -176,6 +157,7 @@ def end_span(opened: OpenSpan, context: grpc.aio.ServicerContext, error: BaseExc
             attached.var.reset(attached)  # type: ignore[attr-defined]
         except ValueError:
             pass
+    return code
 
 
 def _describe_call(span: Span, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
@@ -209,13 +191,16 @@ def outcome(context: grpc.aio.ServicerContext, error: BaseException | None) -> g
     return grpc.StatusCode.CANCELLED  # the task was cancelled: the client went away
 
 
-def _record_outcome(span: Span, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+def _record_outcome(
+    span: Span, context: grpc.aio.ServicerContext, error: BaseException | None
+) -> grpc.StatusCode:
     code = outcome(context, error)
     if isinstance(error, Exception) and not _aborted(error, code):
         span.record_exception(error)
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code in _SERVER_FAULTS:
         span.set_status(Status(StatusCode.ERROR, f"{code}:{_details(context)}"))
+    return code
 
 
 def _aborted(error: Exception, code: grpc.StatusCode) -> bool:

@@ -13,8 +13,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from emulators.identity import IdentityEmulator, SigningKey
-from mesh.identity import AuthError, Caller, TokenVerifier, current_caller
-from mesh.server_chain import ServerChain
+from mesh.server import AuthError, Caller, ServerChain, TokenVerifier, current_caller
 from mesh.testing import eventually, start_loopback
 from ping import ping_pb2, ping_pb2_grpc
 from routeguide import route_guide_pb2 as rg
@@ -276,22 +275,30 @@ def test_every_forgery_is_exercised(emulator: IdentityEmulator) -> None:
     assert sorted(FORGERY_NAMES) == sorted(_forgeries(emulator))
 
 
+async def _refused(
+    call: Callable[[Mesh, Any], Awaitable[str]], mesh: Mesh, metadata: Any, code: grpc.StatusCode
+) -> str:
+    """The details of `call`'s refusal with `code`."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(mesh, metadata)
+    assert info.value.code() == code, info.value.details()
+    return info.value.details() or ""
+
+
 @pytest.mark.parametrize("name", FORGERY_NAMES)
 @pytest.mark.parametrize("call", [call_unary, call_server_stream], ids=lambda f: f.__name__)
 async def test_each_failure_maps_to_its_status(
     mesh: Mesh, emulator: IdentityEmulator, name: str, call: Callable[[Mesh, Any], Awaitable[str]]
 ) -> None:
     metadata, code, fragment = _forgeries(emulator)[name]
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call(mesh, metadata)
-    assert info.value.code() == code, info.value.details()
-    assert fragment in (info.value.details() or "")
+    details = await _refused(call, mesh, metadata, code)
+    assert fragment in details
     # Messages never echo token material.
     for _, value in metadata:
         token = value.removeprefix("Bearer ")
         for segment in filter(None, token.split(".")):
             if len(segment) > 8:
-                assert segment not in (info.value.details() or "")
+                assert segment not in details
 
 
 async def _idle() -> AsyncIterator[Any]:
@@ -315,9 +322,7 @@ async def test_client_and_bidi_streams_are_rejected_too(
     mesh: Mesh, emulator: IdentityEmulator, name: str, call: Callable[[Mesh, Any], Awaitable[str]]
 ) -> None:
     metadata, code, fragment = _forgeries(emulator)[name]
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call(mesh, metadata)
-    assert info.value.code() == code and fragment in (info.value.details() or "")
+    assert fragment in await _refused(call, mesh, metadata, code)
 
 
 async def test_health_is_reachable_without_a_token(mesh: Mesh) -> None:

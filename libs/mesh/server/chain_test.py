@@ -1,17 +1,14 @@
-"""ServerChain: span, identity and deadline together in one wrapper, on a real grpc.aio server.
+"""ServerChain: span, identity and deadline together in one wrapper, on a real server of either model.
 
-Each part has its own tests (server_spans_test, identity_test, deadlines_test); these check how they meet:
+Each part has its own tests (spans_test, identity_test, deadlines_test); these check how they meet:
 what the handler sees at once, which refusal comes first, and the spans of admitted and refused calls: a refused
 call records none, whatever its caller's trace context asks for, and is still counted in the metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import threading
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -27,10 +24,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from emulators.identity import IdentityEmulator
 from mesh import deadlines
-from mesh.identity import TokenVerifier, current_caller
-from mesh.server_chain import ServerChain
+from mesh.server import AsyncioModel, ServerChain, ServingModel, ThreadsModel, TokenVerifier, current_caller
 from mesh.testing import loopback
 from ping import ping_pb2, ping_pb2_grpc
+from routeguide import route_guide_pb2, route_guide_pb2_grpc
 
 ALICE = "alice@proj.iam.gserviceaccount.com"
 AUDIENCE = "https://svc.example"
@@ -141,53 +138,24 @@ class ThreadsPing(ping_pb2_grpc.PingServiceServicer):
         raise AssertionError("unreachable")
 
 
-class TimedCerts:
-    """The emulator's certs, served through here: when a verification fetched them (time.time_ns)."""
-
-    def __init__(self, upstream: str) -> None:
-        fetched = self.fetched = []  # type: list[int]
-
-        class Relay(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                fetched.append(time.time_ns())
-                with urllib.request.urlopen(upstream, timeout=5) as answer:
-                    body = answer.read()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # stdlib signature
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
-        self.url = f"http://127.0.0.1:{self._server.server_port}/certs"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 BOB = "bob@proj.iam.gserviceaccount.com"  # verified, not on the allow-list
 CALLER_SPAN = 0x00F067AA0BA902B7
 SAMPLED = (("traceparent", f"00-0af7651916cd43dd8448eb211c80319c-{CALLER_SPAN:016x}-01"),)
 
 
-@pytest.mark.parametrize("threads", [False, True], ids=["asyncio", "threads"])
+@pytest.mark.parametrize("model", [AsyncioModel, ThreadsModel], ids=["asyncio", "threads"])
 async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted(
-    emulator: IdentityEmulator, threads: bool
+    emulator: IdentityEmulator, model: type[ServingModel]
 ) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))  # only a sampled caller makes a span record
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
-    certs = TimedCerts(emulator.certs_url)
-    verifier = TokenVerifier(AUDIENCE, certs.url, allowed_callers=frozenset({ALICE}))
+    fetched_before = len(emulator.certs_requested_at())
+    verifier = TokenVerifier(AUDIENCE, emulator.certs_url, allowed_callers=frozenset({ALICE}))
     chain = ServerChain(provider, verifier, meters=MeterProvider(metric_readers=[reader]))
     add = functools.partial(
-        ping_pb2_grpc.add_PingServiceServicer_to_server, ThreadsPing() if threads else Ping()
+        ping_pb2_grpc.add_PingServiceServicer_to_server, ThreadsPing() if model is ThreadsModel else Ping()
     )
     alice = emulator.mint(ALICE, AUDIENCE)
     refused = {
@@ -197,21 +165,18 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
         "a stranger, new": (("authorization", f"Bearer {emulator.mint(BOB, AUDIENCE)}"),),
     }
     refused["a stranger, seen before"] = refused["a stranger, new"]
-    try:
-        async with loopback(add, chain=chain, threads=threads) as served, served.channel() as channel:
-            stub: Any = ping_pb2_grpc.PingServiceStub(channel)
-            for _ in range(2):  # a new token (verified first, the certs fetched then), then the same one
-                answer = await stub.Send(
-                    ping_pb2.Request(), metadata=(*SAMPLED, ("authorization", f"Bearer {alice}")), timeout=10
-                )
-                assert answer.pong.message == f"{ALICE}|True|True"
-            codes_seen = {}
-            for what, metadata in refused.items():
-                with pytest.raises(grpc.aio.AioRpcError) as error:
-                    await stub.Send(ping_pb2.Request(), metadata=(*SAMPLED, *metadata), timeout=10)
-                codes_seen[what] = error.value.code()
-    finally:
-        certs.close()
+    async with loopback(add, chain=chain, model=model) as served, served.channel() as channel:
+        stub: Any = ping_pb2_grpc.PingServiceStub(channel)
+        for _ in range(2):  # a new token (verified first, the certs fetched then), then the same one
+            answer = await stub.Send(
+                ping_pb2.Request(), metadata=(*SAMPLED, ("authorization", f"Bearer {alice}")), timeout=10
+            )
+            assert answer.pong.message == f"{ALICE}|True|True"
+        codes_seen = {}
+        for what, metadata in refused.items():
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.Send(ping_pb2.Request(), metadata=(*SAMPLED, *metadata), timeout=10)
+            codes_seen[what] = error.value.code()
     assert codes_seen == {
         "no token": grpc.StatusCode.UNAUTHENTICATED,
         "not a token": grpc.StatusCode.UNAUTHENTICATED,
@@ -223,7 +188,7 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
     first, second = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
     assert all(s.parent is not None and s.parent.span_id == CALLER_SPAN for s in (first, second))
     # The new token's span covers its verification (the certs fetch), as when it opened at the call's entry.
-    (fetched,) = certs.fetched
+    (fetched,) = emulator.certs_requested_at()[fetched_before:]
     assert first.start_time is not None and first.end_time is not None
     assert first.start_time <= fetched <= first.end_time
     # The refusals are still counted, by code.
@@ -236,3 +201,36 @@ async def test_refused_calls_with_sampled_parents_export_nothing_and_are_counted
                     for point in metric.data.data_points:
                         counted[(point.attributes or {})["rpc.grpc.status_code"]] = point.count  # type: ignore[union-attr]
     assert counted == {0: 2, 16: 3, 7: 2}
+
+
+async def written_chat(notes: AsyncIterator[route_guide_pb2.RouteNote], context: Any) -> None:
+    """RouteChat as a coroutine that writes its responses with `context.write` (as grpc's own health Watch
+    does), not as an async generator."""
+    async for note in notes:
+        await context.write(note)
+
+
+def add_written_chat(server: Any) -> None:
+    chat = grpc.stream_stream_rpc_method_handler(
+        written_chat,
+        request_deserializer=route_guide_pb2.RouteNote.FromString,
+        response_serializer=route_guide_pb2.RouteNote.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("routeguide.RouteGuide", {"RouteChat": chat})]
+    )
+
+
+async def test_a_request_stream_answered_by_context_write_is_told_it_is_admitted_before_it_writes() -> None:
+    """Every wrapper of a request stream sends the response headers once the call is admitted (a client may
+    wait for them before it writes: mesh.server._calls.ADMITTED); the one for a handler that writes with
+    `context.write` too, not only the generator's and the one-response wrappers."""
+    async with loopback(add_written_chat, chain=ServerChain()) as served, served.channel() as channel:
+        stub: Any = route_guide_pb2_grpc.RouteGuideStub(channel)
+        call = stub.RouteChat(timeout=30)
+        # Nothing written yet: only the admission can send the headers.
+        await asyncio.wait_for(call.initial_metadata(), 10)
+        await call.write(route_guide_pb2.RouteNote(message="after the headers"))
+        reply = await call.read()
+        await call.done_writing()
+    assert reply.message == "after the headers"

@@ -73,11 +73,14 @@ class IssuerKeys:
         max_stale_s: float = 3600.0,
     ) -> None:
         self.url = url
-        self._timeout_s = timeout_s
-        self._default_max_age_s = default_max_age_s
-        self._refetch_interval_s = refetch_interval_s
-        self._failure_backoff_s = failure_backoff_s
-        self._max_stale_s = max_stale_s
+        # How long a fetch may take, and how soon another may follow (after an unknown key id, or a failure).
+        self._timeout_s, self._refetch_interval_s, self._failure_backoff_s = (
+            timeout_s,
+            refetch_interval_s,
+            failure_backoff_s,
+        )
+        # How long keys are used: per the response's max-age (else the default), and at most this far past it.
+        self._default_max_age_s, self._max_stale_s = default_max_age_s, max_stale_s
         self._lock = threading.Lock()  # guards the fields below; callers may be on several threads and loops
         self._keys: dict[str, rsa.RSAPublicKey] = {}
         self._fresh_until = 0.0  # monotonic

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mesh.quick_pool import QuickPool
+from mesh.server._quick_pool import QuickPool
 
 
 class Call:

@@ -1,22 +1,28 @@
-"""The handler wrapper of the grpc.aio model: the handler is a coroutine (one response, or a stream written
-with `await context.write()`) or an async generator, and every call runs in its own task."""
+"""The grpc.aio serving model: the servicer's methods are coroutines (one response, or a stream written with
+`await context.write()`) or async generators, and every call runs in its own task on the process's event
+loop (mesh.server._model has the contract)."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
-from mesh.handler_kinds import (
+from mesh.server._calls import (
+    ADMITTED,
     KINDS,
     UNDECODABLE,
     After,
     Arrival,
     Enter,
+    Entered,
     Messages,
+    Pending,
+    Refusal,
     kind_of,
     late_request,
     no_request,
@@ -24,13 +30,11 @@ from mesh.handler_kinds import (
     one_answered,
     tolerant,
 )
+from mesh.server._model import Adding, ServingModel, Wrap
 
 
-async def _admitted(context: grpc.aio.ServicerContext) -> None:
-    """Tell a client that streams its requests that its call was admitted (the response headers), so that it
-    can wait for the verdict before it writes: a message written while the server refuses the call can turn
-    the refusal into gRPC core's INTERNAL "Internal error from Core" on the client (a grpc.aio race)."""
-    await context.send_initial_metadata(())
+async def _refuse(refusal: Refusal, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(refusal.code, refusal.message)
 
 
 async def _parsed(
@@ -39,14 +43,14 @@ async def _parsed(
     async for request in requests:
         messages.received += 1
         if request is UNDECODABLE:
-            await not_a_message(method).wait(context)
+            await _refuse(not_a_message(method), context)
         yield request
 
 
 async def _one(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str) -> Any:
     async for request in requests:
         return request
-    await no_request(method).wait(context)
+    await _refuse(no_request(method), context)
 
 
 async def _arriving(
@@ -66,10 +70,10 @@ async def _arriving(
     except StopAsyncIteration:
         return
     except TimeoutError:
-        await late_request(arrival).wait(context)
+        await _refuse(late_request(arrival), context)
     refused = arrival.arrived()
     if refused is not None:
-        await refused.wait(context)
+        await _refuse(refused, context)
     yield first
     async for request in iterator:
         yield request
@@ -84,12 +88,13 @@ async def _on_arrival(
         return _arriving(request, arrival, context)
     refused = arrival.arrived()
     if refused is not None:
-        await refused.wait(context)
+        await _refuse(refused, context)
     return request
 
 
 def _reading_after_entry(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """A unary-request handler served as a request-streaming one, which reads its one request itself.
+    """A unary-request handler served as a request-streaming one, which reads its one request itself (what
+    the threads model does with every unary-request handler).
 
     grpc reads a unary request whole (up to the message size limit) before its handler, and so `enter`, runs;
     a request-streaming handler runs before any message is read. Served this way, `enter` decides from the
@@ -124,10 +129,10 @@ def _serving(handler: grpc.RpcMethodHandler, inner: Any, unary: Any, writing: An
     return writing if inspect.iscoroutinefunction(inner) else streaming
 
 
-def wrap(
+def _wrap(
     handler: grpc.RpcMethodHandler, enter: Enter, after: After, method: str, headers_first: bool
 ) -> grpc.RpcMethodHandler:
-    """See mesh.handlers.wrap."""
+    """See ServingModel.wrap."""
     unary_call = not handler.request_streaming and not handler.response_streaming  # metrics: no counts
     client_streams = handler.request_streaming  # as the service defines it, before `_reading_after_entry`
     if headers_first and not handler.request_streaming:
@@ -142,7 +147,19 @@ def wrap(
             assert messages is not None
             return _parsed(request, context, method, messages)
         if request is UNDECODABLE:
-            await not_a_message(method).wait(context)
+            await _refuse(not_a_message(method), context)
+        return request
+
+    async def admitted(entered: Entered, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The call's admission, before its handler, whatever its kind: what `enter` left pending finished,
+        the arrival of its request awaited, a request stream told it is admitted (mesh.server._calls.ADMITTED);
+        then its request(s). Not a step of the common unary call, which costs no coroutine."""
+        if entered.pending is not None:
+            await _finish(entered.pending, context)
+        if entered.arrival is not None:
+            request = await _on_arrival(request, entered.arrival, context, streaming_requests)
+        if client_streams:
+            await context.send_initial_metadata(ADMITTED)
         return request
 
     def ready(request: Any) -> bool:  # the common case: no coroutine on the hot path of a unary request
@@ -154,12 +171,8 @@ def wrap(
         messages = Messages() if streaming_requests else None
         error: BaseException | None = None
         try:
-            if entered.pending is not None:
-                await entered.pending.wait(context)
-            if entered.arrival is not None:
-                request = await _on_arrival(request, entered.arrival, context, streaming_requests)
-            if client_streams:
-                await _admitted(context)
+            if client_streams or entered.pending is not None or entered.arrival is not None:
+                request = await admitted(entered, request, context)
             return await behavior(
                 (request if ready(request) else await checked(request, context, messages)), context
             )
@@ -174,10 +187,8 @@ def wrap(
         messages = Messages(0 if streaming_requests else 1)  # what it writes is not seen here
         error: BaseException | None = None
         try:
-            if entered.pending is not None:
-                await entered.pending.wait(context)
-            if entered.arrival is not None:
-                request = await _on_arrival(request, entered.arrival, context, streaming_requests)
+            if client_streams or entered.pending is not None or entered.arrival is not None:
+                request = await admitted(entered, request, context)
             await behavior(
                 (request if ready(request) else await checked(request, context, messages)), context
             )
@@ -202,12 +213,8 @@ def wrap(
         # it is finalized whenever the garbage collector gets to it. End the call's work when the RPC ends.
         context.add_done_callback(lambda _: end(None))
         try:
-            if entered.pending is not None:
-                await entered.pending.wait(context)
-            if entered.arrival is not None:
-                request = await _on_arrival(request, entered.arrival, context, streaming_requests)
-            if client_streams:
-                await _admitted(context)
+            if client_streams or entered.pending is not None or entered.arrival is not None:
+                request = await admitted(entered, request, context)
             async for response in behavior(
                 (request if ready(request) else await checked(request, context, messages)), context
             ):
@@ -223,3 +230,56 @@ def wrap(
         request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+async def _finish(pending: Pending | Refusal, context: grpc.aio.ServicerContext) -> None:
+    refused = pending if isinstance(pending, Refusal) else pending.settle(await pending.check())
+    if refused is not None:
+        await _refuse(refused, context)
+
+
+class _AsyncioServer(Adding, grpc.aio.Server):  # type: ignore[misc]
+    """A grpc.aio server with the chain around its handlers, a grpc.aio.Server for reflection's isinstance."""
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(await self._server.wait_for_termination(timeout))
+
+
+class AsyncioModel(ServingModel):
+    """grpc.aio: coroutines and async generators, every call a task on the process's event loop."""
+
+    def server(self, options: Sequence[tuple[str, Any]], max_concurrent_rpcs: int | None = None) -> Any:
+        return grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
+
+    def health(self) -> Any:
+        return health.aio.HealthServicer()
+
+    def adding(self, server: Any, wrap: Wrap) -> Any:
+        return _AsyncioServer(server, wrap)
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, enter: Enter, after: After, method: str, headers_first: bool
+    ) -> grpc.RpcMethodHandler:
+        return _wrap(handler, enter, after, method, headers_first)
+
+    def finish(self, pending: Pending | Refusal, context: Any) -> Any:
+        return _finish(pending, context)
+
+    async def start(self, server: Any) -> None:
+        await server.start()
+
+    async def serving(self, health: Any, services: Sequence[str]) -> None:
+        for name in ["", *services]:
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def not_serving(self, health: Any) -> None:
+        await health.enter_graceful_shutdown()
+
+    async def stop(self, server: Any, grace: float | None) -> None:
+        await server.stop(grace)

@@ -13,8 +13,9 @@ import threading
 import grpc
 import pytest
 
-from mesh import handlers, serving
-from mesh.handler_kinds import Threads, never_waits
+from mesh import Runtime, Service
+from mesh.server import ThreadsModel, never_waits
+from mesh.server._threads import QUICK_THREADS
 from mesh.testing import NO_REUSEPORT, eventually, loopback, running
 from ping import ping_pb2, ping_pb2_grpc
 from services.ping.main import build
@@ -101,7 +102,7 @@ async def test_every_call_starts_with_a_context_of_its_own_on_a_reused_thread() 
         pending = None
         arrival = None
 
-    handler = handlers.wrap(
+    handler = ThreadsModel().wrap(
         grpc.unary_unary_rpc_method_handler(
             echo_seen,
             request_deserializer=ping_pb2.Request.FromString,
@@ -110,7 +111,7 @@ async def test_every_call_starts_with_a_context_of_its_own_on_a_reused_thread() 
         lambda context: Entered(),
         lambda *ended: None,
         "/ping.PingService/Send",
-        threads=Threads(asyncio.get_running_loop()),
+        headers_first=False,
     )
     one_thread = concurrent.futures.ThreadPoolExecutor(1)  # both calls on the same thread
     server = grpc.server(one_thread, options=NO_REUSEPORT)
@@ -139,9 +140,9 @@ class WhereServed(ping_pb2_grpc.PingServiceServicer):
         return ping_pb2.Response(pong=ping_pb2.Pong(message=threading.current_thread().name))
 
 
-def where_served(runtime: serving.Runtime) -> list[serving.Service]:
+def where_served(runtime: Runtime) -> list[Service]:
     add = ping_pb2_grpc.add_PingServiceServicer_to_server
-    return [serving.Service("ping.PingService", WhereServed(), add, model=serving.THREADS)]
+    return [Service("ping.PingService", WhereServed(), add, model=ThreadsModel)]
 
 
 async def test_a_method_that_never_waits_runs_on_the_quick_threads_the_others_on_the_pool() -> None:
@@ -151,5 +152,5 @@ async def test_a_method_that_never_waits_runs_on_the_quick_threads_the_others_on
         pooled = (await stub.SendUpstream(ping_pb2.Request(), timeout=5)).pong.message
         await channel.close()
     assert all(name.startswith("quick") for name in quick), quick
-    assert len(quick) <= serving.QUICK_THREADS
+    assert len(quick) <= QUICK_THREADS
     assert pooled.startswith("call"), pooled
