@@ -56,7 +56,9 @@ def export_protos(root: Path, ref: str, into: Path) -> Path | None:
             timeout=GIT_TIMEOUT_S,
             check=False,
         ).stdout.strip()
-        hint = " (a shallow clone: fetch more history, e.g. git fetch --deepen=1)" if shallow == "true" else ""
+        hint = (
+            " (a shallow clone: fetch more history, e.g. git fetch --deepen=1)" if shallow == "true" else ""
+        )
         raise ValueError(f"{ref!r} is not a commit in {root}{hint}")
     tree = subprocess.run(
         ["git", "-C", str(root), "ls-tree", "-d", "--name-only", commit.stdout.strip(), PROTOS],
