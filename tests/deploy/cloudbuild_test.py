@@ -215,6 +215,11 @@ def test_pipeline_steps_in_order() -> None:
     script = {name: " ".join(step.get("args", [])) for name, step in steps.items()}
     assert "git fetch --unshallow" in script["history"]
     assert "--changed-dependents=transitive lint check test" in script["verify"]
+    # The contract check compares with what is deployed, whatever _VERIFY says.
+    contracts = './pants --no-pantsd run build-support/contracts -- --against="$$_BASE_REF"'
+    assert contracts in script["verify"] and script["verify"].index(contracts) < script["verify"].index(
+        '_VERIFY" = none'
+    )
     assert (
         "python3.11 -m deploy.affected" in script["select"] and "/workspace/affected.txt" in script["select"]
     )

@@ -4,6 +4,7 @@ from hashed locks, installed with --require-hashes: a file on the index that cha
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -83,3 +84,15 @@ def test_an_unhashed_requirement_is_found(tmp_path: Path) -> None:
     lock.write_text("pyyaml==6.0.4 \\\n    --hash=sha256:" + "0" * 64 + "\nsix==1.17.0\n")
     with pytest.raises(AssertionError, match="six==1.17.0 has no sha256 hashes"):
         requirements(lock)
+
+
+def test_buf_is_installed_from_npm_by_its_lockfile_with_integrity_hashes() -> None:
+    # build-support/contracts: `npm ci` installs exactly what package-lock.json lists and checks each sha512.
+    contracts = ROOT / "build-support" / "contracts"
+    wanted = json.loads((contracts / "package.json").read_text())["devDependencies"]
+    lock = json.loads((contracts / "package-lock.json").read_text())
+    packages = {path: entry for path, entry in lock["packages"].items() if path}
+    assert wanted == {"@bufbuild/buf": packages["node_modules/@bufbuild/buf"]["version"]}  # exact, no range
+    assert packages and all(entry["integrity"].startswith("sha512-") for entry in packages.values())
+    installer = (contracts / "check" / "buf.py").read_text()
+    assert '[npm, "ci", "--ignore-scripts"' in installer and '"install"' not in installer
