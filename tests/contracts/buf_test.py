@@ -67,77 +67,55 @@ def test_the_contracts_of_today_pass_lint_and_break_nothing(
     assert "buf lint: clean" in output and "buf breaking against HEAD: nothing breaks" in output
 
 
-def test_a_renumbered_field_fails_naming_the_file_the_message_and_the_field(
-    repo: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    change(repo, "routeguide/route_guide.proto", "int32 latitude = 1;", "int32 latitude = 5;")
-    code, output = check(repo, capfd)
-    assert code == FINDINGS
-    assert buf_says(
-        output,
+# Each change breaks a caller still on the previous commit's contract; buf names the file, message and field
+# (or service and method). (proto, old text, new text, buf's finding, why a caller breaks)
+BREAKING = {
+    "a renumbered field": (
         "routeguide/route_guide.proto",
+        "int32 latitude = 1;",
+        "int32 latitude = 5;",
         'Previously present field "1" with name "latitude" on message "Point" was deleted without reserving'
         ' the number "1".',
-    ), output
-    assert "add a new package version beside the old one" in output
-
-
-def test_a_removed_method_fails_naming_the_service_and_the_method(
-    repo: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    change(
-        repo,
+    ),
+    "a removed method": (
         "ping/ping.proto",
         "  // Relays the message to the configured upstream's Send and returns its Pong.\n"
         "  rpc SendUpstream(Request) returns (Response);\n",
         "",
-    )
-    code, output = check(repo, capfd)
-    assert code == FINDINGS
-    assert buf_says(
-        output,
-        "ping/ping.proto",
         'Previously present RPC "SendUpstream" on service "PingService" was deleted.',
-    ), output
-
-
-def test_a_renamed_service_fails(repo: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    ),
     # The service's name is in every request's path: its callers would get UNIMPLEMENTED.
-    change(repo, "aggregator/v1/aggregator.proto", "service Aggregator {", "service AggregatorService {")
-    code, output = check(repo, capfd)
-    assert code == FINDINGS
-    assert buf_says(
-        output,
+    "a renamed service": (
         "aggregator/v1/aggregator.proto",
+        "service Aggregator {",
+        "service AggregatorService {",
         'Previously present service "Aggregator" was deleted from package "aggregator.v1".',
-    ), output
-
-
-def test_a_changed_field_type_fails_naming_the_message_and_the_field(
-    repo: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    change(repo, "aggregator/v1/aggregator.proto", "  int32 code = 2;", "  string code = 2;")
-    code, output = check(repo, capfd)
-    assert code == FINDINGS
-    assert buf_says(
-        output,
+    ),
+    "a changed field type": (
         "aggregator/v1/aggregator.proto",
+        "  int32 code = 2;",
+        "  string code = 2;",
         'Field "2" with name "code" on message "DownstreamCall" changed type from "int32" to "string".',
-    ), output
-
-
-def test_a_renamed_field_fails_for_json_and_reflection_callers(
-    repo: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
+    ),
     # Same number and type, so the binary encoding survives; a JSON caller (a call through reflection) breaks.
-    change(repo, "routeguide/route_guide.proto", "  string message = 2;", "  string text = 2;")
+    "a renamed field": (
+        "routeguide/route_guide.proto",
+        "  string message = 2;",
+        "  string text = 2;",
+        'Field "2" on message "RouteNote" changed name from "message" to "text".',
+    ),
+}
+
+
+@pytest.mark.parametrize("proto, old, new, finding", BREAKING.values(), ids=BREAKING.keys())
+def test_a_breaking_change_fails_with_bufs_own_line(
+    repo: Path, capfd: pytest.CaptureFixture[str], proto: str, old: str, new: str, finding: str
+) -> None:
+    change(repo, proto, old, new)
     code, output = check(repo, capfd)
     assert code == FINDINGS
-    assert buf_says(
-        output,
-        "routeguide/route_guide.proto",
-        'Field "2" on message "RouteNote" changed name from "message" to "text".',
-    ), output
+    assert buf_says(output, proto, finding), output
+    assert "add a new package version beside the old one" in output
 
 
 def test_an_added_field_and_an_added_method_pass(repo: Path, capfd: pytest.CaptureFixture[str]) -> None:
