@@ -32,6 +32,18 @@ def _launcher_env(state_dir: Path, **extra: str) -> dict[str, str]:
     }
 
 
+def _launch(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """`./pants run :mesh -- ARGS` as a process of its own, its output (both streams) read as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", main.__name__, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _children_of(launcher_pid: int) -> list[int]:
     """Live service processes started by the launcher with this pid (cloudrun.child names it in its argv)."""
     found = []
@@ -75,13 +87,7 @@ def _trace_trees(output: str) -> list[str]:
 
 
 def test_the_demo_command_prints_the_services_the_results_and_the_trace_trees(tmp_path: Path) -> None:
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", main.__name__, "--demo"],
-        env=_launcher_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launcher = _launch(_launcher_env(tmp_path), "--demo")
     output, _ = launcher.communicate(timeout=LAUNCHER_WITHIN_S)
     assert launcher.returncode == 0, output
     assert re.search(r"^The mesh is up behind the front end at 127\.0\.0\.1:\d+ ", output, re.M), output
@@ -153,13 +159,7 @@ async def test_the_mesh_listens_on_this_machine_only(tmp_path: Path) -> None:
 def test_the_demo_command_reports_a_service_that_cannot_start_and_exits_1(tmp_path: Path) -> None:
     # The launcher passes its own environment on to the services (minus the variables it sets itself).
     env = _launcher_env(tmp_path, ROUTEGUIDE_DB=str(tmp_path / "nonexistent.json"))
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", main.__name__, "--demo"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launcher = _launch(env, "--demo")
     output, _ = launcher.communicate(timeout=LAUNCHER_WITHIN_S)
     assert launcher.returncode == 1, output
     assert re.search(r"^mesh: Revision 'routeguide-\S+' is not ready", output, re.M), output
@@ -171,14 +171,7 @@ def test_the_demo_command_reports_a_service_that_cannot_start_and_exits_1(tmp_pa
 def test_the_printed_cli_commands_answer_as_pasted_while_the_mesh_serves(tmp_path: Path) -> None:
     # As a person runs it: `./pants run :mesh` in a folder (state in ./.mesh), commands pasted in a second shell.
     env = {k: v for k, v in _launcher_env(tmp_path).items() if k != "MESH_STATE_DIR"}
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", main.__name__, "--no-demo"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launcher = _launch(env, "--no-demo", cwd=tmp_path)
     assert launcher.stdout is not None
     output: list[str] = []
     try:
@@ -227,13 +220,7 @@ def _rows(lines: list[str]) -> list[dict[str, str]]:
 
 
 def test_min_instances_shows_in_the_live_table_and_max_caps_it(tmp_path: Path) -> None:
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", main.__name__, "--no-demo", "--only", "ping", "--min-instances", "ping=2"],
-        env=_launcher_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launcher = _launch(_launcher_env(tmp_path), "--no-demo", "--only", "ping", "--min-instances", "ping=2")
     assert launcher.stdout is not None
     seen: list[str] = []
     try:
