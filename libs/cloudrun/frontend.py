@@ -216,11 +216,6 @@ class FrontEnd:
     def refusing(self, revision: str) -> bool:
         return self._refusing.get(revision, False)
 
-    def in_flight(self, revision: str) -> dict[int, int]:
-        """Each of the revision's instances (by port) and its calls and streams in flight, as Envoy counts
-        them (a host's `rq_active`)."""
-        return self.load(revision).in_flight
-
     def load(self, revision: str) -> Load:
         """The revision's load, from one reading of Envoy's counters shared by every revision (LOAD_FRESH_S)."""
         with self._load_lock:
